@@ -1,0 +1,824 @@
+"""etcd 3.4's MVCC key-value store, in memory and pure (no I/O, no clocks, no threads).
+
+`MVCCStore` reproduces what an etcd 3.4 client observes of the KV API: revisions,
+versions, ranges at past revisions, txns (compares, nested txns, request validation),
+compaction, and the events each write produces. Every rule below was checked against a
+real etcd 3.4.23.
+
+Revisions
+    A fresh store is at revision 1. Each write request that changes something advances the
+    revision by exactly one; all changes of one txn share that revision. A write that
+    changes nothing (delete of nothing, a txn whose chosen branch writes nothing) leaves the
+    revision alone and reports the current revision.
+
+Events (what the watch layer gets back from every write)
+    The events of one revision, in the order the changes were made (a delete range
+    deletes in key order). A PUT carries the new KeyValue; a DELETE carries
+    ``KeyValue(key, b"", 0, deleting_rev, 0, 0)`` -- etcd's tombstone has only key and
+    mod_revision. ``prev_kv`` is what etcd's watch attaches: the key's KeyValue at
+    revision ``rev - 1``, i.e. *before the whole txn* (not before the op inside the txn),
+    and None for a create (a PUT of version 1) or if the key did not exist. Example: a
+    txn that puts ``k`` (version 2 -> 3) and later deletes ``k`` (possible through a
+    from-key delete or a later nested txn) yields PUT(k v3, prev=k v2) and
+    DELETE(k, prev=k v2).
+
+Compaction (keyIndex.compact of etcd)
+    ``compact(r)`` drops every version older than the newest version at or below ``r`` of
+    each key, so every read at a revision >= r still works. A tombstone at or below ``r``
+    that is the newest entry at or below ``r`` is dropped too, with everything before it
+    -- *including a tombstone at exactly r*. etcd behaves the same: a watch that starts at
+    the compact revision does not receive a DELETE event at that revision, nor a PUT
+    that a later change of the same txn deleted (the other PUTs of that revision are
+    kept, but arrive without prev_kv). The watch layer, which replays history
+    from its own log, must know this to reproduce etcd there: `events_at_compact_rev`
+    turns a revision's events into what etcd still delivers once it is the compaction
+    revision.
+
+Txn validation (etcd's v3rpc checks, then the applier's), in this order; a failing txn
+applies nothing:
+    1. too many ops (``max(len(compare), len(success), len(failure)) > 128``; a nested
+       txn gets the budget ``128 - opc`` of its parent), empty keys (compares first, then
+       success ops, then failure ops, depth first), ignore_value with a value;
+    2. duplicate keys (etcd's checkIntervals, success and failure branch separately);
+    3. compares of the whole chosen path are evaluated against the state before the txn
+       (also the compares of nested txns, even when earlier ops changed the keys);
+    4. ignore_value puts of the chosen path need the key to exist before the txn;
+    5. ranges of the chosen path: revision > current -> future, < compaction -> compacted.
+    One deviation: etcd 3.4.23 *panics* (the server crashes) when an ignore_value put
+    targets a key an earlier from-key delete of the same txn removed (checkIntervals does
+    not see from-key deletes). Here that txn fails with KeyNotFoundError, nothing applied.
+
+Inner response revisions of a txn (etcd 3.4 applier): a range reports the txn's begin
+revision, +1 once the txn has made a change; a put reports begin + 1; a delete range
+reports begin + 1 if it deleted something or the txn already changed something, else
+begin; a nested txn's response header is never filled by etcd, its revision is 0. The
+TxnResponse itself reports the revision after the txn.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_right
+from collections import deque
+from collections.abc import Sequence
+from itertools import islice
+
+from sortedcontainers import SortedList
+
+from clientlib.errors import (
+    CompactedError,
+    DuplicateKeyError,
+    EmptyKeyError,
+    FutureRevisionError,
+    KeyNotFoundError,
+    ProtocolError,
+    TooManyOpsError,
+    ValueProvidedError,
+)
+from clientlib.ops import Compare, DeleteOp, Op, PutOp, RangeOp, TxnOp
+from clientlib.types import (
+    DELETE,
+    PUT,
+    CompactResponse,
+    DeleteRangeResponse,
+    Event,
+    KeyValue,
+    PutResponse,
+    RangeResponse,
+    TxnResponse,
+)
+
+MAX_TXN_OPS = 128  # etcd's default --max-txn-ops
+FROM_KEY = b"\0"  # range end meaning "every key >= key"
+SNAPSHOT_FORMAT = 1
+
+_MISSING = KeyValue(b"")  # what compares see for a missing key: every number 0
+
+
+class _History:
+    """The retained versions of one key, oldest first.
+
+    ``revs[i]`` is the main revision of entry i, ``kvs[i]`` its KeyValue or None for a
+    tombstone. One txn may write a key twice (delete then put, or put then delete); both
+    entries then share the main revision and list order is etcd's sub-revision order.
+    """
+
+    __slots__ = ("kvs", "revs")
+
+    def __init__(self) -> None:
+        self.revs: list[int] = []
+        self.kvs: list[KeyValue | None] = []
+
+    def at(self, rev: int) -> KeyValue | None:
+        """The key's KeyValue at revision `rev` (None: absent). O(log h)."""
+        i = bisect_right(self.revs, rev) - 1
+        return self.kvs[i] if i >= 0 else None
+
+
+class _TxnCtx:
+    """Bookkeeping of one write txn being applied."""
+
+    __slots__ = ("begin", "changed", "events", "keys", "new", "pre")
+
+    def __init__(self, begin: int) -> None:
+        self.begin = begin
+        self.new = begin + 1
+        self.changed = False
+        self.pre: dict[bytes, KeyValue | None] = {}  # key -> its KeyValue before the txn
+        self.events: list[Event] = []
+        self.keys: list[bytes] = []
+
+
+def _fail(msg: str) -> None:
+    raise AssertionError(msg)
+
+
+class MVCCStore:
+    """etcd's MVCC store, in memory. Revisions start at 1 (a fresh etcd is at revision 1;
+    the first write makes revision 2).
+
+    n = number of keys with retained history, k = keys returned or deleted, h = retained
+    versions of one key, c = changes since the previous compaction.
+    """
+
+    def __init__(self) -> None:
+        self.rev: int = 1
+        # etcd's compactMainRev: -1 until the first compaction (etcd accepts compact(0)
+        # once on a fresh store, and then rejects a second compact(0) as compacted).
+        self._compact_main: int = -1
+        self._hist: dict[bytes, _History] = {}
+        self._keys: SortedList = SortedList()  # keys of _hist
+        self._live: dict[bytes, KeyValue] = {}
+        self._live_keys: SortedList = SortedList()  # keys of _live
+        # Change log since the last compaction: _log[i] holds the key (bytes) or keys
+        # (tuple) changed at revision _log_start + i. Every revision has an entry.
+        self._log: deque = deque()
+        self._log_start: int = 2
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def compact_rev(self) -> int:
+        """Last compaction revision, 0 if never compacted."""
+        return max(0, self._compact_main)
+
+    # ------------------------------------------------------------------ reads
+
+    def range(
+        self,
+        key: bytes,
+        end: bytes | None = None,
+        *,
+        revision: int = 0,
+        limit: int = 0,
+        keys_only: bool = False,
+        count_only: bool = False,
+    ) -> RangeResponse:
+        """etcd Range: the keys in [key, end) (end None: just key; b"\\0": every key >= key).
+
+        Sorted by key; ``count`` counts every key in range, ``more`` = limit > 0 and count >
+        limit (False with count_only). ``revision`` <= 0 reads the current revision; the
+        response revision is always the current revision.
+
+        Raises EmptyKeyError, FutureRevisionError (revision > current), CompactedError
+        (revision < compaction revision; the compaction revision itself is readable).
+
+        Complexity: current revision O(log n + k) (count_only O(log n)); past revision
+        O(log n + m log h), m = keys with retained history in range.
+        """
+        if not key:
+            raise EmptyKeyError()
+        if revision > self.rev:
+            raise FutureRevisionError()
+        return self._range(key, end, revision, limit, keys_only, count_only, self.rev)
+
+    def _range(self, key, end, revision, limit, keys_only, count_only, cur) -> RangeResponse:
+        if revision <= 0:
+            revision = cur
+        if revision < self._compact_main:
+            raise CompactedError()
+        if revision == cur:  # the live state (inside a txn: including its changes)
+            if end is None:
+                kv = self._live.get(key)
+                kvs = [kv] if kv is not None else []
+                count = len(kvs)
+            else:
+                lk = self._live_keys
+                lo = lk.bisect_left(key)
+                if end == FROM_KEY:
+                    hi = len(lk)
+                elif key >= end:
+                    hi = lo
+                else:
+                    hi = lk.bisect_left(end)
+                count = hi - lo
+                if count_only:
+                    return RangeResponse(cur, [], count, False)
+                n = count if limit <= 0 or limit >= count else limit
+                live = self._live
+                kvs = [live[k] for k in islice(lk.islice(lo, hi), n)]
+        else:
+            kvs = []
+            if end is None:
+                h = self._hist.get(key)
+                kv = h.at(revision) if h is not None else None
+                if kv is not None:
+                    kvs.append(kv)
+            elif end == FROM_KEY or key < end:
+                hist = self._hist
+                it = (
+                    self._keys.irange(key)
+                    if end == FROM_KEY
+                    else self._keys.irange(key, end, inclusive=(True, False))
+                )
+                for k in it:
+                    kv = hist[k].at(revision)
+                    if kv is not None:
+                        kvs.append(kv)
+            count = len(kvs)
+        if count_only:
+            return RangeResponse(cur, [], count, False)
+        more = False
+        if limit > 0 and count > limit:
+            more = True
+            if len(kvs) > limit:
+                del kvs[limit:]
+        if keys_only:
+            kvs = [kv._replace(value=b"") for kv in kvs]
+        return RangeResponse(cur, kvs, count, more)
+
+    def _live_keys_in(self, key: bytes, end: bytes | None) -> list[bytes]:
+        """Sorted live keys in the range. O(log n + k)."""
+        if end is None:
+            return [key] if key in self._live else []
+        if end == FROM_KEY:
+            return list(self._live_keys.irange(key))
+        if key >= end:
+            return []
+        return list(self._live_keys.irange(key, end, inclusive=(True, False)))
+
+    # ------------------------------------------------------------------ writes
+
+    def put(
+        self, key: bytes, value: bytes, *, prev_kv: bool = False, ignore_value: bool = False
+    ) -> tuple[PutResponse, list[Event]]:
+        """etcd Put: a new revision with key = value. Returns (response, [PUT event]).
+
+        ignore_value keeps the current value (the key must exist: KeyNotFoundError; a
+        non-empty value: ValueProvidedError). Raises EmptyKeyError.
+
+        Complexity: O(1) amortized to update a live key; O(log n) to create one.
+        """
+        if not key:
+            raise EmptyKeyError()
+        if ignore_value and value:
+            raise ValueProvidedError()
+        prev = self._live.get(key)
+        if ignore_value:
+            if prev is None:
+                raise KeyNotFoundError()
+            value = prev.value
+        rev = self.rev + 1
+        kv = self._write(key, value, rev, prev)
+        self.rev = rev
+        self._log.append(key)
+        return PutResponse(rev, prev if prev_kv else None), [Event(PUT, kv, prev)]
+
+    def _write(self, key: bytes, value: bytes, rev: int, prev: KeyValue | None) -> KeyValue:
+        """Record a put of key at rev; prev = its live KeyValue. No revision bookkeeping."""
+        if prev is None:
+            kv = KeyValue(key, value, rev, rev, 1, 0)
+            self._live_keys.add(key)
+        else:
+            kv = KeyValue(key, value, prev.create_revision, rev, prev.version + 1, 0)
+        self._live[key] = kv
+        h = self._hist.get(key)
+        if h is None:
+            h = self._hist[key] = _History()
+            self._keys.add(key)
+        h.revs.append(rev)
+        h.kvs.append(kv)
+        return kv
+
+    def _erase(self, key: bytes, rev: int) -> KeyValue:
+        """Record a tombstone of live key at rev; returns the deleted KeyValue."""
+        prev = self._live.pop(key)
+        self._live_keys.remove(key)
+        h = self._hist[key]
+        h.revs.append(rev)
+        h.kvs.append(None)
+        return prev
+
+    def delete_range(
+        self, key: bytes, end: bytes | None = None, *, prev_kv: bool = False
+    ) -> tuple[DeleteRangeResponse, list[Event]]:
+        """etcd DeleteRange of [key, end) (end as in `range`). Returns (response, DELETE
+        events in key order). Deleting nothing keeps the revision. Raises EmptyKeyError.
+
+        Complexity: O(log n + k log n).
+        """
+        if not key:
+            raise EmptyKeyError()
+        keys = self._live_keys_in(key, end)
+        if not keys:
+            return DeleteRangeResponse(self.rev, 0, []), []
+        rev = self.rev + 1
+        prevs = [self._erase(k, rev) for k in keys]
+        events = [Event(DELETE, KeyValue(p.key, b"", 0, rev, 0, 0), p) for p in prevs]
+        self.rev = rev
+        self._log.append(keys[0] if len(keys) == 1 else tuple(keys))
+        return DeleteRangeResponse(rev, len(keys), prevs if prev_kv else []), events
+
+    # ------------------------------------------------------------------ txn
+
+    def txn(
+        self, compare: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op]
+    ) -> tuple[TxnResponse, list[Event]]:
+        """etcd Txn: if every compare holds, run `success`, else `failure`, atomically.
+
+        All changes share one new revision (none if nothing changed); ops see the effects
+        of earlier ops. See the module docstring for validation order, inner response
+        revisions and event prev_kv. Raises TooManyOpsError, EmptyKeyError,
+        ValueProvidedError, DuplicateKeyError, KeyNotFoundError, FutureRevisionError,
+        CompactedError -- always before anything is applied.
+
+        Complexity: O(validation + compares + ops), each op as its standalone call; the
+        duplicate-key check is O(puts * range deletes) of the request.
+        """
+        _check_txn_request(compare, success, failure, MAX_TXN_OPS)
+        _check_intervals(success)
+        _check_intervals(failure)
+        plan = self._plan(compare, success, failure)
+        self._check_plan_puts(plan, [])
+        self._check_plan_ranges(plan)
+        ctx = _TxnCtx(self.rev)
+        resp = self._apply_plan(plan, ctx)
+        if ctx.changed:
+            self.rev = ctx.new
+            keys = ctx.keys
+            self._log.append(keys[0] if len(keys) == 1 else tuple(keys))
+        resp.revision = self.rev
+        return resp, ctx.events
+
+    def _plan(self, compare, success, failure) -> tuple:
+        """(succeeded, [(op, nested plan or None)]) for the chosen path (compareToPath)."""
+        ok = all(self._compare(c) for c in compare)
+        ops = success if ok else failure
+        return ok, [
+            (op, self._plan(op.compare, op.success, op.failure) if type(op) is TxnOp else None)
+            for op in ops
+        ]
+
+    def _compare(self, c: Compare) -> bool:
+        """etcd applyCompare against the live state."""
+        target, result = c.target, c.result
+        if c.range_end is None:
+            kv = self._live.get(c.key)
+            kvs = [kv] if kv is not None else []
+        else:
+            kvs = [self._live[k] for k in self._live_keys_in(c.key, c.range_end)]
+        if not kvs:
+            if target == "VALUE":  # a missing key has no value: always fails
+                return False
+            kvs = [_MISSING]
+        for kv in kvs:
+            if target == "VALUE":
+                a, b = kv.value, c.value
+            elif target == "VERSION":
+                a, b = kv.version, c.value
+            elif target == "CREATE":
+                a, b = kv.create_revision, c.value
+            elif target == "MOD":
+                a, b = kv.mod_revision, c.value
+            elif target == "LEASE":
+                a, b = kv.lease, c.value
+            else:
+                raise ProtocolError(f"shmwatch: unknown compare target {target!r}")
+            if result == "EQUAL":
+                ok = a == b
+            elif result == "NOT_EQUAL":
+                ok = a != b
+            elif result == "GREATER":
+                ok = a > b
+            elif result == "LESS":
+                ok = a < b
+            else:
+                raise ProtocolError(f"shmwatch: unknown compare result {result!r}")
+            if not ok:
+                return False
+        return True
+
+    def _check_plan_puts(self, plan, dels: list) -> None:
+        """etcd checkRequestPut over the chosen path: ignore_value needs the key to exist
+        before the txn. `dels` collects the path's earlier delete ranges: a key one of
+        them removed would make etcd panic mid-txn; we refuse the txn instead."""
+        for op, sub in plan[1]:
+            t = type(op)
+            if t is PutOp:
+                if op.ignore_value and (
+                    op.key not in self._live or any(_covers(d, op.key) for d in dels)
+                ):
+                    raise KeyNotFoundError()
+            elif t is DeleteOp:
+                dels.append((op.key, op.range_end))
+            elif t is TxnOp:
+                self._check_plan_puts(sub, dels)
+
+    def _check_plan_ranges(self, plan) -> None:
+        """etcd checkRequestRange over the chosen path."""
+        for op, sub in plan[1]:
+            t = type(op)
+            if t is RangeOp:
+                if op.revision == 0:
+                    continue
+                if op.revision > self.rev:
+                    raise FutureRevisionError()
+                if op.revision < self._compact_main:
+                    raise CompactedError()
+            elif t is TxnOp:
+                self._check_plan_ranges(sub)
+
+    def _apply_plan(self, plan, ctx: _TxnCtx) -> TxnResponse:
+        ok, ops = plan
+        responses: list = []
+        live = self._live
+        for op, sub in ops:
+            t = type(op)
+            if t is RangeOp:
+                cur = ctx.new if ctx.changed else ctx.begin
+                # RangeOp's fields are _range's parameters, in order
+                responses.append(self._range(*op, cur))
+            elif t is PutOp:
+                key = op.key
+                prev = live.get(key)
+                value = prev.value if op.ignore_value else op.value  # prev checked in plan
+                if key not in ctx.pre:
+                    ctx.pre[key] = prev
+                kv = self._write(key, value, ctx.new, prev)
+                ctx.changed = True
+                ctx.keys.append(key)
+                ctx.events.append(Event(PUT, kv, None if kv.version == 1 else ctx.pre[key]))
+                responses.append(PutResponse(ctx.new, prev if op.prev_kv else None))
+            elif t is DeleteOp:
+                keys = self._live_keys_in(op.key, op.range_end)
+                prevs = []
+                for k in keys:
+                    if k not in ctx.pre:
+                        ctx.pre[k] = live[k]
+                    prevs.append(self._erase(k, ctx.new))
+                    ctx.events.append(Event(DELETE, KeyValue(k, b"", 0, ctx.new, 0, 0), ctx.pre[k]))
+                if keys:
+                    ctx.changed = True
+                    ctx.keys.extend(keys)
+                responses.append(
+                    DeleteRangeResponse(
+                        ctx.new if ctx.changed else ctx.begin,
+                        len(keys),
+                        prevs if op.prev_kv else [],
+                    )
+                )
+            elif t is TxnOp:
+                inner = self._apply_plan(sub, ctx)
+                inner.revision = 0  # etcd never fills a nested txn's response header
+                responses.append(inner)
+            else:  # pragma: no cover - rejected by validation
+                raise ProtocolError("shmwatch: unknown txn op")
+        return TxnResponse(0, ok, responses)
+
+    # ------------------------------------------------------------------ compaction
+
+    def compact(self, revision: int) -> CompactResponse:
+        """etcd Compact: forget history before `revision` (see the module docstring: a
+        tombstone at or below `revision` goes with everything before it, also one at
+        exactly `revision`). Reads at `revision` and later are unaffected.
+
+        Raises CompactedError (revision <= the last compaction revision; compact(0) is
+        accepted once on a never-compacted store, as etcd does), FutureRevisionError
+        (revision > current). Response revision = current revision.
+
+        Complexity: O(c log h + d log n) (d = keys that vanish), amortized O(changes):
+        only keys changed since the previous compaction are visited.
+        """
+        if revision <= self._compact_main:
+            raise CompactedError()
+        if revision > self.rev:
+            raise FutureRevisionError()
+        self._compact_main = revision
+        log = self._log
+        touched: set[bytes] = set()
+        while log and self._log_start <= revision:
+            entry = log.popleft()
+            self._log_start += 1
+            if type(entry) is bytes:
+                touched.add(entry)
+            else:
+                touched.update(entry)
+        hist = self._hist
+        for key in touched:
+            h = hist.get(key)
+            if h is None:
+                continue
+            revs = h.revs
+            i = bisect_right(revs, revision) - 1
+            if i < 0:
+                continue
+            cut = i + 1 if h.kvs[i] is None else i
+            if cut:
+                del revs[:cut]
+                del h.kvs[:cut]
+                if not revs:
+                    del hist[key]
+                    self._keys.remove(key)
+        return CompactResponse(self.rev)
+
+    # ------------------------------------------------------------------ dispatch
+
+    def apply(self, op: Op):
+        """Run a PutOp / RangeOp / DeleteOp / TxnOp; returns (response, events) -- events
+        are [] for a range. Complexity: that of the call it dispatches to."""
+        t = type(op)
+        if t is PutOp:
+            return self.put(op.key, op.value, prev_kv=op.prev_kv, ignore_value=op.ignore_value)
+        if t is RangeOp:
+            return (
+                self.range(
+                    op.key,
+                    op.range_end,
+                    revision=op.revision,
+                    limit=op.limit,
+                    keys_only=op.keys_only,
+                    count_only=op.count_only,
+                ),
+                [],
+            )
+        if t is DeleteOp:
+            return self.delete_range(op.key, op.range_end, prev_kv=op.prev_kv)
+        if t is TxnOp:
+            return self.txn(op.compare, op.success, op.failure)
+        raise ProtocolError(f"shmwatch: unknown op {t.__name__}")
+
+    # ------------------------------------------------------------------ durability
+
+    def snapshot(self) -> dict:
+        """The whole state, retained history included, as plain msgpack-able data.
+
+        ``{"format": 1, "rev": int, "compact_rev": int (-1: never), "keys": [[key,
+        [entry, ...]], ...]}`` with keys sorted and entries oldest first, an entry being
+        ``[mod_revision, value, create_revision, version, lease]`` or ``[mod_revision]``
+        for a tombstone. O(total retained versions).
+        """
+        keys = []
+        for key in self._keys:
+            h = self._hist[key]
+            entries = [
+                [r] if kv is None else [r, kv.value, kv.create_revision, kv.version, kv.lease]
+                for r, kv in zip(h.revs, h.kvs)
+            ]
+            keys.append([key, entries])
+        return {
+            "format": SNAPSHOT_FORMAT,
+            "rev": self.rev,
+            "compact_rev": self._compact_main,
+            "keys": keys,
+        }
+
+    @classmethod
+    def restore(cls, data: dict) -> MVCCStore:
+        """Rebuild a store from `snapshot()` data; raises ValueError if it is inconsistent.
+        O(N log N), N = retained versions."""
+        if data.get("format") != SNAPSHOT_FORMAT:
+            raise ValueError(f"unknown MVCC snapshot format {data.get('format')!r}")
+        s = cls()
+        try:
+            s.rev = int(data["rev"])
+            s._compact_main = int(data["compact_rev"])
+            s._log_start = max(2, s._compact_main + 1)
+            changed: dict[int, list[bytes]] = {}
+            for key, entries in data["keys"]:
+                key = bytes(key)
+                h = _History()
+                for e in entries:
+                    r = int(e[0])
+                    h.revs.append(r)
+                    if len(e) == 1:
+                        h.kvs.append(None)
+                    else:
+                        h.kvs.append(KeyValue(key, bytes(e[1]), int(e[2]), r, int(e[3]), int(e[4])))
+                    if r >= s._log_start:
+                        changed.setdefault(r, []).append(key)
+                if not h.revs:
+                    raise ValueError(f"key {key!r} without history")
+                s._hist[key] = h
+                last = h.kvs[-1]
+                if last is not None:
+                    s._live[key] = last
+            s._keys = SortedList(s._hist)
+            s._live_keys = SortedList(s._live)
+            for r in range(s._log_start, s.rev + 1):
+                keys = changed.pop(r, None)
+                if not keys:
+                    raise ValueError(f"revision {r} has no change")
+                s._log.append(keys[0] if len(keys) == 1 else tuple(keys))
+            if changed:
+                raise ValueError(f"changes beyond revision {s.rev}")
+            s._check()
+        except (KeyError, IndexError, TypeError, AssertionError) as e:
+            raise ValueError(f"inconsistent MVCC snapshot: {e}") from e
+        return s
+
+    # ------------------------------------------------------------------ invariants
+
+    def _check(self) -> None:
+        """Assert every internal invariant (raises AssertionError, also under -O). O(N)."""
+        if self.rev < 1:
+            _fail(f"rev {self.rev} < 1")
+        if not -1 <= self._compact_main <= self.rev:
+            _fail(f"compact_main {self._compact_main} outside [-1, {self.rev}]")
+        if list(self._keys) != sorted(self._hist):
+            _fail("_keys differs from the keys of _hist")
+        if list(self._live_keys) != sorted(self._live):
+            _fail("_live_keys differs from the keys of _live")
+        if self._log_start != max(2, self._compact_main + 1):
+            _fail(f"log start {self._log_start}, compact_main {self._compact_main}")
+        if len(self._log) != max(0, self.rev - self._log_start + 1):
+            _fail(f"log has {len(self._log)} entries for revisions {self._log_start}..{self.rev}")
+        logged: set[tuple[int, bytes]] = set()
+        for i, entry in enumerate(self._log):
+            r = self._log_start + i
+            for k in (entry,) if type(entry) is bytes else entry:
+                logged.add((r, k))
+        seen: set[tuple[int, bytes]] = set()
+        for key, h in self._hist.items():
+            revs, kvs = h.revs, h.kvs
+            if not revs or len(revs) != len(kvs):
+                _fail(f"{key!r}: empty or ragged history")
+            if kvs[0] is None:
+                _fail(f"{key!r}: history starts with a tombstone")
+            below = 0
+            prev: KeyValue | None = None
+            for i, (r, kv) in enumerate(zip(revs, kvs)):
+                if r > self.rev or r < 2:
+                    _fail(f"{key!r}: revision {r} outside [2, {self.rev}]")
+                if i and r < revs[i - 1]:
+                    _fail(f"{key!r}: revisions not ascending")
+                if i and r == revs[i - 1] and (kv is None) == (kvs[i - 1] is None):
+                    _fail(f"{key!r}: two entries of one kind at revision {r}")
+                if r <= self._compact_main:
+                    below += 1
+                    if kv is None:
+                        _fail(f"{key!r}: tombstone {r} kept at or below compaction")
+                if r >= self._log_start:
+                    seen.add((r, key))
+                    if (r, key) not in logged:
+                        _fail(f"{key!r}: change at {r} missing from the log")
+                if kv is None:
+                    if i and kvs[i - 1] is None:
+                        _fail(f"{key!r}: tombstone of a dead key at {r}")
+                else:
+                    if kv.key != key or kv.mod_revision != r or kv.lease != 0:
+                        _fail(f"{key!r}: bad KeyValue {kv!r} at {r}")
+                    if i == 0:
+                        if kv.version < 1 or not 1 < kv.create_revision <= r:
+                            _fail(f"{key!r}: bad first KeyValue {kv!r}")
+                        if kv.version == 1 and kv.create_revision != r:
+                            _fail(f"{key!r}: version 1 not created at {r}")
+                    elif prev is None:
+                        if kv.version != 1 or kv.create_revision != r:
+                            _fail(f"{key!r}: re-creation {kv!r} not version 1 at {r}")
+                    elif (
+                        kv.version != prev.version + 1
+                        or kv.create_revision != prev.create_revision
+                        or r == prev.mod_revision
+                    ):
+                        _fail(f"{key!r}: {kv!r} does not follow {prev!r}")
+                prev = kv
+            if below > 1:
+                _fail(f"{key!r}: {below} versions kept at or below compaction")
+            last = kvs[-1]
+            if last is None:
+                if key in self._live:
+                    _fail(f"{key!r}: deleted but live")
+            elif self._live.get(key) is not last:
+                _fail(f"{key!r}: live entry differs from its newest version")
+        if len(self._live) > len(self._hist) or any(k not in self._hist for k in self._live):
+            _fail("live key without history")
+        if seen != logged:
+            _fail(f"log entries without a change: {sorted(logged - seen)[:5]}")
+
+
+def events_at_compact_rev(events: Sequence[Event]) -> list[Event]:
+    """The events of revision ``compact_rev`` as etcd 3.4 still delivers them to a watch
+    replaying history after ``compact(compact_rev)``.
+
+    etcd's compaction keeps, at the compact revision, only the versions that are still
+    the newest of their key at that revision (checked on etcd 3.4.23): every DELETE goes,
+    and so does a PUT that a later change of the same revision deleted (a txn that puts
+    k and then deletes it). And etcd's watch looks prev_kv up at ``rev - 1``, below the
+    compaction, which fails: the surviving PUTs come without prev_kv. O(len(events)).
+    """
+    last = {e.kv.key: i for i, e in enumerate(events)}
+    return [
+        e._replace(prev_kv=None) if e.prev_kv is not None else e
+        for i, e in enumerate(events)
+        if e.type == PUT and last[e.kv.key] == i
+    ]
+
+
+def _covers(d: tuple[bytes, bytes | None], key: bytes) -> bool:
+    """Does the delete range d = (key, end) include `key`?"""
+    k, end = d
+    if end is None:
+        return key == k
+    if end == FROM_KEY:
+        return key >= k
+    return k <= key < end
+
+
+# ---------------------------------------------------------------------- request checks
+
+
+def _check_txn_request(compare, success, failure, budget: int) -> None:
+    """etcd v3rpc checkTxnRequest: op count, empty keys, ignore_value with a value."""
+    opc = max(len(compare), len(success), len(failure))
+    if opc > budget:
+        raise TooManyOpsError()
+    for c in compare:
+        if not c.key:
+            raise EmptyKeyError()
+    for ops in (success, failure):
+        for op in ops:
+            t = type(op)
+            if t is TxnOp:
+                _check_txn_request(op.compare, op.success, op.failure, budget - opc)
+            elif t is PutOp:
+                if not op.key:
+                    raise EmptyKeyError()
+                if op.ignore_value and op.value:
+                    raise ValueProvidedError()
+            elif t is RangeOp or t is DeleteOp:
+                if not op.key:
+                    raise EmptyKeyError()
+            else:
+                raise ProtocolError(f"shmwatch: unknown txn op {t.__name__}")
+
+
+class _Dels:
+    """The delete intervals of etcd's checkIntervals, queried by single keys.
+
+    etcd keeps [key, range_end) as a literal interval: a from-key delete (range_end
+    b"\\0") or one with range_end <= key intersects nothing; a single-key delete is the
+    point [key, key + b"\\0")."""
+
+    __slots__ = ("points", "ranges")
+
+    def __init__(self) -> None:
+        self.points: set[bytes] = set()
+        self.ranges: list[tuple[bytes, bytes]] = []
+
+    def add(self, key: bytes, end: bytes | None) -> None:
+        if end is None:
+            self.points.add(key)
+        elif key < end:
+            self.ranges.append((key, end))
+
+    def update(self, other: _Dels) -> None:
+        self.points |= other.points
+        self.ranges.extend(other.ranges)
+
+    def hits(self, key: bytes) -> bool:
+        return key in self.points or any(b <= key < e for b, e in self.ranges)
+
+
+def _check_intervals(ops) -> tuple[set[bytes], _Dels]:
+    """etcd v3rpc checkIntervals: puts and deletes of one txn branch must not overlap.
+
+    Returns (puts, deletes) of the branch, nested txns included. Mirrors etcd's order
+    exactly: this level's deletes, then each nested txn (its puts against the deletes
+    gathered so far, then its deletes join), then this level's puts against everything.
+    So a put in an earlier nested txn and a delete of that key in a later one pass."""
+    dels = _Dels()
+    for op in ops:
+        if type(op) is DeleteOp:
+            dels.add(op.key, op.range_end)
+    puts: set[bytes] = set()
+    for op in ops:
+        if type(op) is not TxnOp:
+            continue
+        puts_then, dels_then = _check_intervals(op.success)
+        puts_else, dels_else = _check_intervals(op.failure)
+        for k in puts_then:
+            if k in puts or dels.hits(k):
+                raise DuplicateKeyError()
+            puts.add(k)
+        for k in puts_else:
+            if (k in puts and k not in puts_then) or dels.hits(k):
+                raise DuplicateKeyError()
+            puts.add(k)
+        dels.update(dels_then)
+        dels.update(dels_else)
+    for op in ops:
+        if type(op) is PutOp:
+            k = op.key
+            if k in puts or dels.hits(k):
+                raise DuplicateKeyError()
+            puts.add(k)
+    return puts, dels

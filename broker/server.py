@@ -1,0 +1,653 @@
+"""The broker process: a thin shell that moves bytes between rings and the pure cores.
+
+It owns every shared-memory object of its broker name: it creates them, hands them to
+clients, and unlinks them on shutdown or when a client dies. It decides nothing about
+keys or watches itself: `MVCCStore` applies requests, `WatchCore` decides who gets what.
+
+One loop (DESIGN.md section 3): drain every client's request ring in batches; apply each
+request; append a write's events to the revision log, then notify synced watchers,
+then reply (so a put's reply means its watchers can already see the events); catch up
+unsynced watchers; retry victims; wake the clients it wrote to; sleep on the doorbell
+when idle. Housekeeping (registrations, liveness, heartbeat) runs between batches.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import signal
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import msgpack
+import psutil
+
+from clientlib import errors
+from clientlib.protocol import (
+    OP_ARENA,
+    OP_BYE,
+    OP_COMPACT,
+    OP_KV,
+    OP_PROGRESS,
+    OP_WATCH_CANCEL,
+    OP_WATCH_CREATE,
+    FILTER_NODELETE,
+    FILTER_NOPUT,
+    decode_op,
+    encode_error,
+    encode_reply,
+    encode_response,
+    unpackb,
+)
+from clientlib.types import Event, KeyValue
+from shm import layout as L
+from shm.doorbell import Doorbell
+from shm.errors import RingCorrupt, SegmentExists
+from shm.lock import is_locked, try_lock
+from shm.revlog import RevLog, revlog_bytes
+from shm.ring import Ring, ring_bytes
+from shm.segment import Segment, new_boot_id, shm_name
+
+from .mvcc import MVCCStore, events_at_compact_rev
+from .watch import Watcher, WatchCore
+
+log = logging.getLogger("shmwatch.broker")
+
+HOUSEKEEPING_S = 0.05  # registrations, liveness and heartbeat at most this often
+STATS_EVERY = 4  # publish metrics every 4th housekeeping pass (~5 times a second)
+STATS_BYTES = 1 << 20
+STATS_TOP_WATCHERS = 100  # per-watcher rows in the metrics: the most lagging ones
+VICTIM_RETRY_S = 0.01  # etcd's syncVictimsLoop period
+REQUESTS_PER_CLIENT_PASS = 256  # fairness: at most this many requests per client per pass
+IDLE_SLEEP_MAX_S = 0.1
+
+
+@dataclass
+class BrokerConfig:
+    """Broker options; defaults follow etcd where etcd has one (documented in README)."""
+
+    name: str
+    log_bytes: int = 64 << 20
+    watch_ring_bytes: int = 256 << 10
+    request_ring_bytes: int = 1 << 20
+    response_ring_bytes: int = 1 << 20
+    max_request_bytes: int = 1536 * 1024  # etcd --max-request-bytes
+    max_clients: int = 256
+    rings_per_arena: int = 32
+    progress_notify_interval: float = 600.0  # etcd's default: 10 minutes
+    max_watchers_per_sync: int = 512  # etcd's maxWatchersPerSync
+    mode: int = 0o600
+
+
+class ClientConn:
+    """The broker's side of one registered client."""
+
+    def __init__(self, slot: int, gen: int, pid: int, create_time_us: int, seg: Segment,
+                 req: Ring, resp: Ring, bell: Doorbell):
+        self.slot = slot
+        self.gen = gen
+        self.pid = pid
+        self.create_time_us = create_time_us
+        self.seg = seg
+        self.req = req
+        self.resp = resp
+        self.bell = bell
+        self.arenas: list[Segment] = []
+        self.watchers: dict[int, Watcher] = {}
+        self.rings_in_use: dict[tuple[int, int], Watcher] = {}
+        self.next_watch_id = 0
+        self.backlog: deque[list] = deque()  # replies that did not fit the response ring
+        self.requests = 0
+
+    def __repr__(self) -> str:
+        return f"<client slot={self.slot} pid={self.pid}>"
+
+
+class Broker:
+    """One broker instance. `serve_forever()` runs until `stop()` or a signal."""
+
+    def __init__(self, cfg: BrokerConfig):
+        self.cfg = cfg
+        self.boot_id = new_boot_id()
+        self.cluster_id = int.from_bytes(self.boot_id[:8], "little") >> 1
+        self.mvcc = MVCCStore()
+        self.core = WatchCore(
+            max_request_bytes=cfg.max_request_bytes,
+            # etcd sends a catch-up as one response per 1000 revisions whatever its size;
+            # the ring streams a response larger than itself in chunks. This bound only
+            # caps the broker's memory for one watcher's catch-up.
+            max_response_bytes=64 << 20,
+            max_watchers_per_sync=cfg.max_watchers_per_sync,
+        )
+        self.clients: dict[int, ClientConn] = {}
+        self._stopping = False
+        self._segments: list[Segment] = []
+        self._created: list[str] = []
+        self.writes = 0
+        self.started = time.time()
+        self._create_shared()
+
+    # ------------------------------------------------------------ set-up / tear-down
+
+    def _name(self, part: str) -> str:
+        return shm_name(self.cfg.name, part)
+
+    def _create_shared(self) -> None:
+        cfg = self.cfg
+        try:
+            self.ctl = Segment.create(self._name("ctl"), L.ctl_payload_size(cfg.max_clients),
+                                      kind=L.KIND_CTL, boot_id=self.boot_id, mode=cfg.mode)
+        except SegmentExists:
+            raise SegmentExists(
+                f"a broker named {cfg.name!r} already exists (or left segments behind: "
+                f"`shmwatch cleanup`)") from None
+        try:
+            self.words = self.ctl.payload.cast("Q")
+            if not try_lock(self.ctl.fd, L.BROKER_LOCK_BYTE):
+                raise RuntimeError("could not take the broker lock")
+            w = self.words
+            w[L.CTL_PID] = os.getpid()
+            w[L.CTL_CREATE_TIME_US] = int(psutil.Process().create_time() * 1e6)
+            w[L.CTL_MAX_CLIENTS] = cfg.max_clients
+            w[L.CTL_MAX_REQUEST_BYTES] = cfg.max_request_bytes
+            w[L.CTL_REQUEST_RING] = cfg.request_ring_bytes
+            w[L.CTL_RESPONSE_RING] = cfg.response_ring_bytes
+            w[L.CTL_WATCH_RING] = cfg.watch_ring_bytes
+            w[L.CTL_RINGS_PER_ARENA] = cfg.rings_per_arena
+            w[L.CTL_CLUSTER_ID] = self.cluster_id
+            w[L.CTL_HEARTBEAT_NS] = time.time_ns()
+            w[L.CTL_REVISION] = self.mvcc.rev
+            flag = self.ctl.payload[L.CTL_BROKER_SLEEPING * 8:L.CTL_BROKER_SLEEPING * 8 + 4]
+            self.bell = Doorbell.create(self._name("bell"), flag, mode=cfg.mode)
+            self.logseg = Segment.create(self._name("log"), revlog_bytes(cfg.log_bytes),
+                                         kind=L.KIND_LOG, boot_id=self.boot_id, mode=cfg.mode)
+            self.log = RevLog(self.logseg.payload, init=True)
+            self.statseg = Segment.create(self._name("stats"), STATS_BYTES, kind=L.KIND_STATS,
+                                          boot_id=self.boot_id, mode=cfg.mode)
+            self._stats_words = self.statseg.payload[:16].cast("Q")
+        except BaseException:
+            self._unlink_all()
+            raise
+        self._reg_seq = -1
+
+    def _unlink_all(self) -> None:
+        for c in list(self.clients.values()):
+            self._reclaim(c)
+        for attr in ("log", "words", "_stats_words"):
+            if hasattr(self, attr):
+                delattr(self, attr)
+        if hasattr(self, "bell"):
+            self.bell.close()
+            self.bell.unlink()
+        for seg_attr in ("statseg", "logseg", "ctl"):
+            seg = getattr(self, seg_attr, None)
+            if seg is not None:
+                seg.unlink()
+                seg.close()
+        Doorbell.unlink_name(self._name("bell"))
+
+    def close(self) -> None:
+        """Unlink every shared object of this broker. Idempotent."""
+        if getattr(self, "_closed", False):
+            return
+        self._closed = True
+        if hasattr(self, "words"):
+            self.words[L.CTL_STATE] = L.CTL_STATE_STOPPING
+        self._unlink_all()
+
+    def stop(self, *_args) -> None:
+        self._stopping = True
+        try:
+            self.bell.post()
+        except Exception:
+            pass
+
+    # ------------------------------------------------------------ main loop
+
+    def serve_forever(self) -> None:
+        self.words[L.CTL_STATE] = L.CTL_STATE_RUNNING
+        next_house = 0.0
+        next_victims = 0.0
+        next_progress = time.monotonic() + self.cfg.progress_notify_interval
+        core = self.core
+        words = self.words
+        try:
+            while not self._stopping:
+                worked = self._drain_requests()
+                now = time.monotonic()
+                if core.victims or core.canceling:
+                    if words[L.CTL_SPACE_HINT] or now >= next_victims:
+                        words[L.CTL_SPACE_HINT] = 0
+                        core.move_victims()
+                        next_victims = now + VICTIM_RETRY_S
+                if core.unsynced:
+                    core.sync_watchers(self._read_history)
+                    worked = True
+                self._wake()
+                if now >= next_house:
+                    self._housekeeping()
+                    next_house = now + HOUSEKEEPING_S
+                if now >= next_progress:
+                    core.progress_tick(w for c in self.clients.values() for w in c.watchers.values())
+                    self._wake()
+                    next_progress = now + self.cfg.progress_notify_interval
+                if not worked:
+                    timeout = min(next_house, next_progress) - now
+                    if core.victims or core.canceling:
+                        timeout = min(timeout, next_victims - now)
+                    self.bell.wait(self._has_work, max(0.0, min(timeout, IDLE_SLEEP_MAX_S)),
+                                   spin=20, slice=IDLE_SLEEP_MAX_S)
+        finally:
+            self.close()
+
+    def _has_work(self) -> bool:
+        w = self.words
+        if w[L.CTL_REG_SEQ] != self._reg_seq or w[L.CTL_SPACE_HINT] or self._stopping:
+            return True
+        for c in self.clients.values():
+            if c.req.readable():
+                return True
+        return False
+
+    def _wake(self) -> None:
+        woken = self.core.woken
+        if woken:
+            for c in woken:
+                c.bell.ring()
+            woken.clear()
+
+    def _drain_requests(self) -> bool:
+        worked = False
+        for c in list(self.clients.values()):
+            if c.backlog and not self._flush_backlog(c):
+                continue
+            req = c.req
+            for _ in range(REQUESTS_PER_CLIENT_PASS):
+                try:
+                    data = req.read()
+                except RingCorrupt as exc:
+                    log.warning("client %s wrote a corrupt record (%s): disconnecting", c, exc)
+                    self._reclaim(c)
+                    break
+                if data is None:
+                    break
+                worked = True
+                c.requests += 1
+                if not self._handle(c, data):
+                    break
+                if c.backlog:
+                    break
+        return worked
+
+    # ------------------------------------------------------------ requests
+
+    def _reply(self, c: ClientConn, data: bytes) -> None:
+        if c.backlog:
+            c.backlog.append([data, 0])
+            return
+        off = c.resp.write(data, 0)
+        c.resp.publish()
+        self.core.woken.add(c)
+        if off != len(data):
+            c.backlog.append([data, off])
+
+    def _flush_backlog(self, c: ClientConn) -> bool:
+        while c.backlog:
+            item = c.backlog[0]
+            off = c.resp.write(item[0], item[1])
+            if off < len(item[0]):
+                item[1] = off
+                break
+            c.backlog.popleft()
+        c.resp.publish()
+        self.core.woken.add(c)
+        return not c.backlog
+
+    def _handle(self, c: ClientConn, data: bytes) -> bool:
+        """Apply one request; False if the client was disconnected for it."""
+        req_id = 0
+        try:
+            if len(data) > self.cfg.max_request_bytes + 1024:
+                # Read the id without decoding the (oversized) body.
+                req_id = _peek_req_id(data)
+                raise errors.RequestTooLargeError()
+            msg = unpackb(data, max_size=self.cfg.max_request_bytes + 1024)
+            if not isinstance(msg, list) or len(msg) < 2 or not isinstance(msg[1], int):
+                raise errors.ProtocolError("shmwatch: malformed request")
+            op, req_id = msg[0], msg[1]
+            if op == OP_KV:
+                if len(msg) != 3:
+                    raise errors.ProtocolError("shmwatch: malformed request")
+                self._reply(c, encode_reply(req_id, self._apply(decode_op(msg[2]))))
+            elif op == OP_WATCH_CREATE:
+                self._reply(c, encode_reply(req_id, self._watch_create(c, msg)))
+            elif op == OP_WATCH_CANCEL:
+                self._watch_cancel(c, msg)
+                self._reply(c, encode_reply(req_id, None))
+            elif op == OP_PROGRESS:
+                self.core.request_progress(list(c.watchers.values()))
+                self._reply(c, encode_reply(req_id, None))
+            elif op == OP_COMPACT:
+                self._reply(c, encode_reply(req_id, self._compact(msg)))
+            elif op == OP_ARENA:
+                self._reply(c, encode_reply(req_id, self._new_arena(c)))
+            elif op == OP_BYE:
+                self._reclaim(c)
+                return False
+            else:
+                raise errors.ProtocolError(f"shmwatch: unknown request op {op!r}")
+        except errors.ShmwatchError as exc:
+            self._reply(c, encode_error(req_id, exc))
+        except Exception as exc:  # a bug must cost one request, never the broker
+            log.exception("request from %s failed", c)
+            self._reply(c, encode_error(req_id, errors.ShmwatchError(f"shmwatch: internal error: {exc!r}")))
+        return True
+
+    def _apply(self, op) -> list:
+        resp, events = self.mvcc.apply(op)
+        if events:
+            self._commit(self.mvcc.rev, events)
+        return encode_response(resp)
+
+    def _commit(self, rev: int, events: list[Event]) -> None:
+        """Log a revision's events, move the compaction point if the log wrapped, notify."""
+        self.writes += 1
+        try:
+            evicted = self.log.append(rev, msgpack.packb(events, use_bin_type=True))
+        except ValueError:
+            # One revision larger than the whole log: history before it is gone.
+            self.log.truncate_before(rev + 1)
+            self._compact_to(rev)
+            self.core.compact_rev = rev + 1
+            evicted = ()
+        if evicted:
+            self._compact_to(self.log.oldest_rev or rev)
+        self.words[L.CTL_REVISION] = rev
+        self.core.notify(rev, events)
+
+    def _compact_to(self, rev: int) -> None:
+        if rev > self.mvcc.compact_rev:
+            self.mvcc.compact(rev)
+            self.core.compact_rev = self.mvcc.compact_rev
+            self.words[L.CTL_COMPACT_REV] = self.core.compact_rev
+
+    def _compact(self, msg) -> list:
+        if len(msg) != 3 or not isinstance(msg[2], int):
+            raise errors.ProtocolError("shmwatch: malformed compact request")
+        resp = self.mvcc.compact(msg[2])
+        self.log.truncate_before(msg[2])
+        self.core.compact_rev = self.mvcc.compact_rev
+        self.words[L.CTL_COMPACT_REV] = self.core.compact_rev
+        return encode_response(resp)
+
+    def _read_history(self, lo: int, hi: int):
+        compact_rev = self.mvcc.compact_rev
+        for rev, payload in self.log.read_from(lo, hi):
+            events = [
+                Event(t, KeyValue(*kv), KeyValue(*prev) if prev is not None else None)
+                for t, kv, prev in msgpack.unpackb(payload, raw=False)
+            ]
+            if rev == compact_rev:
+                events = events_at_compact_rev(events)
+            yield rev, events
+
+    # ------------------------------------------------------------ watches
+
+    def _watch_create(self, c: ClientConn, msg) -> list:
+        try:
+            (_, _, arena, idx, key, end, start_rev, prev_kv, filters, progress_notify,
+             fragment, want_id) = msg
+        except ValueError:
+            raise errors.ProtocolError("shmwatch: malformed watch request") from None
+        if not (isinstance(arena, int) and 0 <= arena < len(c.arenas)
+                and isinstance(idx, int) and 0 <= idx < self.cfg.rings_per_arena):
+            raise errors.ProtocolError("shmwatch: watch ring out of range")
+        old = c.rings_in_use.get((arena, idx))
+        if old is not None:
+            if old.state != "removed":
+                raise errors.ProtocolError("shmwatch: watch ring already in use")
+            self._forget_watcher(c, old)
+        if not isinstance(key, bytes) or not (end is None or isinstance(end, bytes)):
+            raise errors.ProtocolError("shmwatch: malformed watch key")
+        if not isinstance(want_id, int) or not isinstance(start_rev, int):
+            raise errors.ProtocolError("shmwatch: malformed watch request")
+        rev = self.mvcc.rev
+        if end is not None and end != b"\0" and key >= end:
+            return [-1, rev, errors.InvalidRangeError.default_message]
+        if want_id:
+            old = c.watchers.get(want_id)
+            if old is not None and old.state == "removed":
+                self._forget_watcher(c, old)
+            elif old is not None:
+                return [-1, rev, errors.DuplicateWatchIdError.default_message]
+            wid = want_id
+        else:
+            while c.next_watch_id in c.watchers:
+                c.next_watch_id += 1
+            wid = c.next_watch_id
+            c.next_watch_id += 1
+        ring_size = ring_bytes(self.cfg.watch_ring_bytes)
+        buf = c.arenas[arena].payload[idx * ring_size:(idx + 1) * ring_size]
+        sink = Ring(buf, init=False)
+        w = Watcher(wid, c, key, end, sink, prev_kv=bool(prev_kv),
+                    filters=int(filters) & (FILTER_NOPUT | FILTER_NODELETE),
+                    progress_notify=bool(progress_notify), fragment=bool(fragment))
+        w.tag = (arena, idx)
+        c.watchers[wid] = w
+        c.rings_in_use[(arena, idx)] = w
+        self.core.add_watcher(w, start_rev)
+        return [wid, rev, ""]
+
+    def _watch_cancel(self, c: ClientConn, msg) -> None:
+        if len(msg) != 3 or not isinstance(msg[2], int):
+            raise errors.ProtocolError("shmwatch: malformed cancel request")
+        w = c.watchers.get(msg[2])
+        if w is None:
+            # etcd ignores a cancel of an unknown id (the watch may have ended already).
+            return
+        self.core.cancel(w)
+
+    def _new_arena(self, c: ClientConn) -> list:
+        k = len(c.arenas)
+        name = self._name(L.arena_part(c.slot, c.gen, k))
+        size = ring_bytes(self.cfg.watch_ring_bytes) * self.cfg.rings_per_arena
+        seg = Segment.create(name, size, kind=L.KIND_ARENA, boot_id=self.boot_id,
+                             mode=self.cfg.mode)
+        rs = ring_bytes(self.cfg.watch_ring_bytes)
+        for i in range(self.cfg.rings_per_arena):
+            Ring(seg.payload[i * rs:(i + 1) * rs], init=True).release()
+        c.arenas.append(seg)
+        return [k, name]
+
+    def _forget_watcher(self, c: ClientConn, w: Watcher) -> None:
+        """Drop a finished watcher's bookkeeping: its id and ring may be reused."""
+        if c.watchers.get(w.id) is w:
+            del c.watchers[w.id]
+        if c.rings_in_use.get(w.tag) is w:
+            del c.rings_in_use[w.tag]
+        if w.sink is not None:
+            w.sink.release()
+            w.sink = None
+
+    def _release_finished_watchers(self, c: ClientConn) -> None:
+        for w in [w for w in c.watchers.values() if w.state == "removed"]:
+            self._forget_watcher(c, w)
+
+    # ------------------------------------------------------------ metrics
+
+    def metrics(self) -> dict:
+        """A snapshot of the broker's state for tools/top and tools/stress.
+
+        O(W) over watchers; published a few times a second, never per request."""
+        core = self.core
+        cur = self.mvcc.rev
+        clients = []
+        rows = []
+        totals = dict.fromkeys(("synced", "unsynced", "victim", "canceling"), 0)
+        for c in self.clients.values():
+            worst_fill = 0.0
+            max_lag = 0
+            victims = 0
+            for w in c.watchers.values():
+                st = w.state
+                if st in totals:
+                    totals[st] += 1
+                victims += st == "victim"
+                lag = 0 if st == "synced" else max(0, cur - w.min_rev + 1)
+                fill = w.sink.used() / w.sink.capacity if w.sink is not None else 0.0
+                worst_fill = max(worst_fill, fill)
+                max_lag = max(max_lag, lag)
+                rows.append((lag, fill, c.pid, w.id, w.key, w.end, st, len(w.outbox)))
+            clients.append({"slot": c.slot, "pid": c.pid, "create_time_us": c.create_time_us,
+                            "watchers": len(c.watchers), "requests": c.requests,
+                            "worst_fill": round(worst_fill, 4), "max_lag": max_lag,
+                            "victims": victims})
+        rows.sort(key=lambda r: (r[0], r[1]), reverse=True)
+        log_ = self.log
+        return {
+            "name": self.cfg.name, "pid": os.getpid(), "started": self.started,
+            "time": time.time(), "revision": cur, "compact_revision": self.mvcc.compact_rev,
+            "log": {"used": log_.used, "capacity": log_.capacity, "count": log_.count,
+                    "oldest_rev": log_.oldest_rev, "newest_rev": log_.newest_rev},
+            "writes": self.writes, "events_delivered": core.events_delivered,
+            "watchers": {"total": sum(len(c.watchers) for c in self.clients.values()),
+                         **totals},
+            "pending_events": core.pending_events(),
+            "victims_entered": core.victims_entered, "catchups": core.catchups,
+            "compactions": core.compactions,
+            "clients": clients,
+            "top_watchers": [
+                {"lag": lag, "fill": round(fill, 4), "pid": pid, "watch_id": wid,
+                 "key": key.decode(errors="replace"),
+                 "range_end": None if end is None else end.decode(errors="replace"),
+                 "state": st, "pending": pend}
+                for lag, fill, pid, wid, key, end, st, pend in rows[:STATS_TOP_WATCHERS]],
+        }
+
+    def _publish_stats(self) -> None:
+        """Write the metrics under a sequence lock: odd while writing, even when done."""
+        data = msgpack.packb(self.metrics(), use_bin_type=True)
+        if len(data) > STATS_BYTES - 64:
+            return
+        sw = self._stats_words
+        buf = self.statseg.payload
+        sw[0] += 1
+        sw[1] = len(data)
+        buf[16:16 + len(data)] = data
+        sw[0] += 1
+
+    # ------------------------------------------------------------ clients
+
+    def _housekeeping(self) -> None:
+        w = self.words
+        w[L.CTL_HEARTBEAT_NS] = time.time_ns()
+        self._house_passes = getattr(self, "_house_passes", 0) + 1
+        if self._house_passes % STATS_EVERY == 1:
+            self._publish_stats()
+        seq = w[L.CTL_REG_SEQ]
+        scan = seq != self._reg_seq
+        self._reg_seq = seq
+        fd = self.ctl.fd
+        for c in list(self.clients.values()):
+            self._release_finished_watchers(c)
+            if not is_locked(fd, L.slot_lock_byte(c.slot)):
+                log.info("client %s is gone: reclaiming its watchers and rings", c)
+                self._reclaim(c)
+        if scan:
+            self._scan_slots()
+
+    def _scan_slots(self) -> None:
+        w = self.words
+        fd = self.ctl.fd
+        for slot in range(self.cfg.max_clients):
+            if w[L.slot_word(slot, L.SLOT_STATE)] != L.SLOT_REQUESTED:
+                continue
+            if not is_locked(fd, L.slot_lock_byte(slot)):
+                w[L.slot_word(slot, L.SLOT_STATE)] = L.SLOT_FREE  # requester died
+                continue
+            try:
+                self._register(slot)
+            except Exception:
+                log.exception("could not register the client in slot %d", slot)
+                w[L.slot_word(slot, L.SLOT_STATE)] = L.SLOT_FREE
+
+    def _register(self, slot: int) -> None:
+        w = self.words
+        gen = w[L.slot_word(slot, L.SLOT_GEN)] + 1
+        part = L.client_part(slot, gen)
+        req_size = ring_bytes(self.cfg.request_ring_bytes)
+        resp_size = ring_bytes(self.cfg.response_ring_bytes)
+        seg = Segment.create(self._name(part), L.CLIENT_HEADER + req_size + resp_size,
+                             kind=L.KIND_CLIENT, boot_id=self.boot_id, mode=self.cfg.mode)
+        try:
+            p = seg.payload
+            req = Ring(p[L.CLIENT_HEADER:L.CLIENT_HEADER + req_size], init=True)
+            resp = Ring(p[L.CLIENT_HEADER + req_size:L.CLIENT_HEADER + req_size + resp_size],
+                        init=True)
+            bell = Doorbell.create(self._name(part + ".bell"),
+                                   p[L.CLIENT_SLEEPING:L.CLIENT_SLEEPING + 4], mode=self.cfg.mode)
+        except BaseException:
+            seg.unlink()
+            seg.close()
+            raise
+        c = ClientConn(slot, gen, w[L.slot_word(slot, L.SLOT_PID)],
+                       w[L.slot_word(slot, L.SLOT_CREATE_TIME_US)], seg, req, resp, bell)
+        self.clients[slot] = c
+        w[L.slot_word(slot, L.SLOT_GEN)] = gen
+        w[L.slot_word(slot, L.SLOT_STATE)] = L.SLOT_READY
+
+    def _reclaim(self, c: ClientConn) -> None:
+        """Forget a client: drop its watchers, unlink its rings, arenas and doorbell."""
+        if self.clients.get(c.slot) is not c:
+            return
+        del self.clients[c.slot]
+        for w in c.watchers.values():
+            self.core.drop(w)
+            if w.sink is not None:
+                w.sink.release()
+                w.sink = None
+        c.watchers.clear()
+        c.rings_in_use.clear()
+        self.core.woken.discard(c)
+        c.req.release()
+        c.resp.release()
+        c.req = c.resp = None  # type: ignore[assignment]
+        for seg in c.arenas:
+            seg.unlink()
+            seg.close()
+        c.bell.close()
+        c.bell.unlink()
+        c.seg.unlink()
+        c.seg.close()
+        if hasattr(self, "words"):
+            self.words[L.slot_word(c.slot, L.SLOT_STATE)] = L.SLOT_FREE
+
+
+def _peek_req_id(data: bytes) -> int:
+    try:
+        u = msgpack.Unpacker(max_buffer_size=len(data))
+        u.feed(data[:64])
+        u.read_array_header()
+        u.skip()
+        rid = u.unpack()
+        return rid if isinstance(rid, int) else 0
+    except Exception:
+        return 0
+
+
+def run(cfg: BrokerConfig, ready_fd: int | None = None) -> None:
+    """Run a broker in this process until SIGINT/SIGTERM; unlink everything on the way out."""
+    b = Broker(cfg)
+    signal.signal(signal.SIGTERM, b.stop)
+    signal.signal(signal.SIGINT, b.stop)
+    if ready_fd is not None:
+        os.write(ready_fd, b"ready\n")
+        os.close(ready_fd)
+    b.serve_forever()
+
+
+def unique_name(prefix: str = "b") -> str:
+    return f"{prefix}{os.getpid()}x{secrets.token_hex(4)}"
+

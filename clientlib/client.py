@@ -1,0 +1,540 @@
+"""What a worker process uses: a connection to a broker, KV calls and watches.
+
+A `Client` is one registered client of the broker (etcd: one gRPC connection with one
+watch stream). It owns a request ring, a response ring and one ring per watch, all in
+shared memory the broker created for it, plus a doorbell the broker rings when it
+wrote something while the client slept. A `Client` is safe to share between threads;
+it must not be used across fork().
+
+Every blocking call has a timeout, and notices a dead broker within one wait slice
+(50 ms) through the broker's kernel-held lock: it then raises `BrokerUnavailable`.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+
+import psutil
+
+from shm import layout as L
+from shm.doorbell import Doorbell
+from shm.errors import LayoutMismatch, SegmentNotFound, ShmPermissionError
+from shm.lock import is_locked, try_lock, unlock
+from shm.ring import Ring, ring_bytes
+from shm.segment import Segment, shm_name
+
+from . import errors
+from .ops import (
+    DeleteOp,
+    PutOp,
+    RangeOp,
+    TxnOp,
+    op_delete,
+    op_get,
+    op_put,
+    op_txn,
+    resolve_range,
+)
+from .protocol import (
+    FILTER_NODELETE,
+    FILTER_NOPUT,
+    OP_ARENA,
+    OP_BYE,
+    OP_COMPACT,
+    OP_KV,
+    OP_PROGRESS,
+    OP_WATCH_CANCEL,
+    OP_WATCH_CREATE,
+    W_CANCELED,
+    decode_reply,
+    decode_response,
+    decode_watch_response,
+    encode_op,
+    packb,
+)
+from .types import (
+    CompactResponse,
+    DeleteRangeResponse,
+    PutResponse,
+    RangeResponse,
+    TxnResponse,
+    WatchResponse,
+)
+
+WAIT_SLICE_S = 0.05  # a dead broker is noticed within this
+SPIN = 200  # ready() checks before sleeping on the doorbell: ~50 us of spinning
+DEFAULT_TIMEOUT = 5.0
+
+_FILTERS = {"noput": FILTER_NOPUT, "nodelete": FILTER_NODELETE,
+            "NOPUT": FILTER_NOPUT, "NODELETE": FILTER_NODELETE}
+
+
+def connect(name: str, timeout: float = DEFAULT_TIMEOUT) -> "Client":
+    """Attach to the broker called `name`. `timeout` is the default for every call."""
+    return Client(name, timeout=timeout)
+
+
+class Client:
+    """A connection to one broker. Use as a context manager, or call `close()`."""
+
+    def __init__(self, name: str, timeout: float = DEFAULT_TIMEOUT):
+        self.name = name
+        self.timeout = timeout
+        self._closed = False
+        self._cond = threading.Condition(threading.RLock())
+        self._send_lock = threading.Lock()
+        self._sleeper = False
+        self._replies: dict[int, object] = {}
+        self._abandoned: set[int] = set()
+        self._req_id = 0
+        self._watches: dict[int, Watch] = {}
+        self._free_rings: list[tuple[int, int]] = []
+        self._arenas: list[Segment] = []
+        self._seg: Segment | None = None
+        self._bell: Doorbell | None = None
+        self._ctl: Segment | None = None
+        deadline = time.monotonic() + timeout
+        try:
+            self._attach(deadline)
+        except BaseException:
+            self._release()
+            raise
+
+    # ------------------------------------------------------------ attach / detach
+
+    def _attach(self, deadline: float) -> None:
+        try:
+            self._ctl = Segment.open(shm_name(self.name, "ctl"), kind=L.KIND_CTL)
+        except SegmentNotFound:
+            raise errors.BrokerUnavailable(
+                f"shmwatch: no broker named {self.name!r} is running") from None
+        except ShmPermissionError as exc:
+            raise errors.BrokerUnavailable(
+                f"shmwatch: permission denied opening broker {self.name!r}: {exc}") from None
+        except LayoutMismatch as exc:
+            raise errors.BrokerUnavailable(
+                f"shmwatch: broker {self.name!r} has an incompatible layout: {exc}") from None
+        words = self._words = self._ctl.payload.cast("Q")
+        while words[L.CTL_STATE] != L.CTL_STATE_RUNNING:
+            self._check_alive()
+            if time.monotonic() > deadline:
+                raise errors.Timeout(f"shmwatch: broker {self.name!r} is not running yet")
+            time.sleep(0.001)
+        self._check_alive()
+        self._boot_id = self._ctl.boot_id
+        self.max_request_bytes = words[L.CTL_MAX_REQUEST_BYTES]
+        self._rings_per_arena = words[L.CTL_RINGS_PER_ARENA]
+        self._watch_ring_size = ring_bytes(words[L.CTL_WATCH_RING])
+        flag = self._ctl.payload[L.CTL_BROKER_SLEEPING * 8:L.CTL_BROKER_SLEEPING * 8 + 4]
+        self._broker_bell = Doorbell.open(shm_name(self.name, "bell"), flag)
+        self._slot = self._claim_slot(words)
+        while words[L.slot_word(self._slot, L.SLOT_STATE)] != L.SLOT_READY:
+            self._check_alive()
+            if time.monotonic() > deadline:
+                raise errors.Timeout(f"shmwatch: broker {self.name!r} did not register us")
+            time.sleep(0.0005)
+        gen = words[L.slot_word(self._slot, L.SLOT_GEN)]
+        part = L.client_part(self._slot, gen)
+        self._part = part
+        self._seg = Segment.open(shm_name(self.name, part), kind=L.KIND_CLIENT,
+                                 boot_id=self._boot_id)
+        p = self._seg.payload
+        req_size = ring_bytes(words[L.CTL_REQUEST_RING])
+        resp_size = ring_bytes(words[L.CTL_RESPONSE_RING])
+        self._req = Ring(p[L.CLIENT_HEADER:L.CLIENT_HEADER + req_size])
+        self._resp = Ring(p[L.CLIENT_HEADER + req_size:L.CLIENT_HEADER + req_size + resp_size])
+        self._bell = Doorbell.open(shm_name(self.name, part + ".bell"),
+                                   p[L.CLIENT_SLEEPING:L.CLIENT_SLEEPING + 4])
+
+    def _claim_slot(self, words) -> int:
+        fd = self._ctl.fd
+        me = psutil.Process()
+        for slot in range(words[L.CTL_MAX_CLIENTS]):
+            if words[L.slot_word(slot, L.SLOT_STATE)] != L.SLOT_FREE:
+                continue
+            if not try_lock(fd, L.slot_lock_byte(slot)):
+                continue
+            if words[L.slot_word(slot, L.SLOT_STATE)] != L.SLOT_FREE:
+                unlock(fd, L.slot_lock_byte(slot))  # the broker has not reclaimed it yet
+                continue
+            words[L.slot_word(slot, L.SLOT_PID)] = os.getpid()
+            words[L.slot_word(slot, L.SLOT_CREATE_TIME_US)] = int(me.create_time() * 1e6)
+            words[L.slot_word(slot, L.SLOT_STATE)] = L.SLOT_REQUESTED
+            words[L.CTL_REG_SEQ] += 1
+            self._broker_bell.ring()
+            return slot
+        raise errors.TooManyClientsError()
+
+    def close(self) -> None:
+        """Leave the broker: it drops this client's watches and unlinks its rings."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self._seg is not None and self._broker_alive():
+                with self._send_lock:
+                    self._send(packb([OP_BYE, 0]), time.monotonic() + 1.0)
+        except errors.ShmwatchError:
+            pass
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        for w in list(self._watches.values()):
+            w._ring = None
+        self._req = self._resp = None  # type: ignore[assignment]
+        for seg in self._arenas:
+            seg.close()
+        self._arenas.clear()
+        if self._bell is not None:
+            self._bell.close()
+        if getattr(self, "_broker_bell", None) is not None:
+            self._broker_bell.close()
+        if self._seg is not None:
+            self._seg.close()
+        self._words = None
+        if self._ctl is not None:
+            self._ctl.close()  # closing the descriptor drops our slot lock
+        self._closed = True
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # ------------------------------------------------------------ plumbing
+
+    def _broker_alive(self) -> bool:
+        return self._ctl is not None and is_locked(self._ctl.fd, L.BROKER_LOCK_BYTE)
+
+    def _check_alive(self) -> None:
+        if self._closed:
+            raise errors.BrokerUnavailable("shmwatch: client is closed")
+        if not self._broker_alive():
+            raise errors.BrokerUnavailable(f"shmwatch: broker {self.name!r} is gone")
+
+    def _deadline(self, timeout: float | None) -> float:
+        return time.monotonic() + (self.timeout if timeout is None else timeout)
+
+    def _send(self, data: bytes, deadline: float | None) -> None:
+        """Write one request (caller holds _send_lock); waits for ring space if needed."""
+        off = 0
+        while True:
+            off = self._req.write(data, off)
+            self._req.publish()
+            self._broker_bell.ring()
+            if off == len(data):
+                return
+            self._check_alive()
+            if deadline is not None and time.monotonic() > deadline:
+                raise errors.Timeout("shmwatch: request ring full: broker not keeping up")
+            time.sleep(0.0002)
+
+    def _call(self, msg: list, timeout: float | None = None):
+        """Send a request and wait for its reply body; raise the broker's typed error."""
+        if self._closed:
+            raise errors.BrokerUnavailable("shmwatch: client is closed")
+        deadline = self._deadline(timeout)
+        with self._send_lock:
+            self._req_id += 1
+            rid = self._req_id
+            msg[1] = rid
+            data = packb(msg)
+            if len(data) > self.max_request_bytes + 1024:
+                raise errors.RequestTooLargeError()
+            self._send(data, deadline)
+        if not self._wait(lambda: rid in self._replies, self._resp_readable, deadline):
+            with self._cond:
+                if rid not in self._replies:
+                    self._abandoned.add(rid)
+                    raise errors.Timeout("shmwatch: no reply from the broker within the timeout")
+        with self._cond:
+            result = self._replies.pop(rid)
+        if isinstance(result, errors.ShmwatchError):
+            raise result
+        return result
+
+    def _resp_readable(self) -> bool:
+        r = self._resp
+        return r is not None and r.readable()
+
+    def _pump(self) -> None:
+        """Move every reply waiting in the response ring into `_replies` (lock held)."""
+        resp = self._resp
+        if resp is None:
+            return
+        while True:
+            data = resp.read()
+            if data is None:
+                return
+            rid, result = decode_reply(data)
+            if rid in self._abandoned:
+                self._abandoned.discard(rid)
+            else:
+                self._replies[rid] = result
+
+    def _wait(self, done: Callable[[], bool], ready: Callable[[], bool],
+              deadline: float | None) -> bool:
+        """Block until `done()` (called with the lock held, after pumping replies).
+
+        One thread at a time sleeps on the client's doorbell; the others wait on a
+        condition it signals when it wakes, so no wake-up is lost between threads.
+        """
+        while True:
+            with self._cond:
+                self._pump()
+                if done():
+                    return True
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                if self._sleeper:
+                    self._cond.wait(WAIT_SLICE_S if remaining is None
+                                    else min(remaining, WAIT_SLICE_S))
+                    continue
+                self._sleeper = True
+            try:
+                self._check_alive()
+                bell = self._bell
+                bell.wait(lambda: self._resp_readable() or ready(),
+                          WAIT_SLICE_S if remaining is None else min(remaining, WAIT_SLICE_S),
+                          spin=SPIN, slice=WAIT_SLICE_S)
+            finally:
+                with self._cond:
+                    self._sleeper = False
+                    self._cond.notify_all()
+
+    def _space_freed(self, ring: Ring) -> None:
+        """The broker is waiting for space in `ring`: tell it there is some now."""
+        ring.producer_blocked = 0
+        self._words[L.CTL_SPACE_HINT] = 1
+        self._broker_bell.ring()
+
+    # ------------------------------------------------------------ KV
+
+    def _kv(self, op, timeout: float | None):
+        return decode_response(self._call([OP_KV, 0, encode_op(op)], timeout))
+
+    def put(self, key, value, prev_kv: bool = False, ignore_value: bool = False, *,
+            timeout: float | None = None) -> PutResponse:
+        """etcd Put. O(log n) at the broker plus delivery to matching watchers."""
+        return self._kv(op_put(key, value, prev_kv, ignore_value), timeout)
+
+    def get(self, key, range_end=None, prefix: bool = False, revision: int = 0,
+            limit: int = 0, keys_only: bool = False, count_only: bool = False, *,
+            timeout: float | None = None) -> RangeResponse:
+        """etcd Range: one key, [key, range_end), a prefix, or every key >= key
+        (range_end=b"\\0"), at the current or a retained past revision."""
+        return self._kv(op_get(key, range_end, prefix, revision, limit, keys_only, count_only),
+                        timeout)
+
+    def delete(self, key, range_end=None, prefix: bool = False, prev_kv: bool = False, *,
+               timeout: float | None = None) -> DeleteRangeResponse:
+        """etcd DeleteRange."""
+        return self._kv(op_delete(key, range_end, prefix, prev_kv), timeout)
+
+    def txn(self, compare: Iterable = (), success: Iterable = (), failure: Iterable = (), *,
+            timeout: float | None = None) -> TxnResponse:
+        """etcd Txn: if every compare holds, apply `success`, else `failure`, atomically at
+        one revision. Build compares and ops with clientlib.compare_* and clientlib.op_*."""
+        for op in (*success, *failure):
+            if not isinstance(op, (PutOp, RangeOp, DeleteOp, TxnOp)):
+                raise TypeError(f"not a txn op: {op!r} (build ops with clientlib.op_put etc.)")
+        return self._kv(op_txn(compare, success, failure), timeout)
+
+    def compact(self, revision: int, *, timeout: float | None = None) -> CompactResponse:
+        """etcd Compact: forget history before `revision`."""
+        return decode_response(self._call([OP_COMPACT, 0, int(revision)], timeout))
+
+    # ------------------------------------------------------------ watches
+
+    def watch(self, key, range_end=None, prefix: bool = False, start_revision: int = 0,
+              prev_kv: bool = False, filters: Iterable[str] = (), progress_notify: bool = False,
+              fragment: bool = False, watch_id: int | None = None, *,
+              timeout: float | None = None) -> "Watch":
+        """etcd Watch on one key, a range, a prefix or every key >= key.
+
+        Returns a `Watch` whose first response is the `created` one. A refused watch
+        (key >= range_end, duplicate watch_id) yields created+canceled with etcd's reason.
+        """
+        k, end = resolve_range(key, range_end, prefix)
+        bits = 0
+        for f in filters:
+            if f not in _FILTERS:
+                raise ValueError(f"unknown watch filter {f!r} (noput, nodelete)")
+            bits |= _FILTERS[f]
+        ring_slot = self._take_ring(timeout)
+        try:
+            wid, rev, reason = self._call(
+                [OP_WATCH_CREATE, 0, ring_slot[0], ring_slot[1], k, end, int(start_revision),
+                 bool(prev_kv), bits, bool(progress_notify), bool(fragment), int(watch_id or 0)],
+                timeout)
+        except BaseException:
+            self._free_rings.append(ring_slot)
+            raise
+        if wid < 0:
+            self._free_rings.append(ring_slot)
+            err = (errors.DuplicateWatchIdError(reason) if "duplicate" in reason
+                   else errors.InvalidRangeError(reason))
+            return Watch(self, -1, None, None, refused=(rev, reason, err))
+        a, i = ring_slot
+        rs = self._watch_ring_size
+        ring = Ring(self._arenas[a].payload[i * rs:(i + 1) * rs])
+        w = Watch(self, wid, ring_slot, ring)
+        with self._cond:
+            self._watches[wid] = w
+        return w
+
+    def _take_ring(self, timeout: float | None) -> tuple[int, int]:
+        with self._cond:
+            if not self._free_rings:
+                k, name = self._call([OP_ARENA, 0], timeout)
+                seg = Segment.open(name, kind=L.KIND_ARENA, boot_id=self._boot_id)
+                if k != len(self._arenas):
+                    raise errors.ProtocolError("shmwatch: arena numbering out of step")
+                self._arenas.append(seg)
+                self._free_rings.extend((k, i) for i in range(self._rings_per_arena - 1, -1, -1))
+            return self._free_rings.pop()
+
+    def request_progress(self, *, timeout: float | None = None) -> None:
+        """etcd's progress request: each watch receives a response (watch_id -1) whose
+        header revision says the watch has seen everything up to it."""
+        self._call([OP_PROGRESS, 0], timeout)
+
+    def _watch_closed(self, w: "Watch") -> None:
+        with self._cond:
+            self._watches.pop(w.watch_id, None)
+            if w._ring_slot is not None:
+                self._free_rings.append(w._ring_slot)
+                w._ring_slot = None
+
+
+class Watch:
+    """A stream of `WatchResponse`s for one watch: iterate it, or `get()` / `get_nowait()`.
+
+    Iteration ends after the final `canceled` response (yours, a compaction's, or the
+    broker's). After that, `get()` raises: `CompactedError` if the watch was compacted,
+    the refusal's error for a refused watch, else `WatchClosed`.
+    """
+
+    def __init__(self, client: Client, watch_id: int, ring_slot, ring: Ring | None,
+                 refused: tuple | None = None):
+        self._client = client
+        self.watch_id = watch_id
+        self._ring_slot = ring_slot
+        self._ring = ring
+        self._buf: deque[WatchResponse] = deque()
+        self._final = False  # the canceled response is in _buf or was returned
+        self._error: errors.ShmwatchError | None = None
+        if refused is not None:
+            rev, reason, err = refused
+            self._buf.append(WatchResponse(watch_id=-1, revision=rev, created=True,
+                                           canceled=True, cancel_reason=reason))
+            self._final = True
+            self._error = err
+
+    def _pull(self) -> bool:
+        """Move what the ring holds into the buffer (client lock held). True if any."""
+        ring = self._ring
+        if ring is not None and not self._final:
+            while True:
+                data = ring.read()
+                if data is None:
+                    break
+                kind, resp = decode_watch_response(data, self.watch_id)
+                self._buf.append(resp)
+                if kind == W_CANCELED:
+                    self._final = True
+                    if resp.compact_revision:
+                        self._error = errors.CompactedError()
+                    else:
+                        self._error = errors.WatchClosed(
+                            "shmwatch: watch canceled" + (f": {resp.cancel_reason}"
+                                                          if resp.cancel_reason else ""))
+                    self._ring = None
+                    if ring.producer_blocked:
+                        self._client._space_freed(ring)
+                    self._client._watch_closed(self)
+                    return True
+            if ring.producer_blocked:
+                self._client._space_freed(ring)
+        return bool(self._buf)
+
+    def _ready(self) -> bool:
+        r = self._ring
+        return bool(self._buf) or (r is not None and r.readable())
+
+    def get_nowait(self) -> WatchResponse | None:
+        """The next response if one is here, else None. Raises once the watch is over."""
+        with self._client._cond:
+            if self._pull():
+                return self._buf.popleft()
+        self._raise_if_over()
+        return None
+
+    def get(self, timeout: float | None = None) -> WatchResponse:
+        """The next response, waiting up to `timeout` seconds (None: forever, while the
+        broker lives). Raises `Timeout`, `BrokerUnavailable`, or the watch's end error."""
+        c = self._client
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with c._cond:
+            if self._pull():
+                return self._buf.popleft()
+        self._raise_if_over()
+        if not c._wait(lambda: self._pull() or self._final, self._ready, deadline):
+            raise errors.Timeout("shmwatch: no watch response within the timeout")
+        with c._cond:
+            if self._buf:
+                return self._buf.popleft()
+        self._raise_if_over()
+        raise errors.Timeout("shmwatch: no watch response within the timeout")
+
+    def _raise_if_over(self) -> None:
+        if self._final and not self._buf:
+            raise self._error or errors.WatchClosed()
+
+    def __iter__(self) -> Iterator[WatchResponse]:
+        return self
+
+    def __next__(self) -> WatchResponse:
+        try:
+            return self.get()
+        except (errors.WatchClosed, errors.CompactedError, errors.InvalidRangeError,
+                errors.DuplicateWatchIdError):
+            raise StopIteration from None
+
+    @property
+    def canceled(self) -> bool:
+        return self._final
+
+    def cancel(self, timeout: float | None = None) -> None:
+        """Cancel the watch. Responses already sent stay readable, then the `canceled`
+        response, then iteration ends."""
+        if self._final:
+            return
+        c = self._client
+        c._call([OP_WATCH_CANCEL, 0, self.watch_id], timeout)
+        deadline = c._deadline(timeout)
+        if not c._wait(lambda: (self._pull() or True) and self._final, self._ready, deadline):
+            raise errors.Timeout("shmwatch: cancel not confirmed within the timeout")
+
+    def __enter__(self) -> "Watch":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if not self._final and not self._client._closed:
+            try:
+                self.cancel()
+            except errors.ShmwatchError:
+                pass

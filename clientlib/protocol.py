@@ -1,0 +1,296 @@
+"""The wire protocol between clients and the broker: msgpack arrays, no I/O.
+
+Requests (client -> broker, on the client's request ring): ``[op, req_id, *args]``;
+put / range / delete / txn are all ``[OP_KV, req_id, encode_op(op)]``.
+Replies (broker -> client, on the response ring): ``[req_id, status, body]`` where
+status 0 is success and any other value is an error code of `clientlib.errors`
+(body is then the message). Watch responses travel on the watcher's own ring, so the
+watch id is implied by the ring: ``[kind, header_revision, compact_revision,
+cancel_reason, fragment, events]`` with events last, so that the broker can build a
+response by concatenating event encodings it made once per revision.
+
+Every decoder here bounds what it accepts (`max_buffer_size`, shape checks) and raises
+`ProtocolError` on anything malformed: bytes from shared memory are never trusted.
+"""
+
+from __future__ import annotations
+
+import msgpack
+
+from .errors import ProtocolError, error_from_code
+from .ops import Compare, DeleteOp, PutOp, RangeOp, TxnOp
+from .types import (
+    CompactResponse,
+    DeleteRangeResponse,
+    Event,
+    KeyValue,
+    PutResponse,
+    RangeResponse,
+    TxnResponse,
+    WatchResponse,
+)
+
+# Request ops. A KV request carries one op in the txn-op encoding (`encode_op`).
+OP_KV = 1
+OP_COMPACT = 5
+OP_WATCH_CREATE = 6
+OP_WATCH_CANCEL = 7
+OP_PROGRESS = 8
+OP_ARENA = 9
+OP_BYE = 10
+
+# Watch response kinds.
+W_EVENTS = 0
+W_CREATED = 1
+W_CANCELED = 2
+W_PROGRESS = 3  # answer to a progress request: watch_id -1 (etcd 3.4)
+W_PROGRESS_NOTIFY = 4  # periodic progress_notify: the watcher's own id
+
+# Watch filters as bits.
+FILTER_NOPUT = 1
+FILTER_NODELETE = 2
+
+# Inner txn op kinds on the wire.
+K_PUT = 0
+K_RANGE = 1
+K_DELETE = 2
+K_TXN = 3
+
+_EV_TYPES = ("PUT", "DELETE")
+
+
+def packb(obj) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def unpackb(data, max_size: int = 64 << 20):
+    """Decode one msgpack document from untrusted bytes; ProtocolError on anything wrong.
+
+    msgpack bounds every container and string by the input's length, so a lying length
+    prefix cannot make it allocate more than the message itself."""
+    if len(data) > max_size:
+        raise ProtocolError(f"shmwatch: message of {len(data)} bytes exceeds {max_size}")
+    try:
+        return msgpack.unpackb(data, raw=False, use_list=True, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise ProtocolError(f"shmwatch: undecodable message: {exc}") from None
+
+
+# ---------------------------------------------------------------- encoding of ops
+
+def encode_op(op) -> list:
+    """A txn op (PutOp/RangeOp/DeleteOp/TxnOp) as a wire list."""
+    if isinstance(op, PutOp):
+        return [K_PUT, op.key, op.value, op.prev_kv, op.ignore_value]
+    if isinstance(op, RangeOp):
+        return [K_RANGE, op.key, op.range_end, op.revision, op.limit, op.keys_only, op.count_only]
+    if isinstance(op, DeleteOp):
+        return [K_DELETE, op.key, op.range_end, op.prev_kv]
+    if isinstance(op, TxnOp):
+        return [K_TXN, [list(c) for c in op.compare], [encode_op(o) for o in op.success],
+                [encode_op(o) for o in op.failure]]
+    raise TypeError(f"not a txn op: {op!r}")
+
+
+def _bytes(v, what: str) -> bytes:
+    if not isinstance(v, bytes):
+        raise ProtocolError(f"shmwatch: {what} must be bytes")
+    return v
+
+
+def _opt_bytes(v, what: str) -> bytes | None:
+    return None if v is None else _bytes(v, what)
+
+
+def _int(v, what: str) -> int:
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise ProtocolError(f"shmwatch: {what} must be an integer")
+    return v
+
+
+def _bool(v, what: str) -> bool:
+    if not isinstance(v, bool):
+        raise ProtocolError(f"shmwatch: {what} must be a boolean")
+    return v
+
+
+def decode_compare(c) -> Compare:
+    if not isinstance(c, list) or len(c) != 5:
+        raise ProtocolError("shmwatch: malformed compare")
+    key, target, result, value, end = c
+    if target not in ("VALUE", "VERSION", "CREATE", "MOD", "LEASE"):
+        raise ProtocolError(f"shmwatch: unknown compare target {target!r}")
+    if result not in ("EQUAL", "NOT_EQUAL", "GREATER", "LESS"):
+        raise ProtocolError(f"shmwatch: unknown compare result {result!r}")
+    if target == "VALUE":
+        value = _bytes(value, "compare value")
+    else:
+        value = _int(value, "compare value")
+    return Compare(_bytes(key, "key"), target, result, value, _opt_bytes(end, "range_end"))
+
+
+def decode_op(o, depth: int = 0):
+    if not isinstance(o, list) or not o:
+        raise ProtocolError("shmwatch: malformed txn op")
+    kind = o[0]
+    try:
+        if kind == K_PUT:
+            _, key, value, prev_kv, ignore_value = o
+            return PutOp(_bytes(key, "key"), _bytes(value, "value"), _bool(prev_kv, "prev_kv"),
+                         _bool(ignore_value, "ignore_value"))
+        if kind == K_RANGE:
+            _, key, end, rev, limit, keys_only, count_only = o
+            return RangeOp(_bytes(key, "key"), _opt_bytes(end, "range_end"), _int(rev, "revision"),
+                           _int(limit, "limit"), _bool(keys_only, "keys_only"),
+                           _bool(count_only, "count_only"))
+        if kind == K_DELETE:
+            _, key, end, prev_kv = o
+            return DeleteOp(_bytes(key, "key"), _opt_bytes(end, "range_end"), _bool(prev_kv, "prev_kv"))
+        if kind == K_TXN:
+            if depth > 32:
+                raise ProtocolError("shmwatch: txn nested too deeply")
+            _, cmp, suc, fail = o
+            return decode_txn(cmp, suc, fail, depth + 1)
+    except ValueError:
+        raise ProtocolError("shmwatch: malformed txn op") from None
+    raise ProtocolError(f"shmwatch: unknown txn op kind {kind!r}")
+
+
+def decode_txn(cmp, suc, fail, depth: int = 0) -> TxnOp:
+    if not (isinstance(cmp, list) and isinstance(suc, list) and isinstance(fail, list)):
+        raise ProtocolError("shmwatch: malformed txn")
+    return TxnOp(tuple(decode_compare(c) for c in cmp),
+                 tuple(decode_op(o, depth) for o in suc),
+                 tuple(decode_op(o, depth) for o in fail))
+
+
+# ---------------------------------------------------------------- responses (broker side)
+
+def encode_response(resp) -> list:
+    """A KV response as its wire body."""
+    if isinstance(resp, PutResponse):
+        return [K_PUT, resp.revision, resp.prev_kv]
+    if isinstance(resp, RangeResponse):
+        return [K_RANGE, resp.revision, resp.kvs, resp.count, resp.more]
+    if isinstance(resp, DeleteRangeResponse):
+        return [K_DELETE, resp.revision, resp.deleted, resp.prev_kvs]
+    if isinstance(resp, TxnResponse):
+        return [K_TXN, resp.revision, resp.succeeded, [encode_response(r) for r in resp.responses]]
+    if isinstance(resp, CompactResponse):
+        return [-1, resp.revision]
+    raise TypeError(f"not a response: {resp!r}")
+
+
+# ---------------------------------------------------------------- responses (client side)
+
+def _kv(x) -> KeyValue | None:
+    if x is None:
+        return None
+    if not isinstance(x, list) or len(x) != 6:
+        raise ProtocolError("shmwatch: malformed key-value")
+    return KeyValue(*x)
+
+
+def decode_response(body):
+    """The wire body of a KV response back into its response object."""
+    try:
+        kind = body[0]
+        if kind == K_PUT:
+            return PutResponse(body[1], _kv(body[2]))
+        if kind == K_RANGE:
+            return RangeResponse(body[1], [_kv(k) for k in body[2]], body[3], body[4])
+        if kind == K_DELETE:
+            return DeleteRangeResponse(body[1], body[2], [_kv(k) for k in body[3]])
+        if kind == K_TXN:
+            return TxnResponse(body[1], body[2], [decode_response(r) for r in body[3]])
+        if kind == -1:
+            return CompactResponse(body[1])
+    except (TypeError, IndexError, KeyError):
+        pass
+    raise ProtocolError("shmwatch: malformed response")
+
+
+def decode_reply(data: bytes):
+    """(req_id, result-or-error) from a reply record; error is a ShmwatchError instance."""
+    msg = unpackb(data)
+    if not isinstance(msg, list) or len(msg) != 3 or not isinstance(msg[0], int):
+        raise ProtocolError("shmwatch: malformed reply")
+    req_id, status, body = msg
+    if status:
+        return req_id, error_from_code(status, body if isinstance(body, str) else None)
+    return req_id, body
+
+
+def encode_reply(req_id: int, body) -> bytes:
+    return packb([req_id, 0, body])
+
+
+def encode_error(req_id: int, exc) -> bytes:
+    return packb([req_id, exc.code, exc.message])
+
+
+# ---------------------------------------------------------------- watch responses
+
+def _event(x) -> Event:
+    if not isinstance(x, list) or len(x) != 3 or x[0] not in _EV_TYPES:
+        raise ProtocolError("shmwatch: malformed event")
+    return Event(x[0], _kv(x[1]), _kv(x[2]))
+
+
+def decode_watch_response(data: bytes, watch_id: int) -> tuple[int, WatchResponse]:
+    """(kind, WatchResponse) from a watcher-ring record."""
+    msg = unpackb(data)
+    try:
+        kind, rev, compact_rev, reason, fragment, events = msg
+        evs = [_event(e) for e in events]
+    except (TypeError, ValueError):
+        raise ProtocolError("shmwatch: malformed watch response") from None
+    wid = -1 if kind == W_PROGRESS else watch_id
+    return kind, WatchResponse(
+        watch_id=wid,
+        revision=rev,
+        events=evs,
+        created=kind == W_CREATED,
+        canceled=kind == W_CANCELED,
+        compact_revision=compact_rev,
+        cancel_reason=reason,
+        fragment=fragment,
+    )
+
+
+def encode_watch_control(kind: int, rev: int, compact_rev: int = 0, reason: str = "") -> bytes:
+    """A watch response without events (created, canceled, progress)."""
+    return packb([kind, rev, compact_rev, reason, False, []])
+
+
+_packer = msgpack.Packer(use_bin_type=True)
+
+
+def array_header(n: int) -> bytes:
+    if n < 16:
+        return bytes((0x90 | n,))
+    if n < 65536:
+        return b"\xdc" + n.to_bytes(2, "big")
+    return b"\xdd" + n.to_bytes(4, "big")
+
+
+def events_blob(rev: int, encoded_events, fragment: bool = False) -> bytes:
+    """A W_EVENTS response from events already encoded (each one msgpack document).
+
+    Cost: O(total bytes), one join; no re-encoding of events.
+    """
+    return b"".join((
+        b"\x96\x00",
+        _packer.pack(rev),
+        b"\x00\xa0",
+        b"\xc3" if fragment else b"\xc2",
+        array_header(len(encoded_events)),
+        *encoded_events,
+    ))
+
+
+def encode_event(ev: Event, with_prev: bool) -> bytes:
+    """One event's msgpack encoding, with or without its prev_kv."""
+    if with_prev or ev.prev_kv is None:
+        return _packer.pack(ev)
+    return _packer.pack((ev.type, ev.kv, None))

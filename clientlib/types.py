@@ -1,0 +1,99 @@
+"""The values users see: etcd v3's KeyValue, Event, and responses, as plain dataclasses.
+
+Field names and meanings follow etcd's `mvccpb` and `etcdserverpb` messages, so code
+written against etcd reads the same here. Keys and values are always bytes.
+This module owns no I/O and no wire format (see `clientlib.protocol`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+PUT = "PUT"
+DELETE = "DELETE"
+
+
+class KeyValue(NamedTuple):
+    """etcd's mvccpb.KeyValue. `version` is 1 at creation, +1 per put, reset by delete.
+
+    A NamedTuple: immutable, cheap to build on the write path, and msgpack packs it as
+    the wire array `[key, value, create_revision, mod_revision, version, lease]` as is.
+    """
+
+    key: bytes
+    value: bytes = b""
+    create_revision: int = 0
+    mod_revision: int = 0
+    version: int = 0
+    lease: int = 0
+
+
+class Event(NamedTuple):
+    """etcd's mvccpb.Event. A DELETE carries the key with mod_revision = the deleting revision."""
+
+    type: str
+    kv: KeyValue
+    prev_kv: KeyValue | None = None
+
+
+@dataclass(slots=True)
+class PutResponse:
+    revision: int
+    prev_kv: KeyValue | None = None
+
+
+@dataclass(slots=True)
+class RangeResponse:
+    revision: int
+    kvs: list[KeyValue] = field(default_factory=list)
+    count: int = 0
+    more: bool = False
+
+
+@dataclass(slots=True)
+class DeleteRangeResponse:
+    revision: int
+    deleted: int = 0
+    prev_kvs: list[KeyValue] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class TxnResponse:
+    revision: int
+    succeeded: bool
+    responses: list = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class CompactResponse:
+    revision: int
+
+
+@dataclass(slots=True)
+class WatchResponse:
+    """One etcd WatchResponse as delivered to a watch.
+
+    `revision` is the response header's revision. A progress response (answer to
+    `Client.request_progress()`) has `watch_id == -1` as in etcd 3.4, and no events.
+    """
+
+    watch_id: int
+    revision: int
+    events: list[Event] = field(default_factory=list)
+    created: bool = False
+    canceled: bool = False
+    compact_revision: int = 0
+    cancel_reason: str = ""
+    fragment: bool = False
+
+    @property
+    def is_progress_notify(self) -> bool:
+        """True for a response that only reports progress (clientv3's IsProgressNotify)."""
+        return (
+            not self.events
+            and not self.canceled
+            and not self.created
+            and self.compact_revision == 0
+            and self.revision != 0
+        )

@@ -1,0 +1,60 @@
+"""Shared fixtures: a fresh embedded broker per test, and a check that the whole suite
+leaves nothing of ours in /dev/shm and no process of ours behind."""
+
+from __future__ import annotations
+
+import os
+
+import psutil
+import pytest
+
+import broker
+from broker.admin import broker_info
+import clientlib
+
+
+def _ours() -> list[str]:
+    try:
+        return sorted(e for e in os.listdir("/dev/shm")
+                      if e.startswith("shmwatch.") or e.startswith("sem.shmwatch."))
+    except FileNotFoundError:
+        return []
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_leftovers():
+    """After the suite: no segment, no semaphore, no child process of ours remains."""
+    before = set(_ours())
+    yield
+    mine = f"b{os.getpid()}x"  # broker.spawn() names brokers after the spawning pid
+
+    def ours(entry: str) -> bool:
+        # Another session's live broker on this machine is not ours; our own (named
+        # after our pid) or a dead one's leftovers are.
+        name = entry.split(".")[2 if entry.startswith("sem.") else 1]
+        return name.startswith(mine) or broker_info(name)["state"] != "alive"
+
+    left = [e for e in _ours() if e not in before and ours(e)]
+    children = [p for p in psutil.Process().children(recursive=True) if p.is_running()
+                and p.status() != psutil.STATUS_ZOMBIE]
+    assert not left, f"the test suite left shared memory behind: {left}"
+    assert not children, f"the test suite left processes behind: {children}"
+
+
+@pytest.fixture
+def broker_proc():
+    """A broker in a child process with a unique name, stopped (and cleaned) after."""
+    with broker.spawn() as b:
+        yield b
+
+
+@pytest.fixture
+def client(broker_proc):
+    with clientlib.connect(broker_proc.name, timeout=10) as c:
+        yield c
+
+
+@pytest.fixture
+def shmwatch_client(client):
+    """The etcd differential tests' name for a client of a fresh broker."""
+    return client

@@ -1,0 +1,2045 @@
+"""shmwatch benchmarks: the same workloads through shmwatch and its peers, in one run.
+
+    tools/bench [--quick | --smoke] [--reps N] [--only W1,W3] [--peers queue,zmq]
+                [--out BENCHMARKS.md] [--json FILE]
+
+Every workload runs end to end in separate processes: writer process(es) -> transport
+-> watcher process(es) that decode every record. For shmwatch that is clientlib `put`
+(or a 64-put `txn`) -> broker -> a watcher's ring -> `Watch.get()` decoding the events.
+The peers run the same writers and readers over multiprocessing.Queue, pyzmq PUB/SUB on
+an ipc socket, Redis pub/sub on a loopback redis-server and etcd watch on a loopback etcd
+(its v3 JSON gateway, standard library only). Peers whose software is missing are
+skipped with a line that says so.
+
+A record is ~100 bytes: a 16-byte key and a 64-byte value whose first 16 bytes are the
+sequence number and the INTENDED send time (`time.perf_counter_ns`, CLOCK_MONOTONIC, the
+same clock in every process on Linux); peers carry `[key, value, seq]` in msgpack.
+
+Repetitions are interleaved: repetition r runs every workload through every transport
+before repetition r+1 starts, so the machine's noise hits everyone alike; the report gives
+medians with min-max, and shmwatch/peer ratios as the median of per-repetition ratios.
+
+Workloads (see BENCHMARKS.md for what each figure means):
+  W1  unicast put -> watch, 1 and 4 writers with synchronous writes, and the batched
+      write path (64 puts per txn / pipeline); records/s delivered to 1 watcher.
+  W2  fan-out: 1 writer -> 8 watcher processes on one prefix; total delivered/s.
+  W3  one-way latency at a paced 5,000 records/s (etcd: 500/s), stamped with the
+      intended send time (no coordinated omission); p50 / p99 / p99.9 in us.
+  W4  one stalled watcher beside 3 fast ones: the fast ones' rate with and without it,
+      and how many records the stalled one gets once it resumes.
+  W5  (shmwatch) 1 .. 10,000 watchers on single keys and on ranges, held by a few
+      processes, while one writer writes keys; write rate and broker CPU per write.
+  MEM (shmwatch) broker RSS with 1,000 stalled watchers as N writes pile up.
+
+Every process the tool starts is stopped by its pid at the end (also on Ctrl-C or an
+error); brokers through their handles; nothing of ours is left in /dev/shm.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import datetime as _dt
+import http.client
+import json
+import math
+import multiprocessing as mp
+import os
+import platform
+import queue as _queue
+import shutil
+import signal
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from array import array
+from dataclasses import asdict, dataclass, field
+
+import msgpack
+import psutil
+
+HOST = "127.0.0.1"
+KEY_LEN = 16
+VALUE_LEN = 64
+STAMP = struct.Struct("<qq")  # seq, intended send time (ns)
+STAMP_AT = struct.Struct("<q")  # the intended send time, at offset 8 of the value
+PAD = b"." * (VALUE_LEN - STAMP.size)
+KEYS_PER_WRITER = 1024  # keys cycle: the store's key count stays bounded
+BATCH = 64
+SLEEP_SLACK_NS = 80_000  # time.sleep overshoots ~60-90 us: sleep short, spin the rest
+WORKLOADS = ("W1", "W2", "W3", "W4", "W5", "MEM")
+PEERS = ("queue", "zmq", "redis", "etcd")
+LABELS = {
+    "shmwatch": "shmwatch",
+    "queue": "multiprocessing.Queue",
+    "zmq": "pyzmq PUB/SUB (ipc)",
+    "redis": "Redis pub/sub (redis-py)",
+    "etcd": "etcd 3.4 watch (JSON gateway)",
+}
+
+_ctx = mp.get_context("fork")
+_now = time.perf_counter_ns
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# =============================================================================== profiles
+
+
+@dataclass
+class Profile:
+    """Sizes of one run (--smoke / --quick / full)."""
+
+    name: str
+    reps: int
+    dur: float  # seconds of writing per throughput trial
+    lat_dur: float  # seconds of paced writing in W3
+    stall_dur: float  # seconds of writing in W4
+    fanout: int = 8
+    w5_counts: tuple = (1, 100, 1000, 10000)
+    w5_dur: float = 2.0
+    w5_procs: int = 4
+    mem_writes: int = 1_000_000
+    mem_watchers: int = 1000
+    idle_s: float = 1.5  # a lossy peer's reader gives up after this long without a record
+
+
+PROFILES = {
+    "smoke": Profile("smoke", reps=1, dur=0.25, lat_dur=0.3, stall_dur=0.3, fanout=3,
+                     w5_counts=(1, 100), w5_dur=0.3, w5_procs=2, mem_writes=6400,
+                     mem_watchers=50, idle_s=1.0),
+    "quick": Profile("quick", reps=2, dur=1.0, lat_dur=2.0, stall_dur=1.5,
+                     w5_dur=1.5, mem_writes=200_000),
+    "full": Profile("full", reps=3, dur=3.0, lat_dur=6.0, stall_dur=3.0,
+                    w5_dur=4.0, mem_writes=1_000_000),
+}
+
+
+# =============================================================================== helpers
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def make_keys(prefix: bytes, writer: int) -> list[bytes]:
+    """KEYS_PER_WRITER keys of exactly 16 bytes: prefix(4) + writer digit + '/' + 10 digits."""
+    keys = [b"%s%d/%010d" % (prefix, writer % 10, i) for i in range(KEYS_PER_WRITER)]
+    assert all(len(k) == KEY_LEN for k in keys), keys[0]
+    return keys
+
+
+def pctl(sorted_xs, q: float) -> float:
+    """Nearest-rank percentile of an already sorted sequence."""
+    if not sorted_xs:
+        return float("nan")
+    k = max(0, min(len(sorted_xs) - 1, math.ceil(q / 100.0 * len(sorted_xs)) - 1))
+    return float(sorted_xs[k])
+
+
+def summary(xs: list[float]) -> dict:
+    xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    if not xs:
+        return {"median": None, "min": None, "max": None, "n": 0}
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
+
+
+def machine_info(argv: list[str]) -> dict:
+    cpu = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    vers = {}
+    for mod in ("msgpack", "zmq", "redis", "posix_ipc"):
+        try:
+            m = __import__(mod)
+            vers[mod] = getattr(m, "__version__", getattr(m, "VERSION", "?"))
+        except Exception:
+            pass
+    for prog, args in (("redis-server", ["--version"]), ("etcd", ["--version"])):
+        exe = shutil.which(prog)
+        if exe:
+            try:
+                out = subprocess.run([exe, *args], capture_output=True, text=True, timeout=10)
+                vers[prog] = out.stdout.splitlines()[0].strip() if out.stdout else "?"
+            except Exception:
+                pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command": " ".join(["tools/bench", *argv]),
+        "versions": vers,
+    }
+
+
+def _shm_ours() -> set[str]:
+    try:
+        return {e for e in os.listdir("/dev/shm")
+                if e.startswith("shmwatch.") or e.startswith("sem.shmwatch.")}
+    except FileNotFoundError:
+        return set()
+
+
+def proc_mem(pid: int) -> dict:
+    """VmRSS / RssAnon / RssShmem of a process, in MiB (from /proc/<pid>/status)."""
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            k, _, v = line.partition(":")
+            if k in ("VmRSS", "RssAnon", "RssShmem", "VmHWM"):
+                out[k] = int(v.split()[0]) / 1024.0
+    return out
+
+
+def cpu_seconds(pid: int) -> float:
+    t = psutil.Process(pid).cpu_times()
+    return t.user + t.system
+
+
+class Registry:
+    """Every process this run started; `stop_all` ends each by its pid."""
+
+    def __init__(self):
+        self.children: list = []  # multiprocessing.Process
+        self.servers: list = []  # subprocess.Popen (redis-server, etcd)
+        self.brokers: list = []  # broker.BrokerProcess
+
+    def stop_children(self, procs=None, grace: float = 3.0) -> None:
+        procs = self.children if procs is None else procs
+        deadline = time.monotonic() + grace
+        for p in procs:
+            if p.pid is None:
+                continue
+            p.join(max(0.0, deadline - time.monotonic()))
+        for p in procs:
+            if p.pid is not None and p.is_alive():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p.pid, signal.SIGKILL)
+                p.join(5)
+        for p in procs:
+            with contextlib.suppress(Exception):
+                p.close()
+            if p in self.children:
+                self.children.remove(p)
+
+    def stop_broker(self, b) -> None:
+        with contextlib.suppress(Exception):
+            b.stop()
+        if b in self.brokers:
+            self.brokers.remove(b)
+
+    def stop_all(self) -> None:
+        self.stop_children(list(self.children), grace=0.5)
+        for b in list(self.brokers):
+            self.stop_broker(b)
+        for s in list(self.servers):
+            stop_server(s)
+            self.servers.remove(s)
+
+
+REG = Registry()
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    """SIGTERM then SIGKILL, by pid."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+
+
+# =============================================================================== transports
+#
+# A transport has a main-process side (available / start / prepare / cleanup / stop) and
+# a child side: writer(env, trial, idx) and reader(env, trial, idx) build objects with
+#   writer: send(key, value, seq), send_batch([(key, value, seq)...]), flush(), close()
+#   reader: recv(timeout) -> list of record values (bytes), close()
+# A reader's constructor returns only once it is subscribed (created / subscribed).
+
+
+def _packb(obj) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+class Transport:
+    name = "?"
+    batch_ok = False  # has a batched write path
+    lossy = False  # may drop records (a reader then ends on an idle timeout)
+
+    def available(self) -> tuple[bool, str]:
+        return True, ""
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+    def prepare(self, trial: "Trial") -> dict:
+        return {}
+
+    def cleanup(self, env: dict) -> None:
+        pass
+
+    def pace(self, rate: float) -> float:
+        return rate
+
+
+# ------------------------------------------------------------------------------ shmwatch
+
+
+class ShmWriter:
+    def __init__(self, env, trial, idx):
+        import clientlib
+
+        self._op_put = clientlib.op_put
+        self.c = clientlib.connect(env["name"], timeout=30)
+
+    def send(self, key, value, seq):
+        self.c.put(key, value)
+
+    def send_batch(self, items):
+        op_put = self._op_put
+        self.c.txn(success=[op_put(k, v) for k, v, _ in items])
+
+    def flush(self):
+        pass
+
+    def close(self):
+        self.c.close()
+
+
+class ShmReader:
+    def __init__(self, env, trial, idx):
+        import clientlib
+
+        self._Timeout = clientlib.Timeout
+        self.c = clientlib.connect(env["name"], timeout=30)
+        self.w = self.c.watch(trial.prefix, prefix=True)
+        first = self.w.get(30)
+        if not first.created:
+            raise RuntimeError(f"first watch response is not `created`: {first}")
+
+    def recv(self, timeout):
+        w = self.w
+        try:
+            resp = w.get(timeout)
+        except self._Timeout:
+            return []
+        if resp.canceled:
+            raise RuntimeError(f"watch canceled: {resp.cancel_reason!r}")
+        out = [ev.kv.value for ev in resp.events]
+        while len(out) < 4096:
+            resp = w.get_nowait()
+            if resp is None:
+                break
+            out.extend([ev.kv.value for ev in resp.events])
+        return out
+
+    def close(self):
+        self.c.close()
+
+
+class ShmwatchT(Transport):
+    name = "shmwatch"
+    batch_ok = True
+
+    def __init__(self):
+        self.handles: dict[str, object] = {}
+
+    def prepare(self, trial):
+        import broker
+
+        b = broker.spawn(**trial.broker_opts)
+        REG.brokers.append(b)
+        self.handles[b.name] = b
+        return {"name": b.name, "pid": b.pid}
+
+    def cleanup(self, env):
+        b = self.handles.pop(env["name"], None)
+        if b is not None:
+            REG.stop_broker(b)
+
+    writer = ShmWriter
+    reader = ShmReader
+
+
+# ------------------------------------------------------------------- multiprocessing.Queue
+
+
+class QueueWriter:
+    def __init__(self, env, trial, idx):
+        self.qs = env["queues"]
+
+    def send(self, key, value, seq):
+        data = _packb([key, value, seq])
+        for q in self.qs:
+            q.put(data)
+
+    def send_batch(self, items):
+        for k, v, s in items:
+            self.send(k, v, s)
+
+    def flush(self):
+        pass
+
+    def close(self):
+        for q in self.qs:
+            q.close()
+        # the Queue's feeder thread is joined at process exit (a stalled reader's queue
+        # keeps this process alive until that reader has drained it)
+
+
+class QueueReader:
+    def __init__(self, env, trial, idx):
+        self.q = env["queues"][idx]
+
+    def recv(self, timeout):
+        q = self.q
+        try:
+            data = q.get(True, timeout)
+        except _queue.Empty:
+            return []
+        out = [msgpack.unpackb(data)[1]]
+        for _ in range(1023):
+            try:
+                data = q.get_nowait()
+            except _queue.Empty:
+                break
+            out.append(msgpack.unpackb(data)[1])
+        return out
+
+    def close(self):
+        pass
+
+
+class QueueT(Transport):
+    name = "queue"
+
+    def prepare(self, trial):
+        return {"queues": [_ctx.Queue() for _ in range(trial.readers)]}
+
+    def cleanup(self, env):
+        for q in env["queues"]:
+            with contextlib.suppress(Exception):
+                q.close()
+                q.cancel_join_thread()
+
+    writer = QueueWriter
+    reader = QueueReader
+
+
+# ------------------------------------------------------------------------------- pyzmq
+
+
+class ZmqWriter:
+    def __init__(self, env, trial, idx):
+        import zmq
+
+        self.zmq = zmq
+        self.ctx = zmq.Context()
+        s = self.s = self.ctx.socket(zmq.XPUB)
+        s.setsockopt(zmq.XPUB_VERBOSE, 1)
+        s.setsockopt(zmq.LINGER, 3000)
+        s.bind(f"ipc://{env['dir']}/w{idx}.ipc")
+        # Wait until every reader's subscription arrived: PUB drops what it sends before.
+        subs = 0
+        deadline = time.monotonic() + 30
+        while subs < trial.readers:
+            if not s.poll(100):
+                if time.monotonic() > deadline:
+                    raise TimeoutError("zmq: readers did not subscribe")
+                continue
+            if s.recv()[:1] == b"\x01":
+                subs += 1
+
+    def send(self, key, value, seq):
+        self.s.send(_packb([key, value, seq]))
+
+    def send_batch(self, items):
+        send = self.s.send
+        for k, v, s in items:
+            send(_packb([k, v, s]))
+
+    def flush(self):
+        pass
+
+    def close(self):
+        self.s.close()
+        self.ctx.term()
+
+
+class ZmqReader:
+    def __init__(self, env, trial, idx):
+        import zmq
+
+        self.zmq = zmq
+        self.ctx = zmq.Context()
+        s = self.s = self.ctx.socket(zmq.SUB)
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.SUBSCRIBE, b"")
+        for w in range(trial.writers):
+            s.connect(f"ipc://{env['dir']}/w{w}.ipc")
+
+    def recv(self, timeout):
+        s = self.s
+        if not s.poll(int(timeout * 1000)):
+            return []
+        out = []
+        recv, again, nb = s.recv, self.zmq.Again, self.zmq.NOBLOCK
+        unpackb = msgpack.unpackb
+        for _ in range(1024):
+            try:
+                out.append(unpackb(recv(nb))[1])
+            except again:
+                break
+        return out
+
+    def close(self):
+        self.s.close()
+        self.ctx.term()
+
+
+class ZmqT(Transport):
+    name = "zmq"
+    lossy = True
+
+    def available(self):
+        try:
+            import zmq  # noqa: F401
+        except ImportError:
+            return False, "pyzmq is not installed (pip install pyzmq)"
+        return True, ""
+
+    def prepare(self, trial):
+        return {"dir": tempfile.mkdtemp(prefix="shmwatch-bench-zmq-")}
+
+    def cleanup(self, env):
+        shutil.rmtree(env["dir"], ignore_errors=True)
+
+    writer = ZmqWriter
+    reader = ZmqReader
+
+
+# ------------------------------------------------------------------------------- Redis
+
+
+class RedisWriter:
+    def __init__(self, env, trial, idx):
+        import redis
+
+        self.r = redis.Redis(host=HOST, port=env["port"])
+        self.ch = env["channel"]
+        self.r.ping()
+
+    def send(self, key, value, seq):
+        self.r.publish(self.ch, _packb([key, value, seq]))
+
+    def send_batch(self, items):
+        p = self.r.pipeline(transaction=False)
+        ch = self.ch
+        for k, v, s in items:
+            p.publish(ch, _packb([k, v, s]))
+        p.execute()
+
+    def flush(self):
+        pass
+
+    def close(self):
+        self.r.close()
+
+
+class RedisReader:
+    def __init__(self, env, trial, idx):
+        import redis
+
+        self.r = redis.Redis(host=HOST, port=env["port"])
+        self.p = self.r.pubsub()
+        self.p.subscribe(env["channel"])
+        deadline = time.monotonic() + 30
+        while True:  # wait for the subscription's confirmation
+            m = self.p.get_message(timeout=1.0)
+            if m and m["type"] == "subscribe":
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError("redis: no subscribe confirmation")
+
+    def recv(self, timeout):
+        get = self.p.get_message
+        m = get(ignore_subscribe_messages=True, timeout=timeout)
+        if m is None:
+            return []
+        unpackb = msgpack.unpackb
+        out = [unpackb(m["data"])[1]]
+        for _ in range(1023):
+            m = get(ignore_subscribe_messages=True, timeout=0.0)
+            if m is None:
+                break
+            out.append(unpackb(m["data"])[1])
+        return out
+
+    def close(self):
+        self.p.close()
+        self.r.close()
+
+
+class RedisT(Transport):
+    name = "redis"
+    batch_ok = True
+
+    def __init__(self):
+        self.proc = None
+        self.dir = None
+        self.port = 0
+
+    def available(self):
+        try:
+            import redis  # noqa: F401
+        except ImportError:
+            return False, "redis-py is not installed (pip install redis)"
+        if not shutil.which("redis-server"):
+            return False, "redis-server is not installed (apt-get install redis-server)"
+        return True, ""
+
+    def start(self):
+        import redis
+
+        self.dir = tempfile.mkdtemp(prefix="shmwatch-bench-redis-")
+        for _attempt in range(3):
+            self.port = free_port()
+            log = open(os.path.join(self.dir, "redis.log"), "wb")
+            self.proc = subprocess.Popen(
+                [shutil.which("redis-server"), "--port", str(self.port), "--bind", HOST,
+                 "--save", "", "--appendonly", "no", "--dir", self.dir,
+                 "--protected-mode", "yes", "--daemonize", "no"],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log, close_fds=True)
+            log.close()
+            REG.servers.append(self.proc)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and self.proc.poll() is None:
+                try:
+                    redis.Redis(host=HOST, port=self.port, socket_timeout=1).ping()
+                    return
+                except Exception:
+                    time.sleep(0.05)
+            stop_server(self.proc)
+            REG.servers.remove(self.proc)
+        raise RuntimeError("redis-server did not start on 127.0.0.1")
+
+    def stop(self):
+        if self.proc is not None:
+            stop_server(self.proc)
+            if self.proc in REG.servers:
+                REG.servers.remove(self.proc)
+            self.proc = None
+        if self.dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def prepare(self, trial):
+        return {"port": self.port, "channel": b"bench." + trial.prefix}
+
+    writer = RedisWriter
+    reader = RedisReader
+
+
+# -------------------------------------------------------------------------------- etcd
+
+
+def _b64(b: bytes) -> str:
+    return base64.b64encode(b).decode("ascii")
+
+
+def _prefix_end(prefix: bytes) -> bytes:
+    end = bytearray(prefix)
+    for i in range(len(end) - 1, -1, -1):
+        if end[i] < 0xFF:
+            end[i] += 1
+            return bytes(end[: i + 1])
+    return b"\0"
+
+
+class EtcdWriter:
+    """Puts through etcd's v3 JSON gateway over one keep-alive HTTP/1.1 connection."""
+
+    def __init__(self, env, trial, idx):
+        self.conn = http.client.HTTPConnection(HOST, env["port"], timeout=30)
+        self.hdr = {"Content-Type": "application/json"}
+
+    def _post(self, path, body):
+        self.conn.request("POST", path, body=json.dumps(body).encode(), headers=self.hdr)
+        resp = self.conn.getresponse()
+        data = resp.read()
+        if resp.status != 200:
+            raise RuntimeError(f"etcd {path}: HTTP {resp.status}: {data[:200]!r}")
+
+    def send(self, key, value, seq):
+        self._post("/v3/kv/put", {"key": _b64(key), "value": _b64(value)})
+
+    def send_batch(self, items):
+        self._post("/v3/kv/txn", {"success": [
+            {"request_put": {"key": _b64(k), "value": _b64(v)}} for k, v, _ in items]})
+
+    def flush(self):
+        pass
+
+    def close(self):
+        self.conn.close()
+
+
+class EtcdReader:
+    """One /v3/watch stream: a chunked HTTP request (Expect: 100-continue, else etcd's
+    HTTP server never starts the response) answered by a chunked stream of
+    {"result": WatchResponse} JSON objects."""
+
+    def __init__(self, env, trial, idx):
+        self.sock = socket.create_connection((HOST, env["port"]), timeout=30)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.raw = bytearray()
+        self.text = ""
+        self.headers_done = False
+        self.dec = json.JSONDecoder()
+        self.sock.sendall(
+            b"POST /v3/watch HTTP/1.1\r\nHost: %s:%d\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\nExpect: 100-continue\r\n\r\n"
+            % (HOST.encode(), env["port"]))
+        req = json.dumps({"create_request": {"key": _b64(trial.prefix),
+                                             "range_end": _b64(_prefix_end(trial.prefix))}})
+        data = req.encode() + b"\n"
+        self.sock.sendall(b"%x\r\n" % len(data) + data + b"\r\n")
+        deadline = time.monotonic() + 30
+        self.pending: list[bytes] = []
+        while True:
+            objs = self._read(1.0)
+            if any(o.get("result", {}).get("created") for o in objs):
+                for o in objs:
+                    self.pending.extend(self._values(o))
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError("etcd: no created watch response")
+
+    def _values(self, obj) -> list[bytes]:
+        res = obj.get("result")
+        if res is None:
+            if "error" in obj:
+                raise RuntimeError(f"etcd watch stream error: {obj['error']}")
+            return []
+        if res.get("canceled"):
+            raise RuntimeError(f"etcd watch canceled: {res}")
+        b64d = base64.b64decode
+        out = []
+        for ev in res.get("events") or ():
+            kv = ev["kv"]
+            b64d(kv["key"])
+            out.append(b64d(kv.get("value", "")))
+        return out
+
+    def _read(self, timeout) -> list[dict]:
+        """Receive what is there (waiting up to timeout), return the whole JSON objects."""
+        self.sock.settimeout(timeout)
+        try:
+            data = self.sock.recv(1 << 20)
+        except (TimeoutError, BlockingIOError):
+            return []
+        if not data:
+            raise ConnectionError("etcd closed the watch stream")
+        raw = self.raw
+        raw += data
+        if not self.headers_done:
+            while True:
+                end = raw.find(b"\r\n\r\n")
+                if end < 0:
+                    return []
+                status = raw[:end].split(b"\r\n", 1)[0]
+                code = int(status.split()[1])
+                del raw[: end + 4]
+                if code == 100:
+                    continue
+                if code != 200:
+                    raise ConnectionError(f"etcd watch refused: {status!r}")
+                self.headers_done = True
+                break
+        pos = 0
+        text = []
+        while True:
+            nl = raw.find(b"\r\n", pos)
+            if nl < 0:
+                break
+            size = int(bytes(raw[pos:nl]).split(b";")[0] or b"0", 16)
+            if size == 0:
+                raise ConnectionError("etcd ended the watch stream")
+            if len(raw) < nl + 2 + size + 2:
+                break
+            text.append(bytes(raw[nl + 2: nl + 2 + size]).decode())
+            pos = nl + 2 + size + 2
+        del raw[:pos]
+        self.text += "".join(text)
+        out = []
+        buf = self.text
+        dec = self.dec
+        i = 0
+        n = len(buf)
+        while True:
+            while i < n and buf[i] in " \r\n\t":
+                i += 1
+            if i >= n:
+                break
+            try:
+                obj, j = dec.raw_decode(buf, i)
+            except ValueError:
+                break
+            out.append(obj)
+            i = j
+        self.text = buf[i:]
+        return out
+
+    def recv(self, timeout):
+        if self.pending:
+            out, self.pending = self.pending, []
+            return out
+        out = []
+        for o in self._read(timeout):
+            out.extend(self._values(o))
+        return out
+
+    def close(self):
+        with contextlib.suppress(OSError):
+            self.sock.sendall(b"0\r\n\r\n")
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+
+
+class EtcdT(Transport):
+    name = "etcd"
+    batch_ok = True
+
+    def __init__(self):
+        self.proc = None
+        self.dir = None
+        self.port = 0
+
+    def available(self):
+        exe = "/usr/bin/etcd" if os.access("/usr/bin/etcd", os.X_OK) else shutil.which("etcd")
+        if not exe:
+            return False, "etcd is not installed (apt-get install etcd-server)"
+        self.exe = exe
+        return True, ""
+
+    def start(self):
+        last = ""
+        for _attempt in range(3):
+            self.dir = tempfile.mkdtemp(prefix="shmwatch-bench-etcd-")
+            port, peer = free_port(), free_port()
+            while peer == port:
+                peer = free_port()
+            curl, purl = f"http://{HOST}:{port}", f"http://{HOST}:{peer}"
+            logp = os.path.join(self.dir, "etcd.log")
+            with open(logp, "wb") as log:
+                self.proc = subprocess.Popen(
+                    [self.exe, "--name", "bench", "--data-dir", os.path.join(self.dir, "data"),
+                     "--listen-client-urls", curl, "--advertise-client-urls", curl,
+                     "--listen-peer-urls", purl, "--initial-advertise-peer-urls", purl,
+                     "--initial-cluster", f"bench={purl}", "--initial-cluster-state", "new",
+                     "--heartbeat-interval", "10", "--election-timeout", "100",
+                     "--logger", "zap", "--log-level", "error", "--log-outputs", "stderr"],
+                    stdin=subprocess.DEVNULL, stdout=log, stderr=log, close_fds=True)
+            REG.servers.append(self.proc)
+            self.port = port
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline and self.proc.poll() is None:
+                if self._healthy():
+                    return
+                time.sleep(0.05)
+            with contextlib.suppress(OSError), open(logp, "rb") as f:
+                last = f.read()[-2000:].decode(errors="replace")
+            self.stop()
+        raise RuntimeError(f"etcd did not start on 127.0.0.1: {last}")
+
+    def _healthy(self) -> bool:
+        try:
+            conn = http.client.HTTPConnection(HOST, self.port, timeout=1)
+            try:
+                conn.request("GET", "/health")
+                body = conn.getresponse().read()
+            finally:
+                conn.close()
+            return json.loads(body).get("health") == "true"
+        except (OSError, ValueError, http.client.HTTPException):
+            return False
+
+    def stop(self):
+        if self.proc is not None:
+            stop_server(self.proc)
+            if self.proc in REG.servers:
+                REG.servers.remove(self.proc)
+            self.proc = None
+        if self.dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir = None
+
+    def prepare(self, trial):
+        return {"port": self.port}
+
+    def pace(self, rate):
+        return min(rate, 500.0)
+
+    writer = EtcdWriter
+    reader = EtcdReader
+
+
+TRANSPORT_CLASSES = {"shmwatch": ShmwatchT, "queue": QueueT, "zmq": ZmqT, "redis": RedisT,
+                     "etcd": EtcdT}
+
+
+# =============================================================================== trials
+
+
+@dataclass
+class Trial:
+    workload: str
+    variant: str
+    transport: str
+    prefix: bytes
+    writers: int = 1
+    readers: int = 1
+    batch: int = 1
+    duration: float = 1.0
+    pace: float = 0.0  # records/s per writer (W3); 0 = as fast as it goes
+    stalled: int = 0  # the last `stalled` readers read nothing until the writers are done
+    idle_s: float = 1.5
+    broker_opts: dict = field(default_factory=dict)
+
+
+class TrialError(RuntimeError):
+    pass
+
+
+class Sync:
+    """What the processes of one trial share."""
+
+    def __init__(self):
+        self.q = _ctx.Queue()  # ("ready"|"result"|"error", role, idx, payload)
+        self.go = _ctx.Event()
+        self.resume = _ctx.Event()
+        self.target = _ctx.RawValue("q", 0)  # records each reader should get; 0 = not yet
+
+
+def _child_main(role: str, idx: int, tname: str, env: dict, trial: Trial, sync: Sync):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and kills us
+    obj = None
+    try:
+        cls = TRANSPORT_CLASSES[tname]
+        obj = (cls.writer if role == "writer" else cls.reader)(env, trial, idx)
+        sync.q.put(("ready", role, idx, None))
+        if role == "writer":
+            res = _writer_loop(obj, trial, idx, sync)
+        else:
+            res = _reader_loop(obj, trial, idx, sync)
+        sync.q.put(("result", role, idx, res))
+    except BaseException:
+        sync.q.put(("error", role, idx, traceback.format_exc()))
+    finally:
+        if obj is not None:
+            with contextlib.suppress(Exception):
+                obj.close()
+
+
+def _writer_loop(w, trial: Trial, idx: int, sync: Sync) -> dict:
+    if not sync.go.wait(120):
+        raise TimeoutError("no go signal")
+    keys = make_keys(trial.prefix, idx)
+    kmask = KEYS_PER_WRITER - 1
+    pack, pad, now = STAMP.pack, PAD, _now
+    start = now()
+    end_at = start + int(trial.duration * 1e9)
+    seq = 0
+    late = None
+    if trial.pace:
+        interval = int(1e9 / trial.pace)
+        late = array("q")
+        sleep = time.sleep
+        t_next = start
+        while t_next < end_at:
+            rem = t_next - now()
+            if rem > SLEEP_SLACK_NS:
+                sleep((rem - SLEEP_SLACK_NS) / 1e9)
+            while now() < t_next:
+                pass
+            late.append(now() - t_next)
+            w.send(keys[seq & kmask], pack(seq, t_next) + pad, seq)
+            seq += 1
+            t_next = start + seq * interval
+    elif trial.batch > 1:
+        b = trial.batch
+        while True:
+            t = now()
+            if t >= end_at:
+                break
+            w.send_batch([(keys[(seq + j) & kmask], pack(seq + j, t) + pad, seq + j)
+                          for j in range(b)])
+            seq += b
+    else:
+        send = w.send
+        while True:
+            t = now()
+            if t >= end_at:
+                break
+            send(keys[seq & kmask], pack(seq, t) + pad, seq)
+            seq += 1
+    w.flush()
+    stop = now()
+    res = {"sent": seq, "start": start, "end": stop}
+    if late is not None:
+        ls = sorted(late)
+        res["late_p50_us"] = pctl(ls, 50) / 1000
+        res["late_p99_us"] = pctl(ls, 99) / 1000
+    return res
+
+
+def _reader_loop(r, trial: Trial, idx: int, sync: Sync) -> dict:
+    stalled = idx >= trial.readers - trial.stalled
+    if not sync.go.wait(120):
+        raise TimeoutError("no go signal")
+    if stalled:
+        while not sync.resume.wait(0.2):  # read nothing while the writers write
+            pass
+    now = _now
+    began = now()
+    hard = began + int((trial.duration + 120) * 1e9)
+    idle_ns = int(trial.idle_s * 1e9)
+    target = sync.target
+    lat = array("q") if trial.pace else None
+    unpack = STAMP_AT.unpack_from
+    recv = r.recv
+    count = first = last = 0
+    while True:
+        vals = recv(0.05)
+        t = now()
+        if vals:
+            count += len(vals)
+            last = t
+            if not first:
+                first = t
+            if lat is not None:
+                for v in vals:
+                    lat.append(t - unpack(v, 8)[0])
+            tv = target.value
+            if tv and count >= tv:
+                break
+        else:
+            tv = target.value
+            if tv and (count >= tv or t - max(last, began) > idle_ns):
+                break
+            if t > hard:
+                break
+    res = {"count": count, "first": first, "last": last, "began": began, "stalled": stalled}
+    if lat is not None:
+        res["lat"] = lat.tobytes()
+    return res
+
+
+class Runner:
+    def __init__(self, prof: Profile, peers: list[str]):
+        self.prof = prof
+        self.transports: dict[str, Transport] = {"shmwatch": ShmwatchT()}
+        self.skipped: dict[str, str] = {}
+        self.trial_no = 0
+        for name in peers:
+            t = TRANSPORT_CLASSES[name]()
+            ok, why = t.available()
+            if not ok:
+                self.skipped[name] = why
+                _log(f"skipping {LABELS[name]}: {why}")
+                continue
+            self.transports[name] = t
+
+    def start_servers(self) -> None:
+        for name in list(self.transports):
+            t = self.transports[name]
+            try:
+                t.start()
+            except Exception as exc:
+                self.skipped[name] = f"could not start: {exc}"
+                _log(f"skipping {LABELS[name]}: could not start: {exc}")
+                with contextlib.suppress(Exception):
+                    t.stop()
+                del self.transports[name]
+
+    def stop_servers(self) -> None:
+        for t in self.transports.values():
+            with contextlib.suppress(Exception):
+                t.stop()
+
+    def next_prefix(self) -> bytes:
+        self.trial_no += 1
+        return b"%03x/" % (self.trial_no % 4096)
+
+    def run(self, trial: Trial) -> dict:
+        t = self.transports[trial.transport]
+        env = t.prepare(trial)
+        sync = Sync()
+        procs = []
+        timeline = time.monotonic()
+        try:
+            def spawn(role, idx):
+                p = _ctx.Process(target=_child_main, args=(role, idx, trial.transport, env,
+                                                            trial, sync), daemon=True)
+                p.start()
+                REG.children.append(p)
+                procs.append(p)
+
+            inbox: list = []
+
+            def expect(kind, role, n, timeout):
+                got = {}
+                deadline = time.monotonic() + timeout
+                while len(got) < n:
+                    for m in list(inbox):
+                        if m[0] == kind and m[1] == role:
+                            inbox.remove(m)
+                            got[m[2]] = m[3]
+                    if len(got) >= n:
+                        break
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise TrialError(f"{trial.transport} {trial.workload}: timed out "
+                                         f"waiting for {n - len(got)} {role} {kind}")
+                    try:
+                        m = sync.q.get(True, min(left, 0.5))
+                    except _queue.Empty:
+                        dead = [p for p in procs if p.exitcode not in (None, 0)]
+                        if dead:
+                            raise TrialError(f"{trial.transport}: a child died: "
+                                             f"exit {dead[0].exitcode}") from None
+                        continue
+                    if m[0] == "error":
+                        raise TrialError(f"{trial.transport} {m[1]} {m[2]} failed:\n{m[3]}")
+                    inbox.append(m)
+                return [got[i] for i in sorted(got)]
+
+            for i in range(trial.readers):
+                spawn("reader", i)
+            expect("ready", "reader", trial.readers, 60)
+            for i in range(trial.writers):
+                spawn("writer", i)
+            expect("ready", "writer", trial.writers, 60)
+            pid = env.get("pid")
+            cpu0 = cpu_seconds(pid) if pid else None
+            sync.go.set()
+            wres = expect("result", "writer", trial.writers, trial.duration + 120)
+            cpu1 = cpu_seconds(pid) if pid else None
+            sent = sum(w["sent"] for w in wres)
+            sync.target.value = max(sent, 1)
+            fast_n = trial.readers - trial.stalled
+            rres = expect("result", "reader", fast_n, 180) if fast_n else []
+            sync.resume.set()
+            if trial.stalled:
+                inbox_fast = rres
+                allr = expect("result", "reader", trial.stalled, 300)
+                rres = inbox_fast + allr
+            start = min(w["start"] for w in wres)
+            out = {"sent": sent, "writers": wres, "readers": rres, "start": start,
+                   "write_s": (max(w["end"] for w in wres) - start) / 1e9,
+                   "wall_s": time.monotonic() - timeline}
+            if cpu0 is not None:
+                out["broker_cpu_s"] = cpu1 - cpu0
+            return out
+        finally:
+            sync.go.set()
+            sync.resume.set()
+            sync.target.value = max(sync.target.value, 1)
+            REG.stop_children(procs, grace=10)
+            with contextlib.suppress(Exception):
+                sync.q.close()
+                sync.q.cancel_join_thread()
+            t.cleanup(env)
+
+
+def _rate(count: int, start: int, last: int) -> float:
+    if count <= 0 or last <= start:
+        return 0.0
+    return count / ((last - start) / 1e9)
+
+
+# =============================================================================== workloads
+
+
+class Bench:
+    def __init__(self, prof: Profile, only: list[str], peers: list[str]):
+        self.prof = prof
+        self.only = only
+        self.runner = Runner(prof, peers)
+        # results[workload][variant][transport][metric] = [value per repetition]
+        self.results: dict = {}
+        self.errors: list[str] = []
+        self.notes: dict[str, list[str]] = {}
+
+    # ------------------------------------------------------------ recording
+
+    def put(self, wl, variant, transport, metric, value) -> None:
+        (self.results.setdefault(wl, {}).setdefault(variant, {})
+         .setdefault(transport, {}).setdefault(metric, []).append(value))
+
+    def trial(self, **kw) -> dict | None:
+        tr = Trial(prefix=self.runner.next_prefix(), idle_s=self.prof.idle_s, **kw)
+        if tr.transport == "etcd":
+            tr.idle_s = max(tr.idle_s, 3.0)
+        try:
+            res = self.runner.run(tr)
+        except TrialError as exc:
+            msg = f"{tr.workload} {tr.variant} {tr.transport}: {exc}"
+            self.errors.append(msg)
+            _log("  FAILED " + msg)
+            return None
+        return res
+
+    def transports(self, batched: bool = False) -> list[str]:
+        return [n for n, t in self.runner.transports.items() if not batched or t.batch_ok]
+
+    # ------------------------------------------------------------ W1 / W2
+
+    def w1(self) -> None:
+        d = self.prof.dur
+        for variant, writers, batched in (("1 writer", 1, False), ("4 writers", 4, False),
+                                          ("batched", 1, True)):
+            for tn in self.transports(batched):
+                res = self.trial(workload="W1", variant=variant, transport=tn,
+                                 writers=writers, readers=1, batch=BATCH if batched else 1,
+                                 duration=d)
+                if res is None:
+                    continue
+                r = res["readers"][0]
+                rate = _rate(r["count"], res["start"], r["last"])
+                self.put("W1", variant, tn, "rate", rate)
+                self.put("W1", variant, tn, "delivered", r["count"] / max(res["sent"], 1))
+                self.put("W1", variant, tn, "write_rate", res["sent"] / res["write_s"])
+                _log(f"  W1 {variant:9} {tn:9} {rate:12,.0f} /s  "
+                     f"(delivered {r['count']}/{res['sent']})")
+
+    def w2(self) -> None:
+        d, n = self.prof.dur, self.prof.fanout
+        for variant, batched in (("sync writes", False), ("batched", True)):
+            for tn in self.transports(batched):
+                res = self.trial(workload="W2", variant=variant, transport=tn, writers=1,
+                                 readers=n, batch=BATCH if batched else 1, duration=d)
+                if res is None:
+                    continue
+                total = sum(r["count"] for r in res["readers"])
+                last = max(r["last"] for r in res["readers"])
+                rate = _rate(total, res["start"], last)
+                self.put("W2", variant, tn, "rate", rate)
+                self.put("W2", variant, tn, "delivered", total / max(res["sent"] * n, 1))
+                _log(f"  W2 {variant:11} {tn:9} {rate:12,.0f} /s total  "
+                     f"(delivered {total}/{res['sent'] * n})")
+
+    # ------------------------------------------------------------ W3
+
+    def w3(self) -> None:
+        for tn in self.transports():
+            rate = self.runner.transports[tn].pace(5000.0)
+            res = self.trial(workload="W3", variant="paced", transport=tn, writers=1,
+                             readers=1, pace=rate, duration=self.prof.lat_dur)
+            if res is None:
+                continue
+            lat = array("q")
+            lat.frombytes(res["readers"][0]["lat"])
+            xs = sorted(lat)
+            w = res["writers"][0]
+            p50, p99, p999 = (pctl(xs, q) / 1000 for q in (50, 99, 99.9))
+            self.put("W3", "paced", tn, "rate", rate)
+            self.put("W3", "paced", tn, "p50", p50)
+            self.put("W3", "paced", tn, "p99", p99)
+            self.put("W3", "paced", tn, "p999", p999)
+            self.put("W3", "paced", tn, "samples", len(xs))
+            self.put("W3", "paced", tn, "late_p99", w.get("late_p99_us"))
+            _log(f"  W3 {tn:9} at {rate:,.0f}/s  p50 {p50:8.1f}  p99 {p99:8.1f}  "
+                 f"p99.9 {p999:8.1f} us  ({len(xs)} samples; writer late p99 "
+                 f"{w.get('late_p99_us', 0):.0f} us)")
+
+    # ------------------------------------------------------------ W4
+
+    def w4(self) -> None:
+        opts = {"watch_ring_bytes": 64 << 10, "log_bytes": 256 << 20}
+        for tn in self.transports():
+            t = self.runner.transports[tn]
+            b = BATCH if t.batch_ok else 1
+            fast = {}
+            for variant, stalled in (("3 fast", 0), ("3 fast + 1 stalled", 1)):
+                res = self.trial(workload="W4", variant=variant, transport=tn, writers=1,
+                                 readers=3 + stalled, stalled=stalled, batch=b,
+                                 duration=self.prof.stall_dur,
+                                 broker_opts=opts if tn == "shmwatch" else {})
+                if res is None:
+                    continue
+                rates = [_rate(r["count"], res["start"], r["last"])
+                         for r in res["readers"] if not r["stalled"]]
+                fast[variant] = statistics.mean(rates)
+                got = [r["count"] for r in res["readers"] if not r["stalled"]]
+                self.put("W4", variant, tn, "fast_rate", fast[variant])
+                self.put("W4", variant, tn, "fast_delivered",
+                         min(got) / max(res["sent"], 1))
+                line = (f"  W4 {variant:18} {tn:9} fast {fast[variant]:12,.0f} /s each "
+                        f"(got {min(got)}..{max(got)} of {res['sent']})")
+                if stalled:
+                    s = next(r for r in res["readers"] if r["stalled"])
+                    self.put("W4", variant, tn, "stalled_got", s["count"])
+                    self.put("W4", variant, tn, "sent", res["sent"])
+                    self.put("W4", variant, tn, "stalled_all",
+                             1.0 if s["count"] == res["sent"] else 0.0)
+                    cs = (s["last"] - s["began"]) / 1e9 if s["last"] else 0.0
+                    self.put("W4", variant, tn, "catchup_s", cs)
+                    line += f"; stalled got {s['count']}/{res['sent']} in {cs:.2f}s after resuming"
+                _log(line)
+            if len(fast) == 2 and fast["3 fast"] > 0:
+                self.put("W4", "kept", tn, "kept", fast["3 fast + 1 stalled"] / fast["3 fast"])
+
+    # ------------------------------------------------------------ W5 (shmwatch only)
+
+    def w5(self) -> None:
+        for kind in ("keys", "ranges"):
+            for n in self.prof.w5_counts:
+                try:
+                    r = w5_trial(kind, n, self.prof)
+                except Exception as exc:
+                    msg = f"W5 {kind} {n}: {exc!r}"
+                    self.errors.append(msg)
+                    _log("  FAILED " + msg + "\n" + traceback.format_exc())
+                    continue
+                v = f"{kind} {n}"
+                for k in ("write_rate", "cpu_us_per_write", "delivered", "expected",
+                          "setup_s"):
+                    self.put("W5", v, "shmwatch", k, r[k])
+                _log(f"  W5 {v:13} write {r['write_rate']:9,.0f} /s  broker "
+                     f"{r['cpu_us_per_write']:6.1f} us CPU/write  delivered "
+                     f"{r['delivered']}/{r['expected']}  (set-up {r['setup_s']:.1f}s)")
+
+    # ------------------------------------------------------------ memory (shmwatch only)
+
+    def mem(self) -> None:
+        for variant, n in (("0 watchers", 0), (f"{self.prof.mem_watchers} stalled watchers",
+                                                self.prof.mem_watchers)):
+            try:
+                r = mem_trial(n, self.prof)
+            except Exception as exc:
+                msg = f"MEM {variant}: {exc!r}"
+                self.errors.append(msg)
+                _log("  FAILED " + msg + "\n" + traceback.format_exc())
+                continue
+            for cp in r["checkpoints"]:
+                w = cp["writes"]
+                self.put("MEM", variant, "shmwatch", f"anon@{w}", cp["RssAnon"])
+                self.put("MEM", variant, "shmwatch", f"rss@{w}", cp["VmRSS"])
+            self.put("MEM", variant, "shmwatch", "write_rate", r["write_rate"])
+            self.notes.setdefault("MEM", []).append(
+                f"{variant}: " + ", ".join(f"{cp['writes']:,} writes: RssAnon "
+                                           f"{cp['RssAnon']:.1f} MiB / VmRSS {cp['VmRSS']:.1f}"
+                                           for cp in r["checkpoints"]))
+            _log(f"  MEM {variant}: " + "  ".join(
+                f"{cp['writes']}: anon {cp['RssAnon']:.1f} rss {cp['VmRSS']:.1f} MiB"
+                for cp in r["checkpoints"]))
+
+    # ------------------------------------------------------------ the whole run
+
+    def run(self) -> None:
+        prof = self.prof
+        self.runner.start_servers()
+        steps = [("W1", self.w1), ("W2", self.w2), ("W3", self.w3), ("W4", self.w4),
+                 ("W5", self.w5)]
+        for rep in range(prof.reps):
+            for name, fn in steps:
+                if name in self.only:
+                    _log(f"[rep {rep + 1}/{prof.reps}] {name}")
+                    fn()
+        if "MEM" in self.only:
+            _log("[once] MEM")
+            self.mem()
+
+
+# ------------------------------------------------------------------------- W5 / MEM bodies
+
+
+def _w5_watch_keys(kind: str, i: int) -> tuple[bytes, bytes | None]:
+    if kind == "keys":
+        return b"w5/k/%011d" % i, None
+    return b"w5/r/%011d" % (i * 100), b"w5/r/%011d" % (i * 100 + 10)
+
+
+def _w5_write_key(kind: str, n: int, seq: int) -> bytes:
+    """1 write in 100 hits a watched key (round robin over the n watchers); the rest hit
+    keys next to them that nobody watches (for ranges: the gaps between ranges)."""
+    i = (seq // 100) % n if seq % 100 == 0 else seq % n
+    hit = seq % 100 == 0
+    if kind == "keys":
+        return b"w5/k/%011d" % (i if hit else 100_000_000 + (seq % 997))
+    return b"w5/r/%011d" % (i * 100 + (5 if hit else 50))
+
+
+def _w5_holder(name: str, kind: str, ids: list[int], q, stop, drain: bool):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        import clientlib
+
+        with clientlib.connect(name, timeout=60) as c:
+            ws = []
+            for i in ids:
+                key, end = _w5_watch_keys(kind, i)
+                w = c.watch(key, range_end=end)
+                ws.append(w)
+            for w in ws:
+                r = w.get(60)
+                assert r.created
+            q.put(("ready", len(ws)))
+            got = 0
+            while not stop.wait(0.02 if drain else 0.5):
+                if drain:
+                    for w in ws:
+                        while (r := w.get_nowait()) is not None:
+                            got += len(r.events)
+            time.sleep(0.2)  # the broker delivers the last writes
+            for w in ws:
+                while (r := w.get_nowait()) is not None:
+                    got += len(r.events)
+            q.put(("done", got))
+    except BaseException:
+        q.put(("error", traceback.format_exc()))
+
+
+def _w5_writer(name: str, kind: str, n: int, dur: float, q, go):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        import clientlib
+
+        with clientlib.connect(name, timeout=60) as c:
+            value = STAMP.pack(0, 0) + PAD
+            q.put(("ready", 0))
+            go.wait(60)
+            t0 = _now()
+            end = t0 + int(dur * 1e9)
+            seq = hits = 0
+            put = c.put
+            while _now() < end:
+                put(_w5_write_key(kind, n, seq), value)
+                if seq % 100 == 0:
+                    hits += 1
+                seq += 1
+            t1 = _now()
+            q.put(("done", {"sent": seq, "hits": hits, "s": (t1 - t0) / 1e9}))
+    except BaseException:
+        q.put(("error", traceback.format_exc()))
+
+
+def _collect(q, kind: str, n: int, timeout: float, procs) -> list:
+    out = []
+    deadline = time.monotonic() + timeout
+    while len(out) < n:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"timed out waiting for {n - len(out)} {kind}")
+        try:
+            m = q.get(True, min(left, 0.5))
+        except _queue.Empty:
+            dead = [p for p in procs if p.exitcode not in (None, 0)]
+            if dead:
+                raise RuntimeError(f"a child died: exit {dead[0].exitcode}") from None
+            continue
+        if m[0] == "error":
+            raise RuntimeError(m[1])
+        if m[0] != kind:
+            raise RuntimeError(f"unexpected message {m!r}")
+        out.append(m[1])
+    return out
+
+
+def w5_trial(kind: str, n: int, prof: Profile) -> dict:
+    import broker
+
+    b = broker.spawn(watch_ring_bytes=16 << 10, rings_per_arena=256)
+    REG.brokers.append(b)
+    procs = []
+    q = _ctx.Queue()
+    stop, go = _ctx.Event(), _ctx.Event()
+    try:
+        t_setup = time.monotonic()
+        nproc = max(1, min(prof.w5_procs, n))
+        ids = [list(range(p, n, nproc)) for p in range(nproc)]
+        for part in ids:
+            p = _ctx.Process(target=_w5_holder, daemon=True,
+                             args=(b.name, kind, part, q, stop, len(part) <= 16))
+            p.start()
+            REG.children.append(p)
+            procs.append(p)
+        _collect(q, "ready", nproc, 600, procs)
+        wp = _ctx.Process(target=_w5_writer, daemon=True,
+                          args=(b.name, kind, n, prof.w5_dur, q, go))
+        wp.start()
+        REG.children.append(wp)
+        procs.append(wp)
+        _collect(q, "ready", 1, 60, procs)
+        setup_s = time.monotonic() - t_setup
+        cpu0 = cpu_seconds(b.pid)
+        go.set()
+        wr = _collect(q, "done", 1, prof.w5_dur + 120, procs)[0]
+        cpu1 = cpu_seconds(b.pid)
+        stop.set()
+        got = sum(_collect(q, "done", nproc, 120, procs))
+        return {"write_rate": wr["sent"] / wr["s"],
+                "cpu_us_per_write": (cpu1 - cpu0) / max(wr["sent"], 1) * 1e6,
+                "delivered": got, "expected": wr["hits"], "setup_s": setup_s}
+    finally:
+        stop.set()
+        go.set()
+        REG.stop_children(procs, grace=10)
+        with contextlib.suppress(Exception):
+            q.close()
+            q.cancel_join_thread()
+        REG.stop_broker(b)
+
+
+def _mem_holder(name: str, n: int, q, stop):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        import clientlib
+
+        with clientlib.connect(name, timeout=60) as c:
+            ws = [c.watch(b"mem/", prefix=True) for _ in range(n)]
+            for w in ws:
+                assert w.get(60).created
+            q.put(("ready", n))
+            stop.wait(3600)  # stalled: never reads
+            q.put(("done", 0))
+    except BaseException:
+        q.put(("error", traceback.format_exc()))
+
+
+def _mem_writer(name: str, total: int, quarters: int, q, cont):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        import clientlib
+
+        with clientlib.connect(name, timeout=120) as c:
+            keys = [b"mem/%012d" % i for i in range(1000)]
+            value = STAMP.pack(0, 0) + PAD
+            q.put(("ready", 0))
+            done = 0
+            t0 = _now()
+            for k in range(1, quarters + 1):
+                goal = total * k // quarters
+                while done < goal:
+                    nb = min(BATCH, goal - done)
+                    c.txn(success=[clientlib.op_put(keys[(done + j) % 1000], value)
+                                   for j in range(nb)])
+                    done += nb
+                q.put(("checkpoint", {"writes": done, "s": (_now() - t0) / 1e9}))
+                cont.acquire()
+            q.put(("done", done))
+    except BaseException:
+        q.put(("error", traceback.format_exc()))
+
+
+def mem_trial(n_watchers: int, prof: Profile) -> dict:
+    import broker
+
+    b = broker.spawn(watch_ring_bytes=16 << 10, rings_per_arena=256, log_bytes=16 << 20)
+    REG.brokers.append(b)
+    procs = []
+    q = _ctx.Queue()
+    stop = _ctx.Event()
+    cont = _ctx.Semaphore(0)
+    quarters = 4
+    try:
+        holders = 0
+        if n_watchers:
+            per = [n_watchers // 2, n_watchers - n_watchers // 2] if n_watchers > 1 else [1]
+            for part in per:
+                p = _ctx.Process(target=_mem_holder, args=(b.name, part, q, stop), daemon=True)
+                p.start()
+                REG.children.append(p)
+                procs.append(p)
+            holders = len(per)
+            _collect(q, "ready", holders, 600, procs)
+        wp = _ctx.Process(target=_mem_writer, daemon=True,
+                          args=(b.name, prof.mem_writes, quarters, q, cont))
+        wp.start()
+        REG.children.append(wp)
+        procs.append(wp)
+        _collect(q, "ready", 1, 60, procs)
+        time.sleep(0.2)
+        cps = [{"writes": 0, **proc_mem(b.pid)}]
+        last_s = 0.0
+        for _ in range(quarters):
+            cp = _collect(q, "checkpoint", 1, 1800, procs)[0]
+            time.sleep(0.1)  # let the broker settle (victim retries)
+            cps.append({"writes": cp["writes"], **proc_mem(b.pid)})
+            last_s = cp["s"]
+            cont.release()
+        _collect(q, "done", 1, 60, procs)
+        stop.set()
+        if holders:
+            _collect(q, "done", holders, 60, procs)
+        return {"checkpoints": cps, "write_rate": prof.mem_writes / max(last_s, 1e-9)}
+    finally:
+        stop.set()
+        for _ in range(quarters + 1):
+            cont.release()
+        REG.stop_children(procs, grace=10)
+        with contextlib.suppress(Exception):
+            q.close()
+            q.cancel_join_thread()
+        REG.stop_broker(b)
+
+
+# =============================================================================== report
+
+
+def fmt_num(x, unit: str = "") -> str:
+    if x is None:
+        return "-"
+    if unit == "us":
+        return f"{x:,.0f}" if x >= 100 else f"{x:.1f}"
+    if abs(x) >= 1e6:
+        return f"{x / 1e6:.2f}M"
+    if abs(x) >= 1e4:
+        return f"{x / 1e3:.0f}k"
+    if abs(x) >= 1e3:
+        return f"{x / 1e3:.1f}k"
+    if abs(x) >= 10:
+        return f"{x:.0f}"
+    return f"{x:.2f}"
+
+
+def cell(xs, unit: str = "") -> str:
+    s = summary(xs or [])
+    if s["median"] is None:
+        return "-"
+    if s["n"] == 1:
+        return fmt_num(s["median"], unit)
+    return (f"{fmt_num(s['median'], unit)} ({fmt_num(s['min'], unit)}–"
+            f"{fmt_num(s['max'], unit)})")
+
+
+def ratios(a: list, b: list) -> list:
+    """Per-repetition ratios a[i]/b[i] (same repetition: same noise)."""
+    return [x / y for x, y in zip(a, b) if x and y]
+
+
+def pct_cell(xs) -> str:
+    s = summary(xs)
+    if s["median"] is None:
+        return "-"
+    if s["n"] == 1:
+        return f"{s['median'] * 100:.0f}%"
+    return f"{s['median'] * 100:.0f}% ({s['min'] * 100:.0f}–{s['max'] * 100:.0f})"
+
+
+def ratio_cell(xs) -> str:
+    s = summary(xs)
+    if s["median"] is None:
+        return "-"
+    if s["n"] == 1:
+        return f"{s['median']:.2f}x"
+    return f"{s['median']:.2f}x ({s['min']:.2f}–{s['max']:.2f})"
+
+
+class Report:
+    def __init__(self, bench: Bench, machine: dict, elapsed: float):
+        self.b = bench
+        self.R = bench.results
+        self.m = machine
+        self.elapsed = elapsed
+        self.targets: list[dict] = []
+
+    def get(self, wl, variant, tn, metric) -> list:
+        return self.R.get(wl, {}).get(variant, {}).get(tn, {}).get(metric, [])
+
+    def med(self, wl, variant, tn, metric):
+        return summary(self.get(wl, variant, tn, metric))["median"]
+
+    def order(self, wl) -> list[str]:
+        seen = set()
+        for v in self.R.get(wl, {}).values():
+            seen |= set(v)
+        return [t for t in ("shmwatch", *PEERS) if t in seen]
+
+    # ------------------------------------------------------------ targets
+
+    def compute_targets(self) -> list[dict]:
+        T = []
+
+        def add(name, measured, met, note=""):
+            T.append({"target": name, "measured": measured, "met": met, "note": note})
+
+        r = ratios(self.get("W1", "4 writers", "shmwatch", "rate"),
+                   self.get("W1", "4 writers", "queue", "rate"))
+        m = summary(r)["median"]
+        add("W1, 4 writers, synchronous puts: >= 2x multiprocessing.Queue",
+            ratio_cell(r), None if m is None else m >= 2.0)
+        r = ratios(self.get("W1", "4 writers", "shmwatch", "rate"),
+                   self.get("W1", "4 writers", "etcd", "rate"))
+        m = summary(r)["median"]
+        add("W1, 4 writers, synchronous puts: >= 50x etcd", ratio_cell(r),
+            None if m is None else m >= 50.0)
+        m = self.med("W1", "batched", "shmwatch", "rate")
+        add("W1 batched write path (txn of 64 puts): >= 250k events/s",
+            cell(self.get("W1", "batched", "shmwatch", "rate")) + " events/s",
+            None if m is None else m >= 250_000)
+        rs = ratios(self.get("W2", "sync writes", "shmwatch", "rate"),
+                    self.get("W2", "sync writes", "zmq", "rate"))
+        rb = ratios(self.get("W2", "batched", "shmwatch", "rate"),
+                    self.get("W2", "sync writes", "zmq", "rate"))
+        best = rb if summary(rb)["median"] is not None else rs
+        m = summary(best)["median"]
+        add(f"W2 fan-out to {self.b.prof.fanout}: >= 1.5x pyzmq total delivered",
+            f"batched writes {ratio_cell(rb)}; synchronous puts {ratio_cell(rs)}",
+            None if m is None else m >= 1.5,
+            "shmwatch's batched write path (64 puts per txn) against zmq's send(), which "
+            "never waits either")
+        p50 = self.med("W3", "paced", "shmwatch", "p50")
+        p99 = self.med("W3", "paced", "shmwatch", "p99")
+        add("W3 at 5,000/s: p50 <= 60 us and p99 <= 300 us",
+            f"p50 {fmt_num(p50, 'us')} us, p99 {fmt_num(p99, 'us')} us",
+            None if p50 is None else (p50 <= 60 and p99 <= 300))
+        kept = self.get("W4", "kept", "shmwatch", "kept")
+        allg = self.get("W4", "3 fast + 1 stalled", "shmwatch", "stalled_all")
+        km = summary(kept)["median"]
+        got = self.get("W4", "3 fast + 1 stalled", "shmwatch", "stalled_got")
+        sent = self.get("W4", "3 fast + 1 stalled", "shmwatch", "sent")
+        add("W4: fast watchers keep >= 90% of their rate beside a stalled one; the stalled "
+            "one gets every event",
+            f"kept {pct_cell(kept)} of their rate; "
+            f"stalled got " + ", ".join(f"{g:,}/{s:,}" for g, s in zip(got, sent)),
+            None if km is None or not allg else (km >= 0.9 and all(x == 1.0 for x in allg)))
+        one = self.get("W5", "keys 1", "shmwatch", "write_rate")
+        many = self.get("W5", "keys 10000", "shmwatch", "write_rate")
+        r = ratios(many, one)
+        m = summary(r)["median"]
+        add("W5: write rate with 10,000 single-key watchers >= 80% of that with 1",
+            pct_cell(r),
+            None if m is None else m >= 0.8)
+        self.targets = T
+        return T
+
+    # ------------------------------------------------------------ markdown
+
+    def table(self, wl, variants, metric, unit="", head="") -> list[str]:
+        order = self.order(wl)
+        lines = ["| transport | " + " | ".join(variants) + " |",
+                 "|---|" + "---|" * len(variants)]
+        for tn in order:
+            row = [cell(self.get(wl, v, tn, metric), unit) for v in variants]
+            lines.append(f"| {LABELS[tn]} | " + " | ".join(row) + " |")
+        return lines
+
+    def ratio_table(self, wl, variants, metric, base_variant=None) -> list[str]:
+        order = [t for t in self.order(wl) if t != "shmwatch"]
+        if not order:
+            return []
+        lines = ["", "shmwatch / peer (median of per-repetition ratios, min–max):", "",
+                 "| peer | " + " | ".join(variants) + " |", "|---|" + "---|" * len(variants)]
+        for tn in order:
+            row = []
+            for v in variants:
+                r = ratios(self.get(wl, v, "shmwatch", metric), self.get(wl, v, tn, metric))
+                row.append(ratio_cell(r))
+            lines.append(f"| {LABELS[tn]} | " + " | ".join(row) + " |")
+        return lines
+
+    def markdown(self) -> str:
+        m, b, P = self.m, self.b, self.b.prof
+        L = ["# shmwatch benchmarks", "",
+             "Written by `tools/bench`; do not edit by hand. Rerun to refresh.", "",
+             "## Machine and run", "",
+             f"- CPU: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GiB RAM",
+             f"- Python {m['python']} on {m['platform']}",
+             "- " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
+             f"- Date: {m['date']}",
+             f"- Command: `{m['command']}` (profile `{P.name}`: {P.reps} repetitions, "
+             f"{P.dur:g} s of writing per throughput trial, {P.lat_dur:g} s in W3, "
+             f"{P.stall_dur:g} s in W4; whole run {self.elapsed / 60:.1f} min)",
+             ""]
+        if b.runner.skipped:
+            for tn, why in b.runner.skipped.items():
+                L.append(f"- Skipped {LABELS[tn]}: {why}")
+            L.append("")
+        L += ["Figures are the median over repetitions with (min–max). Repetitions are "
+              "interleaved (each runs every workload through every transport), so compare "
+              "the ratios measured in this run, never absolute figures across runs: this "
+              "machine is noisy (see /work/shared/PERF-ANCHORS.md).", "",
+              "A record is ~100 bytes: 16-byte key, 64-byte value carrying the sequence "
+              "number and the intended send time. Every watcher process decodes every "
+              "record (shmwatch: `Watch.get()` builds the `WatchResponse`/`Event`/`KeyValue` "
+              "objects; peers: msgpack `[key, value, seq]`, etcd: JSON + base64). Rates are "
+              "records delivered per second from the first send to the last receipt. "
+              "shmwatch runs a fresh broker per trial (`broker.spawn()`, default options "
+              "unless said otherwise); redis-server and etcd run for the whole run on "
+              "127.0.0.1.", ""]
+        # targets
+        L += ["## Targets (issue 6)", "", "| target | measured | met |", "|---|---|---|"]
+        for t in self.targets:
+            met = {True: "**met**", False: "**not met**", None: "not measured"}[t["met"]]
+            L.append(f"| {t['target']} | {t['measured']} | {met} |")
+        notes = [t for t in self.targets if t["note"]]
+        for t in notes:
+            L.append("")
+            L.append(f"- {t['target'].split(':')[0]}: {t['note']}.")
+        L.append("")
+        # W1
+        if "W1" in self.R:
+            vs = [v for v in ("1 writer", "4 writers", "batched") if v in self.R["W1"]]
+            L += ["## W1 unicast put -> watch (records/s delivered to 1 watcher process)", "",
+                  "`1 writer`, `4 writers`: synchronous writes, one at a time per writer "
+                  "(shmwatch `put` waits for its reply; etcd `/v3/kv/put`; Redis `PUBLISH`; "
+                  "Queue `put` and zmq `send` do not wait). `batched`: 64 records per call "
+                  "(shmwatch `txn` of 64 puts = one revision of 64 events; etcd `/v3/kv/txn` "
+                  "of 64 puts; Redis a pipeline of 64 publishes).", ""]
+            L += self.table("W1", vs, "rate")
+            L += self.ratio_table("W1", vs, "rate")
+            lossy = self.loss_lines("W1", vs)
+            L += lossy + [""]
+        if "W2" in self.R:
+            vs = [v for v in ("sync writes", "batched") if v in self.R["W2"]]
+            L += [f"## W2 fan-out: 1 writer -> {P.fanout} watcher processes on one prefix "
+                  "(total records/s delivered)", ""]
+            L += self.table("W2", vs, "rate")
+            L += self.ratio_table("W2", vs, "rate")
+            rb = ratios(self.get("W2", "batched", "shmwatch", "rate"),
+                        self.get("W2", "sync writes", "zmq", "rate"))
+            if rb:
+                L += ["", f"shmwatch batched / pyzmq: {ratio_cell(rb)} (zmq has no separate "
+                      "batched path: its `send` never waits)."]
+            L += self.loss_lines("W2", vs) + [""]
+        if "W3" in self.R:
+            L += ["## W3 one-way latency at a paced rate (us)", "",
+                  "The writer stamps the intended send time of record i (start + i/rate) "
+                  "into the value and sends it then (or at once if late); the watcher "
+                  "computes receive time minus intended time, so a stall of the writer or "
+                  "the transport counts against every record it delays (no coordinated "
+                  "omission). shmwatch and the peers at 5,000/s, etcd at 500/s. `writer "
+                  "late p99` is how late the writer itself sent (sleep granularity and "
+                  "CPU contention), included in the figures.", "",
+                  "| transport | rate /s | p50 | p99 | p99.9 | samples | writer late p99 |",
+                  "|---|---|---|---|---|---|---|"]
+            for tn in self.order("W3"):
+                g = lambda k, tn=tn: self.get("W3", "paced", tn, k)
+                L.append(f"| {LABELS[tn]} | {fmt_num(summary(g('rate'))['median'])} | "
+                         f"{cell(g('p50'), 'us')} | {cell(g('p99'), 'us')} | "
+                         f"{cell(g('p999'), 'us')} | {fmt_num(summary(g('samples'))['median'])}"
+                         f" | {cell(g('late_p99'), 'us')} |")
+            L += [""]
+        if "W4" in self.R:
+            L += ["## W4 one stalled watcher beside 3 fast ones", "",
+                  "1 writer (its fastest path: shmwatch 64-put txns, Redis pipelines of 64, "
+                  "etcd 64-put txns, Queue/zmq one record per call) to 4 watcher processes on "
+                  "one prefix; the stalled one reads nothing until the writer is done and the "
+                  "fast ones have finished, then reads until it has every record (or nothing "
+                  f"came for {P.idle_s:g} s; etcd 3 s). shmwatch here: "
+                  "`broker.spawn(watch_ring_bytes=64<<10, log_bytes=256<<20)`, so the stalled "
+                  "watcher's ring fills and it becomes a victim that replays from the log.", "",
+                  "| transport | fast watcher rate, 3 fast | with 1 stalled | kept | "
+                  "stalled one got (per repetition) | its catch-up (s) |",
+                  "|---|---|---|---|---|---|"]
+            for tn in self.order("W4"):
+                g = lambda v, k, tn=tn: self.get("W4", v, tn, k)
+                got = g("3 fast + 1 stalled", "stalled_got")
+                sent = g("3 fast + 1 stalled", "sent")
+                gs = ", ".join(f"{x:,}/{y:,}" for x, y in zip(got, sent)) or "-"
+                kept = g("kept", "kept")
+                kc = pct_cell(kept)
+                L.append(f"| {LABELS[tn]} | {cell(g('3 fast', 'fast_rate'))} | "
+                         f"{cell(g('3 fast + 1 stalled', 'fast_rate'))} | {kc} | {gs} | "
+                         f"{cell(g('3 fast + 1 stalled', 'catchup_s'))} |")
+            fl = []
+            for tn in self.order("W4"):
+                for v in ("3 fast", "3 fast + 1 stalled"):
+                    d = self.get("W4", v, tn, "fast_delivered")
+                    if d and min(d) < 1.0:
+                        fl.append(f"{LABELS[tn]} ({v}): the fast watchers got only "
+                                  f"{min(d) * 100:.1f}% of the records in the worst repetition")
+            if fl:
+                L += [""] + ["- " + x for x in fl]
+            L += [""]
+        if "W5" in self.R:
+            L += ["## W5 many watchers (shmwatch)", "",
+                  "N watches (single keys, or ranges of 10 keys) held by "
+                  f"min(N, {P.w5_procs}) processes (many watches per client), broker "
+                  "`watch_ring_bytes=16<<10, rings_per_arena=256`; one writer puts "
+                  "synchronously for "
+                  f"{P.w5_dur:g} s, 1 write in 100 to a watched key (round robin), the rest to "
+                  "keys nobody watches (for ranges: between the ranges). Broker CPU is "
+                  "psutil user+system time of the broker process over the writing, per write.",
+                  "", "| watchers | write rate /s | broker CPU per write (us) | "
+                  "events delivered / expected | set-up (s) |", "|---|---|---|---|---|"]
+            for v in self.R["W5"]:
+                g = lambda k, v=v: self.get("W5", v, "shmwatch", k)
+                dl = ", ".join(f"{a}/{e}" for a, e in zip(g("delivered"), g("expected")))
+                L.append(f"| {v} | {cell(g('write_rate'))} | {cell(g('cpu_us_per_write'), 'us')}"
+                         f" | {dl} | {cell(g('setup_s'))} |")
+            for kind in ("keys", "ranges"):
+                one = self.get("W5", f"{kind} 1", "shmwatch", "write_rate")
+                big = max((n for n in P.w5_counts), default=1)
+                many = self.get("W5", f"{kind} {big}", "shmwatch", "write_rate")
+                r = ratios(many, one)
+                if r:
+                    L.append("")
+                    L.append(f"- {kind}: write rate with {big:,} watchers / with 1: "
+                             f"{ratio_cell(r)}")
+            L += [""]
+        if "MEM" in self.R:
+            L += ["## Memory: broker RSS with stalled watchers (shmwatch)", "",
+                  f"{P.mem_watchers:,} watchers on one prefix in 2 processes that never read "
+                  "(each becomes a victim once its 16 KiB ring is full: it keeps one pending "
+                  "response and replays from the log later), while one writer commits "
+                  f"{P.mem_writes:,} puts (txns of 64, 1,000 distinct keys); broker with "
+                  "`log_bytes=16<<20` so the log wraps and compacts. Beside it the same writes "
+                  "with no watcher. RssAnon is the broker's private memory (heap); VmRSS adds "
+                  "the shared-memory pages it touched (log, rings). Measured once per run.",
+                  "", "| broker | " + " | ".join(
+                      f"after {w:,} writes" for w in self.mem_points()) + " |",
+                  "|---|" + "---|" * len(self.mem_points())]
+            for v in self.R["MEM"]:
+                row = []
+                for w in self.mem_points():
+                    a = summary(self.get("MEM", v, "shmwatch", f"anon@{w}"))["median"]
+                    r = summary(self.get("MEM", v, "shmwatch", f"rss@{w}"))["median"]
+                    row.append("-" if a is None else f"{a:.1f} / {r:.1f} MiB")
+                L.append(f"| {v} (RssAnon / VmRSS) | " + " | ".join(row) + " |")
+            L += [""]
+        if b.errors:
+            L += ["## Failed trials", ""] + [f"- {e.splitlines()[0]}" for e in b.errors] + [""]
+        return "\n".join(L) + "\n"
+
+    def mem_points(self) -> list[int]:
+        pts = set()
+        for v in self.R.get("MEM", {}).values():
+            for k in v.get("shmwatch", {}):
+                if k.startswith("anon@"):
+                    pts.add(int(k[5:]))
+        return sorted(pts)
+
+    def loss_lines(self, wl, variants) -> list[str]:
+        out = []
+        for tn in self.order(wl):
+            for v in variants:
+                d = self.get(wl, v, tn, "delivered")
+                if d and min(d) < 0.999:
+                    out.append(f"- {LABELS[tn]} ({v}) dropped records: it delivered "
+                               f"{min(d) * 100:.1f}% of them in the worst repetition.")
+        return ([""] + out) if out else []
+
+    def as_json(self) -> dict:
+        wl = {}
+        for w, variants in self.R.items():
+            wl[w] = {v: {tn: {k: {"values": xs, **summary(xs)} for k, xs in metrics.items()}
+                         for tn, metrics in ts.items()} for v, ts in variants.items()}
+        return {"machine": self.m, "profile": asdict(self.b.prof),
+                "skipped": self.b.runner.skipped, "errors": self.b.errors,
+                "elapsed_s": self.elapsed, "targets": self.targets, "workloads": wl}
+
+
+# =============================================================================== main
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="tools/bench", description=__doc__.split("\n\n")[0])
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--quick", action="store_true",
+                   help="short trials (whole run a few minutes)")
+    g.add_argument("--smoke", action="store_true",
+                   help="every workload tiny (seconds); writes BENCHMARKS.md only with --out")
+    p.add_argument("--reps", type=int, default=None, help="repetitions (default 3; smoke 1)")
+    p.add_argument("--only", default=None,
+                   help="comma-separated workloads: " + ",".join(WORKLOADS))
+    p.add_argument("--peers", default=",".join(PEERS),
+                   help="comma-separated peers to run (default: all installed): "
+                        + ",".join(PEERS) + "; '' for none")
+    p.add_argument("--out", default=None, help="markdown report (default BENCHMARKS.md, "
+                   "not written by --smoke unless given)")
+    p.add_argument("--json", default=None, help="also write every figure as JSON here")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    a = parse_args(argv)
+    prof = PROFILES["smoke" if a.smoke else "quick" if a.quick else "full"]
+    if a.reps is not None:
+        if a.reps < 1:
+            _log("--reps must be >= 1")
+            return 2
+        prof = Profile(**{**asdict(prof), "reps": a.reps})
+    only = WORKLOADS if not a.only else [w.strip().upper() for w in a.only.split(",")
+                                          if w.strip()]
+    bad = [w for w in only if w not in WORKLOADS]
+    if bad:
+        _log(f"unknown workload(s) {bad}; choose from {','.join(WORKLOADS)}")
+        return 2
+    peers = [x.strip().lower() for x in a.peers.split(",") if x.strip()]
+    badp = [x for x in peers if x not in PEERS]
+    if badp:
+        _log(f"unknown peer(s) {badp}; choose from {','.join(PEERS)}")
+        return 2
+    out = a.out if a.out is not None else (None if a.smoke else "BENCHMARKS.md")
+    shm_before = _shm_ours()
+    machine = machine_info(argv)
+    _log(f"shmwatch bench ({prof.name}): {machine['cpu']}, {machine['cores']} cores, "
+         f"Python {machine['python']}")
+    t0 = time.monotonic()
+    bench = Bench(prof, list(only), peers)
+    interrupted = False
+    try:
+        bench.run()
+    except KeyboardInterrupt:
+        interrupted = True
+        _log("interrupted: stopping every process this run started")
+    finally:
+        bench.runner.stop_servers()
+        REG.stop_all()
+    left = sorted(_shm_ours() - shm_before)
+    if left:
+        _log(f"warning: left in /dev/shm: {left}")
+        bench.errors.append(f"left in /dev/shm: {left}")
+    if interrupted:
+        return 130
+    rep = Report(bench, machine, time.monotonic() - t0)
+    rep.compute_targets()
+    if out:
+        with open(out, "w") as f:
+            f.write(rep.markdown())
+        _log(f"wrote {out}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(rep.as_json(), f, indent=1, default=str)
+        _log(f"wrote {a.json}")
+    for t in rep.targets:
+        met = {True: "met", False: "NOT met", None: "not measured"}[t["met"]]
+        _log(f"target: {t['target']}: {t['measured']} -> {met}")
+    shm_failed = [e for e in bench.errors if "shmwatch" in e or e.startswith(("W5", "MEM"))
+                  or "/dev/shm" in e]
+    return 1 if shm_failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
