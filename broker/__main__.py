@@ -37,6 +37,15 @@ def add_broker_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-watchers-per-sync", type=int, default=d.max_watchers_per_sync)
     p.add_argument("--mode", type=lambda s: int(s, 8), default=d.mode,
                    help="permission bits of segments and semaphores (octal, default 600)")
+    p.add_argument("--data-dir", default=None,
+                   help="keep a write-ahead log and snapshots here; a restarted broker "
+                        "recovers every acknowledged write (default: memory only)")
+    p.add_argument("--fsync", choices=("always", "batch", "never"), default=d.fsync,
+                   help="with --data-dir: fsync before replying (always, the default, "
+                        "as etcd), every ~10-50 ms (batch), or never; all survive a "
+                        "killed broker, only 'always' survives a machine crash")
+    p.add_argument("--snapshot-every", type=int, default=d.snapshot_every,
+                   help="WAL records between snapshots (default 100000)")
 
 
 def config_from_args(a: argparse.Namespace) -> BrokerConfig:
@@ -47,6 +56,7 @@ def config_from_args(a: argparse.Namespace) -> BrokerConfig:
         rings_per_arena=a.rings_per_arena,
         progress_notify_interval=a.progress_notify_interval,
         max_watchers_per_sync=a.max_watchers_per_sync, mode=a.mode,
+        data_dir=a.data_dir, fsync=a.fsync, snapshot_every=a.snapshot_every,
     )
 
 
@@ -77,7 +87,13 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s broker %(levelname)s %(message)s")
     if a.parent_pid:
         _die_with_parent(a.parent_pid)
-    run(config_from_args(a), ready_fd=a.ready_fd)
+    from .server import BrokerRunning
+
+    try:
+        run(config_from_args(a), ready_fd=a.ready_fd)
+    except BrokerRunning as exc:
+        print(f"broker: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

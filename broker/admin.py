@@ -10,7 +10,7 @@ import os
 import time
 
 from shm import layout as L
-from shm.errors import ShmError
+from shm.errors import SegmentNotFound, ShmError
 from shm.lock import is_locked
 from shm.segment import Segment
 
@@ -38,6 +38,8 @@ def broker_info(name: str) -> dict:
     segment without talking to it; `state` is "alive" or "stale"."""
     try:
         seg = Segment.open(f"/shmwatch.{name}.ctl", kind=L.KIND_CTL)
+    except SegmentNotFound:
+        return {"name": name, "pid": 0, "state": "absent", "revision": 0, "clients": 0}
     except ShmError as exc:
         return {"name": name, "pid": 0, "state": "broken", "revision": 0, "clients": 0,
                 "error": str(exc)}

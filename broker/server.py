@@ -50,7 +50,9 @@ from shm.revlog import RevLog, revlog_bytes
 from shm.ring import Ring, ring_bytes
 from shm.segment import Segment, new_boot_id, shm_name
 
+from .admin import broker_info, cleanup_stale
 from .mvcc import MVCCStore, events_at_compact_rev
+from .wal import KIND_COMPACT, KIND_KV, DataDir
 from .watch import Watcher, WatchCore
 
 log = logging.getLogger("shmwatch.broker")
@@ -79,6 +81,13 @@ class BrokerConfig:
     progress_notify_interval: float = 600.0  # etcd's default: 10 minutes
     max_watchers_per_sync: int = 512  # etcd's maxWatchersPerSync
     mode: int = 0o600
+    data_dir: str | None = None  # durability: WAL + snapshots; None = in memory only
+    fsync: str = "always"  # always | batch | never (see broker/wal.py)
+    snapshot_every: int = 100_000  # WAL records between snapshots
+
+
+class BrokerRunning(RuntimeError):
+    """A live broker already holds this name."""
 
 
 class ClientConn:
@@ -123,11 +132,25 @@ class Broker:
         )
         self.clients: dict[int, ClientConn] = {}
         self._stopping = False
-        self._segments: list[Segment] = []
-        self._created: list[str] = []
         self.writes = 0
         self.started = time.time()
-        self._create_shared()
+        self._held: list[tuple[ClientConn, bytes]] = []  # replies waiting for the commit
+        self._pending: list[tuple[int, list[Event]]] = []  # revisions not yet notified
+        self.wal: DataDir | None = None
+        self._replaying = False
+        if cfg.data_dir:
+            self.wal = DataDir(cfg.data_dir, cfg.fsync)
+            self.cluster_id = self.wal.cluster_id(self.cluster_id)
+        try:
+            self._create_shared()
+            if self.wal is not None:
+                self._recover()
+        except BaseException:
+            if self.wal is not None:
+                self.wal.close()
+            self._unlink_all()
+            raise
+        self.words[L.CTL_CLUSTER_ID] = self.cluster_id
 
     # ------------------------------------------------------------ set-up / tear-down
 
@@ -136,13 +159,19 @@ class Broker:
 
     def _create_shared(self) -> None:
         cfg = self.cfg
+        info = broker_info(cfg.name)
+        if info["state"] == "alive":
+            raise BrokerRunning(f"a broker named {cfg.name!r} is already running "
+                                f"(pid {info['pid']})")
+        removed = cleanup_stale(cfg.name)
+        if removed:
+            log.warning("removed what a dead broker named %r left: %s", cfg.name,
+                        ", ".join(removed))
         try:
             self.ctl = Segment.create(self._name("ctl"), L.ctl_payload_size(cfg.max_clients),
                                       kind=L.KIND_CTL, boot_id=self.boot_id, mode=cfg.mode)
         except SegmentExists:
-            raise SegmentExists(
-                f"a broker named {cfg.name!r} already exists (or left segments behind: "
-                f"`shmwatch cleanup`)") from None
+            raise BrokerRunning(f"a broker named {cfg.name!r} is starting") from None
         try:
             self.words = self.ctl.payload.cast("Q")
             if not try_lock(self.ctl.fd, L.BROKER_LOCK_BYTE):
@@ -188,11 +217,48 @@ class Broker:
                 seg.close()
         Doorbell.unlink_name(self._name("bell"))
 
+    def _recover(self) -> None:
+        """Rebuild the store and the revision log from the data directory."""
+        snap, records = self.wal.load()
+        if snap is not None:
+            self.mvcc = MVCCStore.restore(snap["mvcc"])
+            for rev, payload in snap["log"]:
+                self.log.append(rev, payload)
+        self._replaying = True
+        try:
+            for kind, body in records:
+                if kind == KIND_KV:
+                    self._apply(decode_op(body), body)
+                elif kind == KIND_COMPACT:
+                    self._do_compact(body)
+            self._commit_batch()
+        finally:
+            self._replaying = False
+        self.core.cur_rev = self.mvcc.rev
+        self.core.compact_rev = self.mvcc.compact_rev
+        self.words[L.CTL_REVISION] = self.mvcc.rev
+        self.words[L.CTL_COMPACT_REV] = self.mvcc.compact_rev
+        log.info("recovered revision %d (compacted at %d) from %s: snapshot %s, %d WAL records",
+                 self.mvcc.rev, self.mvcc.compact_rev, self.cfg.data_dir,
+                 "yes" if snap else "no", len(records))
+
+    def _snapshot(self) -> None:
+        self._commit_batch()
+        lo = self.log.oldest_rev
+        entries = [[rev, payload] for rev, payload in self.log.read_from(lo)] if lo else []
+        self.wal.snapshot({"mvcc": self.mvcc.snapshot(), "log": entries})
+
     def close(self) -> None:
         """Unlink every shared object of this broker. Idempotent."""
         if getattr(self, "_closed", False):
             return
         self._closed = True
+        try:
+            self._commit_batch()
+        except Exception:
+            log.exception("final commit failed")
+        if self.wal is not None:
+            self.wal.close()
         if hasattr(self, "words"):
             self.words[L.CTL_STATE] = L.CTL_STATE_STOPPING
         self._unlink_all()
@@ -279,19 +345,42 @@ class Broker:
                     break
                 if c.backlog:
                     break
+        if worked:
+            self._commit_batch()
         return worked
+
+    def _commit_batch(self) -> None:
+        """Make the batch's writes durable, then notify watchers, then publish replies
+        (so a reply means the write is logged and its watchers can see it)."""
+        if self.wal is not None and not self._replaying:
+            self.wal.commit(time.monotonic())
+        if self._pending:
+            notify = self.core.notify
+            for rev, events in self._pending:
+                notify(rev, events)
+            self._pending.clear()
+        if self._held:
+            touched = set()
+            for c, data in self._held:
+                if c.resp is None:
+                    continue  # reclaimed meanwhile
+                if c.backlog:
+                    c.backlog.append([data, 0])
+                    continue
+                off = c.resp.write(data, 0)
+                if off != len(data):
+                    c.backlog.append([data, off])
+                touched.add(c)
+            self._held.clear()
+            woken = self.core.woken
+            for c in touched:
+                c.resp.publish()
+                woken.add(c)
 
     # ------------------------------------------------------------ requests
 
     def _reply(self, c: ClientConn, data: bytes) -> None:
-        if c.backlog:
-            c.backlog.append([data, 0])
-            return
-        off = c.resp.write(data, 0)
-        c.resp.publish()
-        self.core.woken.add(c)
-        if off != len(data):
-            c.backlog.append([data, off])
+        self._held.append((c, data))
 
     def _flush_backlog(self, c: ClientConn) -> bool:
         while c.backlog:
@@ -320,8 +409,11 @@ class Broker:
             if op == OP_KV:
                 if len(msg) != 3:
                     raise errors.ProtocolError("shmwatch: malformed request")
-                self._reply(c, encode_reply(req_id, self._apply(decode_op(msg[2]))))
-            elif op == OP_WATCH_CREATE:
+                self._reply(c, encode_reply(req_id, self._apply(decode_op(msg[2]), msg[2])))
+                return True
+            # Anything else sees the store as committed and notified so far.
+            self._commit_batch()
+            if op == OP_WATCH_CREATE:
                 self._reply(c, encode_reply(req_id, self._watch_create(c, msg)))
             elif op == OP_WATCH_CANCEL:
                 self._watch_cancel(c, msg)
@@ -345,9 +437,11 @@ class Broker:
             self._reply(c, encode_error(req_id, errors.ShmwatchError(f"shmwatch: internal error: {exc!r}")))
         return True
 
-    def _apply(self, op) -> list:
+    def _apply(self, op, raw) -> list:
         resp, events = self.mvcc.apply(op)
         if events:
+            if self.wal is not None and not self._replaying:
+                self.wal.append(KIND_KV, raw)
             self._commit(self.mvcc.rev, events)
         return encode_response(resp)
 
@@ -365,7 +459,7 @@ class Broker:
         if evicted:
             self._compact_to(self.log.oldest_rev or rev)
         self.words[L.CTL_REVISION] = rev
-        self.core.notify(rev, events)
+        self._pending.append((rev, events))
 
     def _compact_to(self, rev: int) -> None:
         if rev > self.mvcc.compact_rev:
@@ -376,11 +470,18 @@ class Broker:
     def _compact(self, msg) -> list:
         if len(msg) != 3 or not isinstance(msg[2], int):
             raise errors.ProtocolError("shmwatch: malformed compact request")
-        resp = self.mvcc.compact(msg[2])
-        self.log.truncate_before(msg[2])
+        resp = self._do_compact(msg[2])
+        if self.wal is not None:
+            self.wal.append(KIND_COMPACT, msg[2])
+            self._commit_batch()
+        return encode_response(resp)
+
+    def _do_compact(self, rev: int):
+        resp = self.mvcc.compact(rev)
+        self.log.truncate_before(rev)
         self.core.compact_rev = self.mvcc.compact_rev
         self.words[L.CTL_COMPACT_REV] = self.core.compact_rev
-        return encode_response(resp)
+        return resp
 
     def _read_history(self, lo: int, hi: int):
         compact_rev = self.mvcc.compact_rev
@@ -544,6 +645,11 @@ class Broker:
         w = self.words
         w[L.CTL_HEARTBEAT_NS] = time.time_ns()
         self._house_passes = getattr(self, "_house_passes", 0) + 1
+        if self.wal is not None:
+            self.wal.commit(time.monotonic())  # fsync=batch: sync what is waiting
+            if (self.wal.records_since_snapshot >= self.cfg.snapshot_every
+                    or self.wal.bytes_since_snapshot >= 256 << 20):
+                self._snapshot()
         if self._house_passes % STATS_EVERY == 1:
             self._publish_stats()
         seq = w[L.CTL_REG_SEQ]

@@ -97,6 +97,8 @@ class Client:
         self._seg: Segment | None = None
         self._bell: Doorbell | None = None
         self._ctl: Segment | None = None
+        self.generation = 0  # bumped by every reconnect()
+        self._user_closed = False
         deadline = time.monotonic() + timeout
         try:
             self._attach(deadline)
@@ -126,6 +128,7 @@ class Client:
             time.sleep(0.001)
         self._check_alive()
         self._boot_id = self._ctl.boot_id
+        self._cluster_id = words[L.CTL_CLUSTER_ID]
         self.max_request_bytes = words[L.CTL_MAX_REQUEST_BYTES]
         self._rings_per_arena = words[L.CTL_RINGS_PER_ARENA]
         self._watch_ring_size = ring_bytes(words[L.CTL_WATCH_RING])
@@ -171,6 +174,7 @@ class Client:
 
     def close(self) -> None:
         """Leave the broker: it drops this client's watches and unlinks its rings."""
+        self._user_closed = True
         if self._closed:
             return
         self._closed = True
@@ -185,7 +189,12 @@ class Client:
 
     def _release(self) -> None:
         for w in list(self._watches.values()):
+            if w._ring is not None:
+                w._ring.release()
             w._ring = None
+        for ring in (getattr(self, "_req", None), getattr(self, "_resp", None)):
+            if ring is not None:
+                ring.release()
         self._req = self._resp = None  # type: ignore[assignment]
         for seg in self._arenas:
             seg.close()
@@ -200,6 +209,51 @@ class Client:
         if self._ctl is not None:
             self._ctl.close()  # closing the descriptor drops our slot lock
         self._closed = True
+
+    def reconnect(self, timeout: float | None = None) -> None:
+        """Attach again to a broker of the same name after the old one went away.
+
+        Watches created with `resume=True` are re-created from the revision after the
+        last one they delivered (no gap, no duplicate; a compaction cancel if that
+        revision is gone); other watches end with `BrokerUnavailable`. A broker that
+        restarted without its data (a new cluster id: revisions start over) is refused
+        with `BrokerUnavailable` rather than silently resetting revisions.
+        """
+        deadline = self._deadline(timeout)
+        with self._send_lock, self._cond:
+            old_cluster = self._cluster_id
+            watches = sorted(self._watches.values(), key=lambda w: w.watch_id)
+            self._release()
+            self._replies.clear()
+            self._abandoned.clear()
+            self._free_rings.clear()
+            self._watches.clear()
+            self._seg = self._bell = self._ctl = None
+            self._broker_bell = None
+            while True:
+                self._closed = False
+                try:
+                    self._attach(deadline)
+                    break
+                except (errors.BrokerUnavailable, errors.Timeout):
+                    self._release()
+                    self._seg = self._bell = self._ctl = None
+                    self._broker_bell = None
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
+            self.generation += 1
+            if self._cluster_id != old_cluster:
+                for w in watches:
+                    w._lost()
+                raise errors.BrokerUnavailable(
+                    f"shmwatch: broker {self.name!r} restarted without its data (new cluster "
+                    f"id): revisions start over, so watches cannot resume")
+        for w in watches:
+            if w._resume and not w._final:
+                w._recreate(timeout)
+            else:
+                w._lost()
 
     def __enter__(self) -> "Client":
         return self
@@ -362,11 +416,12 @@ class Client:
     def watch(self, key, range_end=None, prefix: bool = False, start_revision: int = 0,
               prev_kv: bool = False, filters: Iterable[str] = (), progress_notify: bool = False,
               fragment: bool = False, watch_id: int | None = None, *,
-              timeout: float | None = None) -> "Watch":
+              resume: bool = False, timeout: float | None = None) -> "Watch":
         """etcd Watch on one key, a range, a prefix or every key >= key.
 
         Returns a `Watch` whose first response is the `created` one. A refused watch
         (key >= range_end, duplicate watch_id) yields created+canceled with etcd's reason.
+        With `resume=True` the watch survives a broker restart (see `reconnect()`).
         """
         k, end = resolve_range(key, range_end, prefix)
         bits = 0
@@ -374,27 +429,32 @@ class Client:
             if f not in _FILTERS:
                 raise ValueError(f"unknown watch filter {f!r} (noput, nodelete)")
             bits |= _FILTERS[f]
+        spec = [k, end, int(start_revision), bool(prev_kv), bits, bool(progress_notify),
+                bool(fragment)]
+        wid, rev, reason, ring_slot, ring = self._create_watch(spec, int(watch_id or 0), timeout)
+        if wid < 0:
+            err = (errors.DuplicateWatchIdError(reason) if "duplicate" in reason
+                   else errors.InvalidRangeError(reason))
+            return Watch(self, -1, None, None, refused=(rev, reason, err))
+        w = Watch(self, wid, ring_slot, ring, spec=spec, resume=resume)
+        with self._cond:
+            self._watches[wid] = w
+        return w
+
+    def _create_watch(self, spec: list, want_id: int, timeout: float | None):
         ring_slot = self._take_ring(timeout)
         try:
             wid, rev, reason = self._call(
-                [OP_WATCH_CREATE, 0, ring_slot[0], ring_slot[1], k, end, int(start_revision),
-                 bool(prev_kv), bits, bool(progress_notify), bool(fragment), int(watch_id or 0)],
-                timeout)
+                [OP_WATCH_CREATE, 0, ring_slot[0], ring_slot[1], *spec, want_id], timeout)
         except BaseException:
             self._free_rings.append(ring_slot)
             raise
         if wid < 0:
             self._free_rings.append(ring_slot)
-            err = (errors.DuplicateWatchIdError(reason) if "duplicate" in reason
-                   else errors.InvalidRangeError(reason))
-            return Watch(self, -1, None, None, refused=(rev, reason, err))
+            return wid, rev, reason, None, None
         a, i = ring_slot
         rs = self._watch_ring_size
-        ring = Ring(self._arenas[a].payload[i * rs:(i + 1) * rs])
-        w = Watch(self, wid, ring_slot, ring)
-        with self._cond:
-            self._watches[wid] = w
-        return w
+        return wid, rev, reason, ring_slot, Ring(self._arenas[a].payload[i * rs:(i + 1) * rs])
 
     def _take_ring(self, timeout: float | None) -> tuple[int, int]:
         with self._cond:
@@ -429,7 +489,7 @@ class Watch:
     """
 
     def __init__(self, client: Client, watch_id: int, ring_slot, ring: Ring | None,
-                 refused: tuple | None = None):
+                 refused: tuple | None = None, spec: list | None = None, resume: bool = False):
         self._client = client
         self.watch_id = watch_id
         self._ring_slot = ring_slot
@@ -437,6 +497,10 @@ class Watch:
         self._buf: deque[WatchResponse] = deque()
         self._final = False  # the canceled response is in _buf or was returned
         self._error: errors.ShmwatchError | None = None
+        self._spec = spec
+        self._resume = resume
+        self._next_rev = spec[2] if spec else 0  # where a resumed watch starts
+        self._skip_created = False
         if refused is not None:
             rev, reason, err = refused
             self._buf.append(WatchResponse(watch_id=-1, revision=rev, created=True,
@@ -453,6 +517,16 @@ class Watch:
                 if data is None:
                     break
                 kind, resp = decode_watch_response(data, self.watch_id)
+                if resp.events:
+                    self._next_rev = resp.events[-1].kv.mod_revision + 1
+                elif resp.created:
+                    if self._skip_created:
+                        self._skip_created = False
+                        continue  # a resumed watch's re-creation is invisible
+                    if not self._next_rev:
+                        self._next_rev = resp.revision + 1
+                elif not resp.canceled and resp.revision >= self._next_rev:
+                    self._next_rev = resp.revision + 1  # progress: nothing before it is owed
                 self._buf.append(resp)
                 if kind == W_CANCELED:
                     self._final = True
@@ -492,13 +566,49 @@ class Watch:
             if self._pull():
                 return self._buf.popleft()
         self._raise_if_over()
-        if not c._wait(lambda: self._pull() or self._final, self._ready, deadline):
+        while True:
+            gen = c.generation
+            try:
+                ok = c._wait(lambda: self._pull() or self._final, self._ready, deadline)
+                break
+            except errors.BrokerUnavailable:
+                if not self._resume or c._user_closed:
+                    self._lost()
+                    raise
+                if c.generation == gen:  # else another thread reconnected already
+                    c.reconnect()
+        if not ok:
             raise errors.Timeout("shmwatch: no watch response within the timeout")
         with c._cond:
             if self._buf:
                 return self._buf.popleft()
         self._raise_if_over()
         raise errors.Timeout("shmwatch: no watch response within the timeout")
+
+    def _lost(self) -> None:
+        """The broker went away and this watch does not resume: it is over."""
+        self._ring = None
+        self._ring_slot = None
+        if not self._final:
+            self._final = True
+            self._error = errors.BrokerUnavailable(
+                f"shmwatch: broker {self._client.name!r} is gone; the watch ended")
+
+    def _recreate(self, timeout: float | None) -> None:
+        """Re-create this watch on a reconnected client from `_next_rev`."""
+        c = self._client
+        spec = list(self._spec)
+        spec[2] = self._next_rev
+        wid, rev, reason, ring_slot, ring = c._create_watch(spec, self.watch_id, timeout)
+        if wid < 0:
+            self._lost()
+            return
+        self.watch_id = wid
+        self._ring_slot = ring_slot
+        self._ring = ring
+        self._skip_created = True
+        with c._cond:
+            c._watches[wid] = self
 
     def _raise_if_over(self) -> None:
         if self._final and not self._buf:

@@ -308,6 +308,9 @@ class Transport:
     def pace(self, rate: float) -> float:
         return rate
 
+    def stats(self, env: dict) -> dict | None:
+        return None
+
 
 # ------------------------------------------------------------------------------ shmwatch
 
@@ -378,6 +381,18 @@ class ShmwatchT(Transport):
         REG.brokers.append(b)
         self.handles[b.name] = b
         return {"name": b.name, "pid": b.pid}
+
+    def stats(self, env):
+        """The broker's own counters (published ~5 times a second)."""
+        from broker.admin import read_stats
+
+        time.sleep(0.4)
+        try:
+            st = read_stats(env["name"])
+        except Exception as exc:  # an older broker without stats: not fatal
+            return {"error": repr(exc)}
+        return {k: st.get(k) for k in ("writes", "events_delivered", "victims_entered",
+                                       "catchups", "compactions", "pending_events")}
 
     def cleanup(self, env):
         b = self.handles.pop(env["name"], None)
@@ -1017,6 +1032,10 @@ def _writer_loop(w, trial: Trial, idx: int, sync: Sync) -> dict:
         ls = sorted(late)
         res["late_p50_us"] = pctl(ls, 50) / 1000
         res["late_p99_us"] = pctl(ls, 99) / 1000
+        res["late_max_us"] = (ls[-1] if ls else 0) / 1000
+        # stall episodes: runs of records sent > 5 ms late (one stall delays many records)
+        res["stalls"] = sum(1 for i, x in enumerate(late)
+                            if x > 5_000_000 and (i == 0 or late[i - 1] <= 5_000_000))
     return res
 
 
@@ -1063,8 +1082,10 @@ def _reader_loop(r, trial: Trial, idx: int, sync: Sync) -> dict:
 
 
 class Runner:
-    def __init__(self, prof: Profile, peers: list[str]):
+    def __init__(self, prof: Profile, peers: list[str], profile_dir: str | None = None):
         self.prof = prof
+        self.profile_dir = profile_dir
+        self.profiles: list[dict] = []
         self.transports: dict[str, Transport] = {"shmwatch": ShmwatchT()}
         self.skipped: dict[str, str] = {}
         self.trial_no = 0
@@ -1148,10 +1169,14 @@ class Runner:
                 spawn("writer", i)
             expect("ready", "writer", trial.writers, 60)
             pid = env.get("pid")
+            spies = self._start_spies(trial, env, procs) if self.profile_dir else []
             cpu0 = cpu_seconds(pid) if pid else None
             sync.go.set()
-            wres = expect("result", "writer", trial.writers, trial.duration + 120)
-            cpu1 = cpu_seconds(pid) if pid else None
+            try:
+                wres = expect("result", "writer", trial.writers, trial.duration + 120)
+            finally:
+                cpu1 = cpu_seconds(pid) if pid else None
+                self._stop_spies(spies)
             sent = sum(w["sent"] for w in wres)
             sync.target.value = max(sent, 1)
             fast_n = trial.readers - trial.stalled
@@ -1167,6 +1192,8 @@ class Runner:
                    "wall_s": time.monotonic() - timeline}
             if cpu0 is not None:
                 out["broker_cpu_s"] = cpu1 - cpu0
+            if trial.workload == "W4":
+                out["stats"] = t.stats(env)
             return out
         finally:
             sync.go.set()
@@ -1179,6 +1206,86 @@ class Runner:
             t.cleanup(env)
 
 
+    # ------------------------------------------------------------ --profile (py-spy)
+
+    def _start_spies(self, trial: Trial, env: dict, procs) -> list:
+        """py-spy on the broker, writer 0 and reader 0 of a shmwatch trial."""
+        if trial.transport != "shmwatch" or not shutil.which("py-spy"):
+            return []
+        os.makedirs(self.profile_dir, exist_ok=True)
+        n = sum(1 for p in self.profiles if p["workload"] == trial.workload
+                and p["variant"] == trial.variant) // 3 + 1
+        slug = f"{trial.workload}-{trial.variant.replace(' ', '_')}-{n}"
+        targets = [("broker", env["pid"]), ("writer", procs[trial.readers].pid),
+                   ("reader", procs[0].pid)]
+        spies = []
+        for role, pid in targets:
+            path = os.path.join(self.profile_dir, f"{slug}-{role}.txt")
+            sp = subprocess.Popen(
+                [shutil.which("py-spy"), "record", "--pid", str(pid), "--rate", "200",
+                 "--nonblocking", "--nolineno", "--format", "raw", "-o", path],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            REG.servers.append(sp)
+            spies.append((sp, path, role, time.monotonic()))
+            self.profiles.append({"workload": trial.workload, "variant": trial.variant,
+                                  "role": role, "path": path})
+        time.sleep(1.0)  # py-spy attaches
+        now = time.monotonic()
+        return [(sp, path, role, now) for sp, path, role, _ in spies]
+
+    def _stop_spies(self, spies) -> None:
+        for sp, path, role, t0 in spies:
+            for p in self.profiles:
+                if p["path"] == path:
+                    p["seconds"] = time.monotonic() - t0
+            if sp.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(sp.pid, signal.SIGINT)  # py-spy writes its file on SIGINT
+        for sp, *_ in spies:
+            try:
+                sp.wait(20)
+            except subprocess.TimeoutExpired:
+                stop_server(sp)
+            if sp in REG.servers:
+                REG.servers.remove(sp)
+
+
+def summarize_profile(path: str, seconds: float, rate: int = 200, top: int = 12) -> str:
+    """Top functions of a py-spy raw (collapsed stacks) file: self and inclusive shares of
+    the samples where the process was running Python (idle waits are not sampled)."""
+    self_c: dict[str, int] = {}
+    incl: dict[str, int] = {}
+    total = 0
+    try:
+        with open(path) as f:
+            for line in f:
+                stack, _, n = line.rstrip("\n").rpartition(" ")
+                if not stack or not n.isdigit():
+                    continue
+                n = int(n)
+                frames = [fr for fr in stack.split(";") if not fr.startswith(("process ",
+                                                                              "thread "))]
+                if not frames:
+                    continue
+                total += n
+                self_c[frames[-1]] = self_c.get(frames[-1], 0) + n
+                for fr in set(frames):
+                    incl[fr] = incl.get(fr, 0) + n
+    except OSError as exc:
+        return f"(no profile: {exc})"
+    if not total:
+        return "(no samples)"
+    busy = total / max(rate * seconds, 1)
+    lines = [f"{total} samples over {seconds:.1f} s: busy ~{busy * 100:.0f}% of one core "
+             f"(py-spy samples only running code)", "", "| self % | function |", "|---|---|"]
+    for fr, c in sorted(self_c.items(), key=lambda kv: -kv[1])[:top]:
+        lines.append(f"| {c / total * 100:.1f} | `{fr}` |")
+    lines += ["", "| inclusive % | function |", "|---|---|"]
+    for fr, c in sorted(incl.items(), key=lambda kv: -kv[1])[:top + 4]:
+        lines.append(f"| {c / total * 100:.1f} | `{fr}` |")
+    return "\n".join(lines)
+
+
 def _rate(count: int, start: int, last: int) -> float:
     if count <= 0 or last <= start:
         return 0.0
@@ -1189,14 +1296,16 @@ def _rate(count: int, start: int, last: int) -> float:
 
 
 class Bench:
-    def __init__(self, prof: Profile, only: list[str], peers: list[str]):
+    def __init__(self, prof: Profile, only: list[str], peers: list[str],
+                 profile_dir: str | None = None):
         self.prof = prof
         self.only = only
-        self.runner = Runner(prof, peers)
+        self.runner = Runner(prof, peers, profile_dir)
         # results[workload][variant][transport][metric] = [value per repetition]
         self.results: dict = {}
         self.errors: list[str] = []
         self.notes: dict[str, list[str]] = {}
+        self.rep = 0
 
     # ------------------------------------------------------------ recording
 
@@ -1276,9 +1385,13 @@ class Bench:
             self.put("W3", "paced", tn, "p999", p999)
             self.put("W3", "paced", tn, "samples", len(xs))
             self.put("W3", "paced", tn, "late_p99", w.get("late_p99_us"))
+            self.put("W3", "paced", tn, "late_max", w.get("late_max_us"))
+            self.put("W3", "paced", tn, "stalls", w.get("stalls"))
+            self.put("W3", "paced", tn, "max", pctl(xs, 100) / 1000)
             _log(f"  W3 {tn:9} at {rate:,.0f}/s  p50 {p50:8.1f}  p99 {p99:8.1f}  "
-                 f"p99.9 {p999:8.1f} us  ({len(xs)} samples; writer late p99 "
-                 f"{w.get('late_p99_us', 0):.0f} us)")
+                 f"p99.9 {p999:8.1f}  max {pctl(xs, 100) / 1000:8.0f} us  ({len(xs)} samples; "
+                 f"writer late p99 {w.get('late_p99_us', 0):.0f} max "
+                 f"{w.get('late_max_us', 0):.0f} us, {w.get('stalls')} stalls > 5 ms)")
 
     # ------------------------------------------------------------ W4
 
@@ -1288,7 +1401,10 @@ class Bench:
             t = self.runner.transports[tn]
             b = BATCH if t.batch_ok else 1
             fast = {}
-            for variant, stalled in (("3 fast", 0), ("3 fast + 1 stalled", 1)):
+            pair = [("3 fast", 0), ("3 fast + 1 stalled", 1)]
+            if self.rep % 2:
+                pair.reverse()  # ABBA across repetitions: a drift in the machine cancels out
+            for variant, stalled in pair:
                 res = self.trial(workload="W4", variant=variant, transport=tn, writers=1,
                                  readers=3 + stalled, stalled=stalled, batch=b,
                                  duration=self.prof.stall_dur,
@@ -1304,6 +1420,10 @@ class Bench:
                          min(got) / max(res["sent"], 1))
                 line = (f"  W4 {variant:18} {tn:9} fast {fast[variant]:12,.0f} /s each "
                         f"(got {min(got)}..{max(got)} of {res['sent']})")
+                st = res.get("stats") or {}
+                if st.get("victims_entered") is not None:
+                    self.put("W4", variant, tn, "victims_entered", st["victims_entered"])
+                    line += f"; broker: {st['victims_entered']} victim entries"
                 if stalled:
                     s = next(r for r in res["readers"] if r["stalled"])
                     self.put("W4", variant, tn, "stalled_got", s["count"])
@@ -1321,14 +1441,14 @@ class Bench:
 
     def w5(self) -> None:
         for kind in ("keys", "ranges"):
-            for n in self.prof.w5_counts:
-                try:
-                    r = w5_trial(kind, n, self.prof)
-                except Exception as exc:
-                    msg = f"W5 {kind} {n}: {exc!r}"
-                    self.errors.append(msg)
-                    _log("  FAILED " + msg + "\n" + traceback.format_exc())
-                    continue
+            try:
+                rs = w5_trial(kind, self.prof.w5_counts, self.prof)
+            except Exception as exc:
+                msg = f"W5 {kind}: {exc!r}"
+                self.errors.append(msg)
+                _log("  FAILED " + msg + "\n" + traceback.format_exc())
+                continue
+            for n, r in zip(self.prof.w5_counts, rs):
                 v = f"{kind} {n}"
                 for k in ("write_rate", "cpu_us_per_write", "delivered", "expected",
                           "setup_s"):
@@ -1370,6 +1490,7 @@ class Bench:
         steps = [("W1", self.w1), ("W2", self.w2), ("W3", self.w3), ("W4", self.w4),
                  ("W5", self.w5)]
         for rep in range(prof.reps):
+            self.rep = rep
             for name, fn in steps:
                 if name in self.only:
                     _log(f"[rep {rep + 1}/{prof.reps}] {name}")
@@ -1398,7 +1519,7 @@ def _w5_write_key(kind: str, n: int, seq: int) -> bytes:
     return b"w5/r/%011d" % (i * 100 + (5 if hit else 50))
 
 
-def _w5_holder(name: str, kind: str, ids: list[int], q, stop, drain: bool):
+def _w5_holder(name: str, kind: str, ids: list[int], q, stop, drain: bool, tag: int):
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         import clientlib
@@ -1423,31 +1544,61 @@ def _w5_holder(name: str, kind: str, ids: list[int], q, stop, drain: bool):
             for w in ws:
                 while (r := w.get_nowait()) is not None:
                     got += len(r.events)
-            q.put(("done", got))
+            q.put(("done", (tag, got)))
     except BaseException:
         q.put(("error", traceback.format_exc()))
 
 
-def _w5_writer(name: str, kind: str, n: int, dur: float, q, go):
+def _broker_cpu_ns(pid: int) -> int:
+    """CPU time of a (single-threaded) broker in ns: /proc/<pid>/schedstat is exact to the
+    ns, where psutil's cpu_times counts 10 ms clock ticks."""
+    try:
+        with open(f"/proc/{pid}/schedstat") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return int(cpu_seconds(pid) * 1e9)
+
+
+W5_SLICE_S = 0.1
+
+
+def _w5_writer(names: list[str], pids: list[int], kind: str, counts: list[int], dur: float,
+               q, go):
+    """One writer, one client per broker: writes to broker i for a 0.1 s slice, then to
+    the next (order rotated every cycle), until each broker had `dur` seconds. Noise then
+    hits every watcher count alike: the ratios between them are paired measurements."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         import clientlib
 
-        with clientlib.connect(name, timeout=60) as c:
+        cs = [clientlib.connect(nm, timeout=60) for nm in names]
+        try:
             value = STAMP.pack(0, 0) + PAD
+            k = len(cs)
+            seqs, hits, secs, cpu = [0] * k, [0] * k, [0] * k, [0] * k
             q.put(("ready", 0))
             go.wait(60)
-            t0 = _now()
-            end = t0 + int(dur * 1e9)
-            seq = hits = 0
-            put = c.put
-            while _now() < end:
-                put(_w5_write_key(kind, n, seq), value)
-                if seq % 100 == 0:
-                    hits += 1
-                seq += 1
-            t1 = _now()
-            q.put(("done", {"sent": seq, "hits": hits, "s": (t1 - t0) / 1e9}))
+            slice_ns = int(W5_SLICE_S * 1e9)
+            cycles = max(1, round(dur / W5_SLICE_S))
+            for cyc in range(cycles):
+                for j in range(k):
+                    i = (j + cyc) % k
+                    put, n, seq = cs[i].put, counts[i], seqs[i]
+                    c0 = _broker_cpu_ns(pids[i])
+                    t0 = _now()
+                    end = t0 + slice_ns
+                    while _now() < end:
+                        put(_w5_write_key(kind, n, seq), value)
+                        if seq % 100 == 0:
+                            hits[i] += 1
+                        seq += 1
+                    secs[i] += _now() - t0
+                    cpu[i] += _broker_cpu_ns(pids[i]) - c0
+                    seqs[i] = seq
+            q.put(("done", {"sent": seqs, "hits": hits, "ns": secs, "cpu_ns": cpu}))
+        finally:
+            for c in cs:
+                c.close()
     except BaseException:
         q.put(("error", traceback.format_exc()))
 
@@ -1474,41 +1625,54 @@ def _collect(q, kind: str, n: int, timeout: float, procs) -> list:
     return out
 
 
-def w5_trial(kind: str, n: int, prof: Profile) -> dict:
+def w5_trial(kind: str, counts, prof: Profile) -> list[dict]:
+    """Brokers with 1, 100, ... watchers, all set up at once; one writer alternates."""
     import broker
 
-    b = broker.spawn(watch_ring_bytes=16 << 10, rings_per_arena=256)
-    REG.brokers.append(b)
+    brokers = []
     procs = []
     q = _ctx.Queue()
     stop, go = _ctx.Event(), _ctx.Event()
     try:
-        t_setup = time.monotonic()
-        nproc = max(1, min(prof.w5_procs, n))
-        ids = [list(range(p, n, nproc)) for p in range(nproc)]
-        for part in ids:
-            p = _ctx.Process(target=_w5_holder, daemon=True,
-                             args=(b.name, kind, part, q, stop, len(part) <= 16))
-            p.start()
-            REG.children.append(p)
-            procs.append(p)
-        _collect(q, "ready", nproc, 600, procs)
+        holders = []  # (broker index, process)
+        setup = []
+        for bi, n in enumerate(counts):
+            t_setup = time.monotonic()
+            b = broker.spawn(watch_ring_bytes=16 << 10, rings_per_arena=256)
+            REG.brokers.append(b)
+            brokers.append(b)
+            nproc = max(1, min(prof.w5_procs, n))
+            for part in (list(range(p, n, nproc)) for p in range(nproc)):
+                p = _ctx.Process(target=_w5_holder, daemon=True,
+                                 args=(b.name, kind, part, q, stop, len(part) <= 16, bi))
+                p.start()
+                REG.children.append(p)
+                procs.append(p)
+                holders.append(bi)
+            _collect(q, "ready", nproc, 600, procs)
+            setup.append(time.monotonic() - t_setup)
         wp = _ctx.Process(target=_w5_writer, daemon=True,
-                          args=(b.name, kind, n, prof.w5_dur, q, go))
+                          args=([b.name for b in brokers], [b.pid for b in brokers], kind,
+                                list(counts), prof.w5_dur, q, go))
         wp.start()
         REG.children.append(wp)
         procs.append(wp)
         _collect(q, "ready", 1, 60, procs)
-        setup_s = time.monotonic() - t_setup
-        cpu0 = cpu_seconds(b.pid)
         go.set()
-        wr = _collect(q, "done", 1, prof.w5_dur + 120, procs)[0]
-        cpu1 = cpu_seconds(b.pid)
+        wr = _collect(q, "done", 1, prof.w5_dur * len(counts) + 120, procs)[0]
         stop.set()
-        got = sum(_collect(q, "done", nproc, 120, procs))
-        return {"write_rate": wr["sent"] / wr["s"],
-                "cpu_us_per_write": (cpu1 - cpu0) / max(wr["sent"], 1) * 1e6,
-                "delivered": got, "expected": wr["hits"], "setup_s": setup_s}
+        raw = _collect(q, "done", len(holders), 120, procs)  # (broker index, events got)
+        out = []
+        for i, n in enumerate(counts):
+            out.append({"write_rate": wr["sent"][i] / (wr["ns"][i] / 1e9),
+                        "cpu_us_per_write": wr["cpu_ns"][i] / 1e3 / max(wr["sent"][i], 1),
+                        "delivered": None, "expected": wr["hits"][i], "setup_s": setup[i]})
+        tot = [0] * len(counts)
+        for bi, got in raw:
+            tot[bi] += got
+        for i in range(len(counts)):
+            out[i]["delivered"] = tot[i]
+        return out
     finally:
         stop.set()
         go.set()
@@ -1516,7 +1680,8 @@ def w5_trial(kind: str, n: int, prof: Profile) -> dict:
         with contextlib.suppress(Exception):
             q.close()
             q.cancel_join_thread()
-        REG.stop_broker(b)
+        for b in brokers:
+            REG.stop_broker(b)
 
 
 def _mem_holder(name: str, n: int, q, stop):
@@ -1838,19 +2003,26 @@ class Report:
                   "computes receive time minus intended time, so a stall of the writer or "
                   "the transport counts against every record it delays (no coordinated "
                   "omission). shmwatch and the peers at 5,000/s, etcd at 500/s. `writer "
-                  "late p99` is how late the writer itself sent (sleep granularity and "
-                  "CPU contention), included in the figures.", "",
-                  "| transport | rate /s | p50 | p99 | p99.9 | samples | writer late p99 |",
-                  "|---|---|---|---|---|---|---|"]
+                  "late p99` is how late the writer itself sent (sleep granularity, CPU "
+                  "contention, a synchronous write that blocked), included in the figures; "
+                  "`writer stalls` counts, per repetition, the episodes where the writer fell "
+                  "more than 5 ms behind its schedule: one such stall delays every record "
+                  "scheduled during it, so a single one can decide p99 and p99.9.", "",
+                  "| transport | rate /s | p50 | p99 | p99.9 | max | samples | writer late p99 "
+                  "| writer stalls > 5 ms |",
+                  "|---|---|---|---|---|---|---|---|---|"]
             for tn in self.order("W3"):
                 g = lambda k, tn=tn: self.get("W3", "paced", tn, k)
                 L.append(f"| {LABELS[tn]} | {fmt_num(summary(g('rate'))['median'])} | "
                          f"{cell(g('p50'), 'us')} | {cell(g('p99'), 'us')} | "
-                         f"{cell(g('p999'), 'us')} | {fmt_num(summary(g('samples'))['median'])}"
-                         f" | {cell(g('late_p99'), 'us')} |")
+                         f"{cell(g('p999'), 'us')} | {cell(g('max'), 'us')} | "
+                         f"{fmt_num(summary(g('samples'))['median'])}"
+                         f" | {cell(g('late_p99'), 'us')} | "
+                         f"{', '.join(str(x) for x in g('stalls')) or '-'} |")
             L += [""]
         if "W4" in self.R:
             L += ["## W4 one stalled watcher beside 3 fast ones", "",
+                  "Run back to back, in alternating order across repetitions. "
                   "1 writer (its fastest path: shmwatch 64-put txns, Redis pipelines of 64, "
                   "etcd 64-put txns, Queue/zmq one record per call) to 4 watcher processes on "
                   "one prefix; the stalled one reads nothing until the writer is done and the "
@@ -1871,6 +2043,12 @@ class Report:
                 L.append(f"| {LABELS[tn]} | {cell(g('3 fast', 'fast_rate'))} | "
                          f"{cell(g('3 fast + 1 stalled', 'fast_rate'))} | {kc} | {gs} | "
                          f"{cell(g('3 fast + 1 stalled', 'catchup_s'))} |")
+            ve = self.get("W4", "3 fast + 1 stalled", "shmwatch", "victims_entered")
+            if ve:
+                L += ["", "shmwatch broker counters (`broker.admin.read_stats`), with the "
+                      "stalled watcher: victim entries per repetition "
+                      + ", ".join(str(x) for x in ve) + " (0 would mean the stalled watcher "
+                      "never filled its ring and the test did not exercise victims)."]
             fl = []
             for tn in self.order("W4"):
                 for v in ("3 fast", "3 fast + 1 stalled"):
@@ -1978,6 +2156,9 @@ def parse_args(argv):
     p.add_argument("--out", default=None, help="markdown report (default BENCHMARKS.md, "
                    "not written by --smoke unless given)")
     p.add_argument("--json", default=None, help="also write every figure as JSON here")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="py-spy the broker, writer 0 and reader 0 of every shmwatch trial "
+                        "(raw collapsed stacks + DIR/summary.md); perturbs the figures")
     return p.parse_args(argv)
 
 
@@ -2007,7 +2188,7 @@ def main(argv: list[str] | None = None) -> int:
     _log(f"shmwatch bench ({prof.name}): {machine['cpu']}, {machine['cores']} cores, "
          f"Python {machine['python']}")
     t0 = time.monotonic()
-    bench = Bench(prof, list(only), peers)
+    bench = Bench(prof, list(only), peers, a.profile)
     interrupted = False
     try:
         bench.run()
@@ -2029,6 +2210,17 @@ def main(argv: list[str] | None = None) -> int:
         with open(out, "w") as f:
             f.write(rep.markdown())
         _log(f"wrote {out}")
+    if a.profile and bench.runner.profiles:
+        parts = ["# py-spy profiles of shmwatch trials", "",
+                 f"Command: `{machine['command']}`", ""]
+        for p in bench.runner.profiles:
+            parts += [f"## {p['workload']} {p['variant']}: {p['role']}", "",
+                      f"`{p['path']}`", "",
+                      summarize_profile(p["path"], p.get("seconds", 1.0)), ""]
+        path = os.path.join(a.profile, "summary.md")
+        with open(path, "w") as f:
+            f.write("\n".join(parts) + "\n")
+        _log(f"wrote {path}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rep.as_json(), f, indent=1, default=str)
