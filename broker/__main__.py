@@ -37,6 +37,8 @@ def add_broker_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-watchers-per-sync", type=int, default=d.max_watchers_per_sync)
     p.add_argument("--mode", type=lambda s: int(s, 8), default=d.mode,
                    help="permission bits of segments and semaphores (octal, default 600)")
+    p.add_argument("--group", default=None,
+                   help="group (name or gid) that may attach; use with --mode 660")
     p.add_argument("--data-dir", default=None,
                    help="keep a write-ahead log and snapshots here; a restarted broker "
                         "recovers every acknowledged write (default: memory only)")
@@ -56,7 +58,7 @@ def config_from_args(a: argparse.Namespace) -> BrokerConfig:
         rings_per_arena=a.rings_per_arena,
         progress_notify_interval=a.progress_notify_interval,
         max_watchers_per_sync=a.max_watchers_per_sync, mode=a.mode,
-        data_dir=a.data_dir, fsync=a.fsync, snapshot_every=a.snapshot_every,
+        data_dir=a.data_dir, fsync=a.fsync, snapshot_every=a.snapshot_every, group=a.group,
     )
 
 

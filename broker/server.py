@@ -84,6 +84,7 @@ class BrokerConfig:
     data_dir: str | None = None  # durability: WAL + snapshots; None = in memory only
     fsync: str = "always"  # always | batch | never (see broker/wal.py)
     snapshot_every: int = 100_000  # WAL records between snapshots
+    group: str | None = None  # share with this group (give --mode 660 too)
 
 
 class BrokerRunning(RuntimeError):
@@ -157,8 +158,23 @@ class Broker:
     def _name(self, part: str) -> str:
         return shm_name(self.cfg.name, part)
 
+    def _share(self, obj) -> None:
+        """Hand a new segment (or doorbell) to the configured group, if any."""
+        if self._gid is None:
+            return
+        if isinstance(obj, Segment):
+            os.fchown(obj.fd, -1, self._gid)
+        else:
+            os.chown("/dev/shm/sem." + obj.name.lstrip("/"), -1, self._gid)
+
     def _create_shared(self) -> None:
         cfg = self.cfg
+        self._gid = None
+        if cfg.group:
+            import grp
+
+            self._gid = (int(cfg.group) if cfg.group.isdigit()
+                         else grp.getgrnam(cfg.group).gr_gid)
         info = broker_info(cfg.name)
         if info["state"] == "alive":
             raise BrokerRunning(f"a broker named {cfg.name!r} is already running "
@@ -196,6 +212,8 @@ class Broker:
             self.statseg = Segment.create(self._name("stats"), STATS_BYTES, kind=L.KIND_STATS,
                                           boot_id=self.boot_id, mode=cfg.mode)
             self._stats_words = self.statseg.payload[:16].cast("Q")
+            for obj in (self.ctl, self.bell, self.logseg, self.statseg):
+                self._share(obj)
         except BaseException:
             self._unlink_all()
             raise
@@ -556,6 +574,7 @@ class Broker:
         size = ring_bytes(self.cfg.watch_ring_bytes) * self.cfg.rings_per_arena
         seg = Segment.create(name, size, kind=L.KIND_ARENA, boot_id=self.boot_id,
                              mode=self.cfg.mode)
+        self._share(seg)
         rs = ring_bytes(self.cfg.watch_ring_bytes)
         for i in range(self.cfg.rings_per_arena):
             Ring(seg.payload[i * rs:(i + 1) * rs], init=True).release()
@@ -694,6 +713,8 @@ class Broker:
                         init=True)
             bell = Doorbell.create(self._name(part + ".bell"),
                                    p[L.CLIENT_SLEEPING:L.CLIENT_SLEEPING + 4], mode=self.cfg.mode)
+            self._share(seg)
+            self._share(bell)
         except BaseException:
             seg.unlink()
             seg.close()

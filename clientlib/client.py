@@ -114,12 +114,17 @@ class Client:
         except SegmentNotFound:
             raise errors.BrokerUnavailable(
                 f"shmwatch: no broker named {self.name!r} is running") from None
-        except ShmPermissionError as exc:
-            raise errors.BrokerUnavailable(
-                f"shmwatch: permission denied opening broker {self.name!r}: {exc}") from None
+        except ShmPermissionError:
+            raise errors.PermissionDenied(
+                f"shmwatch: permission denied: broker {self.name!r} belongs to another user "
+                f"(its segments are mode 0600 unless started with --mode/--group)") from None
         except LayoutMismatch as exc:
             raise errors.BrokerUnavailable(
                 f"shmwatch: broker {self.name!r} has an incompatible layout: {exc}") from None
+        st = os.fstat(self._ctl.fd)
+        if st.st_mode & 0o002:
+            raise errors.PermissionDenied(
+                f"shmwatch: broker {self.name!r} control segment is world-writable: refusing")
         words = self._words = self._ctl.payload.cast("Q")
         while words[L.CTL_STATE] != L.CTL_STATE_RUNNING:
             self._check_alive()
@@ -281,15 +286,21 @@ class Client:
     def _deadline(self, timeout: float | None) -> float:
         return time.monotonic() + (self.timeout if timeout is None else timeout)
 
-    def _send(self, data: bytes, deadline: float | None) -> None:
-        """Write one request (caller holds _send_lock); waits for ring space if needed."""
+    def _send(self, data: bytes, deadline: float | None, flush: bool = True) -> None:
+        """Write one request (caller holds _send_lock); waits for ring space if needed.
+
+        With flush=False the request is published only when the ring fills (pipelining:
+        the caller publishes and rings the broker once for the whole batch)."""
         off = 0
         while True:
             off = self._req.write(data, off)
+            if off == len(data):
+                if flush:
+                    self._req.publish()
+                    self._broker_bell.ring()
+                return
             self._req.publish()
             self._broker_bell.ring()
-            if off == len(data):
-                return
             self._check_alive()
             if deadline is not None and time.monotonic() > deadline:
                 raise errors.Timeout("shmwatch: request ring full: broker not keeping up")
@@ -297,27 +308,46 @@ class Client:
 
     def _call(self, msg: list, timeout: float | None = None):
         """Send a request and wait for its reply body; raise the broker's typed error."""
-        if self._closed:
-            raise errors.BrokerUnavailable("shmwatch: client is closed")
-        deadline = self._deadline(timeout)
-        with self._send_lock:
-            self._req_id += 1
-            rid = self._req_id
-            msg[1] = rid
-            data = packb(msg)
-            if len(data) > self.max_request_bytes + 1024:
-                raise errors.RequestTooLargeError()
-            self._send(data, deadline)
-        if not self._wait(lambda: rid in self._replies, self._resp_readable, deadline):
-            with self._cond:
-                if rid not in self._replies:
-                    self._abandoned.add(rid)
-                    raise errors.Timeout("shmwatch: no reply from the broker within the timeout")
-        with self._cond:
-            result = self._replies.pop(rid)
+        result = self._call_many([msg], timeout)[0]
         if isinstance(result, errors.ShmwatchError):
             raise result
         return result
+
+    def _call_many(self, msgs: list[list], timeout: float | None = None) -> list:
+        """Pipeline requests: write them all, wake the broker once, wait for every reply.
+
+        Replies come back in request order (the broker serves a client's ring in order),
+        so waiting for the last one waits for all. Errors are returned, not raised."""
+        if self._closed:
+            raise errors.BrokerUnavailable("shmwatch: client is closed")
+        deadline = self._deadline(timeout)
+        rids = []
+        with self._send_lock:
+            for msg in msgs:
+                rid = msg[1] = self._req_id + 1
+                data = packb(msg)
+                if len(data) > self.max_request_bytes + 1024:
+                    if rids:
+                        break  # send what came before; this one fails below
+                    raise errors.RequestTooLargeError()
+                self._req_id = rid
+                self._send(data, deadline, flush=False)
+                rids.append(rid)
+            self._req.publish()
+            self._broker_bell.ring()
+        last = rids[-1]
+        if not self._wait(lambda: last in self._replies, self._resp_readable, deadline):
+            with self._cond:
+                if last not in self._replies:
+                    self._abandoned.update(r for r in rids if r not in self._replies)
+                    for r in rids:
+                        self._replies.pop(r, None)
+                    raise errors.Timeout("shmwatch: no reply from the broker within the timeout")
+        with self._cond:
+            out = [self._replies.pop(r) for r in rids]
+        if len(rids) < len(msgs):
+            out += [errors.RequestTooLargeError()] * (len(msgs) - len(rids))
+        return out
 
     def _resp_readable(self) -> bool:
         r = self._resp
@@ -384,6 +414,26 @@ class Client:
             timeout: float | None = None) -> PutResponse:
         """etcd Put. O(log n) at the broker plus delivery to matching watchers."""
         return self._kv(op_put(key, value, prev_kv, ignore_value), timeout)
+
+    def put_many(self, items: Iterable[tuple], prev_kv: bool = False, *,
+                 timeout: float | None = None) -> list[PutResponse]:
+        """Pipelined puts: the same as `put(k, v)` for each (k, v) in order — each its own
+        request and revision, as etcd would apply them — but written to the ring in one
+        go with one wake-up of the broker. Raises the first error after all were tried."""
+        msgs = [[OP_KV, 0, encode_op(op_put(k, v, prev_kv))] for k, v in items]
+        if not msgs:
+            return []
+        out = []
+        first_error = None
+        for body in self._call_many(msgs, timeout):
+            if isinstance(body, errors.ShmwatchError):
+                first_error = first_error or body
+                out.append(body)
+            else:
+                out.append(decode_response(body))
+        if first_error is not None:
+            raise first_error
+        return out
 
     def get(self, key, range_end=None, prefix: bool = False, revision: int = 0,
             limit: int = 0, keys_only: bool = False, count_only: bool = False, *,

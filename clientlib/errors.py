@@ -28,6 +28,13 @@ class BrokerUnavailable(ShmwatchError):
     default_message = "shmwatch: broker unavailable"
 
 
+class PermissionDenied(BrokerUnavailable, PermissionError):
+    """The broker's segments belong to another user (or group) and do not let us in."""
+
+    code = 24
+    default_message = "shmwatch: permission denied"
+
+
 class Timeout(ShmwatchError, TimeoutError):
     """A blocking call ran out of time (the broker is alive but did not answer in time)."""
 
@@ -122,6 +129,7 @@ ERRORS_BY_CODE: dict[int, type[ShmwatchError]] = {
     for cls in (
         ShmwatchError,
         BrokerUnavailable,
+        PermissionDenied,
         Timeout,
         CompactedError,
         FutureRevisionError,

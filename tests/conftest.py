@@ -21,6 +21,18 @@ def _ours() -> list[str]:
         return []
 
 
+def _is_leftover(p: psutil.Process) -> bool:
+    """A live child that is not multiprocessing's own helper (its resource tracker and
+    forkserver live as long as the test process by design)."""
+    try:
+        if not p.is_running() or p.status() == psutil.STATUS_ZOMBIE:
+            return False
+        cmd = " ".join(p.cmdline())
+    except psutil.Error:
+        return False
+    return "resource_tracker" not in cmd and "forkserver" not in cmd
+
+
 @pytest.fixture(scope="session", autouse=True)
 def no_leftovers():
     """After the suite: no segment, no semaphore, no child process of ours remains."""
@@ -35,8 +47,8 @@ def no_leftovers():
         return name.startswith(mine) or broker_info(name)["state"] != "alive"
 
     left = [e for e in _ours() if e not in before and ours(e)]
-    children = [p for p in psutil.Process().children(recursive=True) if p.is_running()
-                and p.status() != psutil.STATUS_ZOMBIE]
+    children = [p for p in psutil.Process().children(recursive=True)
+                if _is_leftover(p)]
     assert not left, f"the test suite left shared memory behind: {left}"
     assert not children, f"the test suite left processes behind: {children}"
 
