@@ -239,10 +239,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("ls", help="list the brokers on this machine")
     sp.add_argument("-w", "--write-out", choices=("simple", "json"), default="simple")
 
-    sp = sub.add_parser("stress", help="load + verification run (tools/stress)", add_help=False)
-    sp.add_argument("args", nargs=argparse.REMAINDER)
+    for tool, help_ in (("stress", "load + verification run (tools/stress)"),
+                        ("top", "live monitor of a broker (tools/top)"),
+                        ("bench", "benchmarks against real peers (tools/bench)")):
+        sp = sub.add_parser(tool, help=help_, add_help=False)
+        sp.add_argument("args", nargs=argparse.REMAINDER)
     return p
 
+
+TOOLS = {"stress": "tools.stress", "top": "tools.top", "bench": "tools.bench"}
 
 CLIENT_COMMANDS = {"put": cmd_put, "get": cmd_get, "del": cmd_del, "watch": cmd_watch,
                    "compact": cmd_compact}
@@ -250,10 +255,10 @@ CLIENT_COMMANDS = {"put": cmd_put, "get": cmd_get, "del": cmd_del, "watch": cmd_
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "stress":
-        from tools.stress import main as stress_main
+    if argv and argv[0] in TOOLS:
+        import importlib
 
-        return stress_main(argv[1:])
+        return importlib.import_module(TOOLS[argv[0]]).main(argv[1:])
     a = build_parser().parse_args(argv)
     if a.cmd == "serve":
         return cmd_serve(a)

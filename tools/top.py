@@ -51,12 +51,17 @@ from broker.admin import broker_info, list_brokers, read_stats
 HISTORY = 240  # samples of rate history kept (2 minutes at the default interval)
 STALE_AFTER_S = 3.0  # a live broker whose snapshot is older than this is flagged
 BLOCKS = "▁▂▃▄▅▆▇█"
-# sort columns, cycled by "s": (key, header label, sort key, descending)
+# the client table's sort columns, cycled by "s": largest first (pid: smallest first)
 SORTS = ("lag", "fill", "cpu", "rss", "watchers", "req/s", "pid")
 
 
 class BrokerGone(Exception):
     """The broker is not running (never was, exited, or was killed)."""
+
+
+class StatsUnavailable(Exception):
+    """The broker is alive but its stats could not be read just now (not published yet,
+    or never settled while it was rewriting them): try again at the next refresh."""
 
 
 # =============================================================================== formatting
@@ -149,7 +154,7 @@ class Monitor:
     """Reads one broker's stats and adds what the broker does not publish: process
     figures (psutil), uptime, rates between snapshots and their history.
 
-    `sample()` returns the enriched snapshot, or raises BrokerGone. A broker with the same
+    `sample()` returns the enriched snapshot, or raises BrokerGone / StatsUnavailable. A broker with the same
     name but another pid / start time (a restart) resets rates and history."""
 
     def __init__(self, name: str):
@@ -168,7 +173,6 @@ class Monitor:
         self._procs: dict[tuple, psutil.Process | None] = {}
         self._meta: dict[tuple, tuple[str | None, str | None]] = {}
         self._primed: set[tuple] = set()
-        self.last_new_snapshot = time.monotonic()
 
     def history(self) -> tuple[list[float], list[float]]:
         """Copies of the writes/s and events/s histories, oldest first."""
@@ -183,9 +187,11 @@ class Monitor:
         try:
             return read_stats(self.name)
         except Exception as exc:  # segment vanished mid-read, unsettled, undecodable
-            # a broker exiting between the two reads looks like this; so does one that
-            # has not published yet: both are "not available now"
-            raise BrokerGone(f"{type(exc).__name__}: {exc}") from exc
+            # the broker may have exited between the two reads: ask its lock again
+            info = broker_info(self.name)
+            if info.get("state") != "alive":
+                raise BrokerGone(info.get("state", "gone")) from exc
+            raise StatsUnavailable(f"{type(exc).__name__}: {exc}") from exc
 
     def sample(self) -> dict:
         return self.enrich(self.read_raw())
@@ -249,8 +255,6 @@ class Monitor:
         now = time.time()
         prev = self.prev
         fresh = prev is None or stats.get("time", 0) > prev.get("time", 0)
-        if fresh:
-            self.last_new_snapshot = time.monotonic()
         if prev is not None and fresh:
             dt = stats["time"] - prev["time"]
             w = max(0, stats["writes"] - prev["writes"]) / dt
@@ -300,17 +304,28 @@ class Monitor:
         return view
 
 
+def _sample_retrying(mon: Monitor, timeout: float) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return mon.sample()
+        except StatsUnavailable:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 def snapshot_once(name: str, interval: float) -> dict:
     """One enriched snapshot; with interval > 0, rates and CPU are measured over it (the
     second read waits for the broker to publish a newer snapshot, up to a second more)."""
     mon = Monitor(name)
-    view = mon.sample()
+    view = _sample_retrying(mon, 2.0)
     if interval <= 0:
         return view
     time.sleep(interval)
     deadline = time.monotonic() + 1.0
     while True:
-        view = mon.sample()
+        view = _sample_retrying(mon, 2.0)
         if view["writes_per_s"] is not None or time.monotonic() > deadline:
             return view
         time.sleep(0.05)
@@ -459,7 +474,7 @@ def render(view: dict, *, width: int, height: int | None = None, sort: str = "la
         banner = 0 if status is None else -(-status.cell_len // max(1, width))
         room = height - (len(lines) + 2) - banner - 1 - 2
         # the lagging watchers (title + head 2 lines + rows) only in what clients leave
-        show_top = min(len(top), 8, room - max(1, len(clients)) - 3)
+        show_top = min(len(top), room - max(1, len(clients)) - 3)
         if show_top > 0:
             room -= show_top + 3
         room = max(1, room)
@@ -469,7 +484,7 @@ def render(view: dict, *, width: int, height: int | None = None, sort: str = "la
               header_style="bold", show_edge=False)
 
     def col(label, key, **kw):
-        lab = label + (" ▼" if key == sort else "")
+        lab = label + ((" ▲" if key == "pid" else " ▼") if key == sort else "")
         t.add_column(lab, header_style="bold reverse" if key == sort else "bold", **kw)
 
     t.add_column("", width=1, no_wrap=True)
@@ -671,6 +686,7 @@ def run_live(name: str, interval: float, wait_broker: float) -> int:
     last: dict | None = None
     gone_since: float | None = None
     gone_reason = ""
+    unavailable: str | None = None
     ever_seen = False
     exit_msg = None
     rc = 0
@@ -685,8 +701,12 @@ def run_live(name: str, interval: float, wait_broker: float) -> int:
                 try:
                     last = mon.sample()
                     ever_seen = True
+                    gone_since = unavailable = None
+                except StatsUnavailable as exc:  # alive, but no settled snapshot just now
                     gone_since = None
+                    unavailable = str(exc)
                 except BrokerGone as exc:
+                    unavailable = None
                     if gone_since is None:
                         gone_since = now
                         gone_reason = (" (killed? it left its segments: `shmwatch cleanup`)"
@@ -713,9 +733,16 @@ def run_live(name: str, interval: float, wait_broker: float) -> int:
                            f"start · q quits")
                 body = render_waiting(name, msg, last=last, width=w, height=h - 1,
                                       history=mon.history(), sort=sort)
+            elif last is None:
+                body = render_waiting(name, f"broker {name} is running but its stats are not "
+                                      f"readable yet ({unavailable}) · q quits", last=None,
+                                      width=w, height=h - 1, history=mon.history(), sort=sort)
             else:
                 status = None
-                if mon.restarts and time.monotonic() - mon.restarted_at < 5:
+                if unavailable:
+                    status = _banner(f"could not read the stats this time ({unavailable}); "
+                                     "showing the previous snapshot", "bold black on yellow")
+                elif mon.restarts and time.monotonic() - mon.restarted_at < 5:
                     status = _banner(f"broker {name} is back (new pid {last.get('pid')})",
                                      "bold black on green")
                 view, hist = frozen if paused and frozen is not None else (last, mon.history())
@@ -770,7 +797,8 @@ def _print_brokers(rows: list[dict], file=None) -> None:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="tools/top", description="Live monitor of a running shmwatch broker "
+        prog="shmwatch top" if os.path.basename(sys.argv[0]) == "shmwatch" else "tools/top",
+        description="Live monitor of a running shmwatch broker "
         "(reads its shared-memory stats; sends it no requests).",
         epilog="keys: q quit, s cycle the sort column, p pause")
     p.add_argument("--name", help="broker name (default: the only broker running)")
@@ -825,6 +853,10 @@ def main(argv: list[str] | None = None) -> int:
         if a.once or a.json:
             try:
                 view = snapshot_once(name, a.interval)
+            except StatsUnavailable as exc:
+                print(f"shmwatch top: could not read the stats of broker {name!r}: {exc}",
+                      file=sys.stderr)
+                return 1
             except BrokerGone:
                 print(f"shmwatch top: broker {name!r} is not running", file=sys.stderr)
                 alive = _alive_brokers()

@@ -1,0 +1,392 @@
+"""tools/top: --once --json against a broker with known activity, --list, and the live
+view driven in a real terminal (tmux)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import psutil
+import pytest
+from rich.console import Console
+
+import broker
+import clientlib
+from broker.admin import read_stats
+from tools import top
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "tools", "top")
+
+
+def wait_stats(name: str, pred, timeout: float = 10.0) -> dict:
+    """Poll the broker's published stats (every ~200 ms) until `pred` holds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        s = read_stats(name)
+        if pred(s):
+            return s
+        if time.monotonic() > deadline:
+            raise AssertionError(f"stats never reached the expected state; last: {s}")
+        time.sleep(0.02)
+
+
+def run_json(capsys, *args: str) -> dict:
+    rc = top.main(["--once", "--json", *args])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    return json.loads(out)
+
+
+# =============================================================================== --json
+
+
+@pytest.mark.timeout(60)
+def test_once_json_reports_known_activity(capsys):
+    n_puts = 120
+    with broker.spawn(watch_ring_bytes=4096) as b, clientlib.connect(b.name, timeout=10) as c:
+        wa = c.watch(b"a")
+        wb = c.watch(b"b")
+        stalled = c.watch(b"v/", prefix=True)  # never read: its 4 KiB ring fills
+        last = None
+        for i in range(n_puts):
+            last = c.put(b"v/x", b"%d" % i + b"." * 200)
+        assert wa.get(5).created and wb.get(5).created and not stalled.canceled
+        stats = wait_stats(b.name, lambda s: s["revision"] == last.revision
+                           and s["watchers"]["victim"] == 1)
+
+        view = run_json(capsys, "--name", b.name, "--interval", "0.3")
+
+    # every field of read_stats, plus the computed ones
+    missing = set(stats) - set(view)
+    assert not missing, missing
+    for k in ("uptime_s", "cpu_percent", "rss_bytes", "writes_per_s", "events_per_s",
+              "rate_interval_s", "broker_state"):
+        assert k in view, k
+    assert view["name"] == b.name and view["pid"] == b.pid
+    assert view["broker_state"] == "alive"
+    assert 0 < view["uptime_s"] < 120
+    assert view["rss_bytes"] > 1 << 20
+    assert isinstance(view["cpu_percent"], float) and view["cpu_percent"] >= 0
+    # rates are measured between two snapshots: nothing was written in between
+    assert view["rate_interval_s"] > 0
+    assert view["writes_per_s"] == 0 and view["events_per_s"] == 0
+
+    assert view["revision"] == last.revision == n_puts + 1
+    assert view["compact_revision"] == 0
+    assert view["writes"] == n_puts
+    log = view["log"]
+    assert log["newest_rev"] == last.revision and log["oldest_rev"] == 2
+    assert log["count"] == n_puts and 0 < log["used"] <= log["capacity"]
+    assert view["watchers"] == {"total": 3, "synced": 2, "unsynced": 0, "victim": 1,
+                                "canceling": 0}
+    assert view["victims_entered"] >= 1
+    assert view["pending_events"] >= 1
+
+    (me,) = [r for r in view["clients"] if r["pid"] == os.getpid()]
+    assert len(view["clients"]) == 1
+    assert me["alive"] is True
+    assert me["name"] == psutil.Process().name()
+    assert me["rss_bytes"] > 0 and me["cpu_percent"] is not None
+    assert me["watchers"] == 3 and me["victims"] == 1
+    assert me["state"] == "victim"
+    assert me["max_lag"] > 0 and me["worst_fill"] > 0.5
+    assert me["requests"] >= n_puts + 3
+    victims = [w for w in view["top_watchers"] if w["state"] == "victim"]
+    assert [(w["key"], w["pid"]) for w in victims] == [("v/", os.getpid())]
+
+
+@pytest.mark.timeout(60)
+def test_once_json_measures_rates_over_the_interval(broker_proc, client, capsys):
+    w = client.watch(b"k")
+    assert w.get(5).created
+    stop = threading.Event()
+
+    def writer():
+        with clientlib.connect(broker_proc.name, timeout=10) as c2:
+            while not stop.is_set():
+                c2.put(b"k", b"v")
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        wait_stats(broker_proc.name, lambda s: s["writes"] > 10)
+        view = run_json(capsys, "--name", broker_proc.name, "--interval", "0.4")
+    finally:
+        stop.set()
+        t.join(10)
+    assert view["writes_per_s"] > 0
+    assert view["events_per_s"] > 0  # the watcher on "k" gets every put
+    assert 0.1 < view["rate_interval_s"] < 5
+    states = {r["pid"]: r["state"] for r in view["clients"]}
+    assert set(states.values()) <= {"ok", "lagging"}
+    writer_rows = [r for r in view["clients"] if r["requests_per_s"]]
+    assert writer_rows, view["clients"]
+
+
+@pytest.mark.timeout(60)
+def test_a_client_that_died_between_refreshes(broker_proc):
+    """The snapshot still lists a client whose process has gone: its row says so."""
+    code = ("import sys, clientlib; c = clientlib.connect(sys.argv[1]); w = c.watch(b'x'); "
+            "print('ready', flush=True); sys.stdin.read()")
+    p = subprocess.Popen([sys.executable, "-c", code, broker_proc.name], cwd=ROOT,
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "ready"
+        stats = wait_stats(broker_proc.name,
+                           lambda s: any(c["pid"] == p.pid for c in s["clients"]))
+        mon = top.Monitor(broker_proc.name)
+        before = mon.enrich(stats)
+        (row,) = [c for c in before["clients"] if c["pid"] == p.pid]
+        assert row["alive"] and row["rss_bytes"] > 0
+    finally:
+        p.kill()
+        p.wait()
+    after = mon.enrich(stats)  # the same (now stale) snapshot: the process is gone
+    (row,) = [c for c in after["clients"] if c["pid"] == p.pid]
+    assert row["alive"] is False
+    assert row["cpu_percent"] is None and row["rss_bytes"] is None
+    assert row["name"]  # remembered from when it was alive
+    assert row["state"] == "ok"
+    console = Console(width=120, record=True, file=io.StringIO())
+    console.print(top.render(after, width=120))
+    (line,) = [ln for ln in console.export_text().splitlines() if str(p.pid) in ln]
+    assert line.split()[-1] == "exited"
+    # and the broker drops it: the next snapshots no longer list it
+    wait_stats(broker_proc.name, lambda s: all(c["pid"] != p.pid for c in s["clients"]))
+    assert all(c["pid"] != p.pid for c in mon.sample()["clients"])
+
+
+def test_recycled_pid_is_not_taken_for_the_client():
+    mon = top.Monitor("nobody")
+    me = psutil.Process()
+    stats = {"pid": os.getpid(), "started": time.time() - 5, "time": time.time(),
+             "writes": 0, "events_delivered": 0, "clients": [
+                 {"slot": 0, "pid": os.getpid(), "watchers": 1, "requests": 1,
+                  "create_time_us": int(me.create_time() * 1e6) - 3_600_000_000,
+                  "worst_fill": 0.0, "max_lag": 4, "victims": 0}]}
+    (row,) = mon.enrich(stats)["clients"]
+    assert row["alive"] is False and row["rss_bytes"] is None
+    assert row["state"] == "lagging"
+
+
+def test_unreadable_stats_of_a_live_broker_are_not_an_exit(monkeypatch):
+    """A snapshot that never settles (or is not published yet) is a transient failure;
+    only the broker's lock says whether it has exited."""
+    state = {"state": "alive"}
+
+    def no_stats(name):
+        raise TimeoutError("did not publish a settled snapshot")
+
+    monkeypatch.setattr(top, "broker_info", lambda name: dict(state, name=name))
+    monkeypatch.setattr(top, "read_stats", no_stats)
+    mon = top.Monitor("x")
+    with pytest.raises(top.StatsUnavailable):
+        mon.sample()
+    state["state"] = "stale"
+    with pytest.raises(top.BrokerGone):
+        mon.sample()
+
+
+def test_formatting_helpers():
+    assert top.sparkline([], 4) == "    "
+    assert top.sparkline([0, 1, 2, 4], 6) == "  ▁▃▅█"
+    assert top.sparkline(range(100), 3) == "███"  # the last 3, scaled to their own max
+    assert top.key_range("a", None) == "a"
+    assert top.key_range("k/", "k0") == "k/ (prefix)"
+    assert top.key_range("a", "\0") == "a (from key)"
+    assert top.key_range("a", "c") == "[a, c)"
+    assert top.fmt_bytes(3 << 20) == "3.0 MiB"
+    assert top.fmt_dur(3725) == "1h 02m 05s"
+    assert [top.client_state(c) for c in (
+        {"victims": 1, "max_lag": 5}, {"victims": 0, "max_lag": 5},
+        {"victims": 0, "max_lag": 0})] == ["victim", "lagging", "ok"]
+
+
+# =============================================================================== CLI
+
+
+@pytest.mark.timeout(60)
+def test_list_shows_the_broker_alive(broker_proc, client, capsys):
+    assert top.main(["--list"]) == 0
+    out = capsys.readouterr().out
+    (line,) = [ln for ln in out.splitlines() if broker_proc.name in ln]
+    assert "alive" in line.split() and str(broker_proc.pid) in line.split()
+
+    assert top.main(["--list", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    (row,) = [r for r in rows if r["name"] == broker_proc.name]
+    assert row["state"] == "alive" and row["pid"] == broker_proc.pid
+    assert row["clients"] == 1
+
+    # the executable script, as users run it
+    r = subprocess.run([sys.executable, SCRIPT, "--list"], capture_output=True, text=True,
+                       timeout=30, cwd="/", check=False)
+    assert r.returncode == 0, r.stderr
+    assert any(broker_proc.name in ln and "alive" in ln for ln in r.stdout.splitlines())
+
+
+@pytest.mark.timeout(60)
+def test_once_plain_text_when_not_a_tty(broker_proc, client, capsys):
+    client.put(b"x", b"y")
+    wait_stats(broker_proc.name, lambda s: s["revision"] == 2 and s["clients"])
+    assert top.main(["--name", broker_proc.name, "--once", "--interval", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b[" not in out
+    assert broker_proc.name in out and f"pid {broker_proc.pid}" in out
+    assert "revision 2 " in out
+    assert any(str(os.getpid()) in ln for ln in out.splitlines())
+    # the live view needs a terminal
+    assert top.main(["--name", broker_proc.name]) == 2
+    assert "not a terminal" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(60)
+def test_several_brokers_without_a_name_is_a_usage_error(capsys):
+    with broker.spawn() as b1, broker.spawn() as b2:
+        assert top.main(["--once"]) == 2
+        err = capsys.readouterr().err
+        assert "--name" in err and b1.name in err and b2.name in err
+
+
+def test_a_broker_that_is_not_running(capsys):
+    assert top.main(["--name", f"nosuch{uuid.uuid4().hex[:8]}", "--once", "--json"]) == 1
+    assert "not running" in capsys.readouterr().err
+
+
+# =============================================================================== tmux
+
+
+class Tmux:
+    """tools/top in a detached tmux server on its own socket, killed by `close()`.
+
+    The pane runs `tools/top ARGS; stty -a > STTY; echo $? > RC`: the RC file appears
+    when tools/top has ended (tmux's own #{pane_dead_status} races with its reaping of
+    the pane's process), STTY shows the terminal modes it left behind."""
+
+    def __init__(self, tmp_path, *args: str, width: int = 120, height: int = 40):
+        self.sock = f"shmwatch-top-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.env = {k: v for k, v in os.environ.items() if k != "TMUX"}
+        self.rc_file = tmp_path / "rc"
+        self.stty_file = tmp_path / "stty"
+        q = shlex.quote
+        cmd = (f"cd {q(ROOT)} && {' '.join(q(a) for a in (sys.executable, SCRIPT, *args))}; "
+               f"rc=$?; stty -a > {q(str(self.stty_file))}; echo $rc > {q(str(self.rc_file))}")
+        self.tmux("new-session", "-d", "-x", str(width), "-y", str(height), "-s", "top", cmd,
+                  ";", "set-option", "-t", "top", "remain-on-exit", "on")
+
+    def tmux(self, *args: str) -> str:
+        r = subprocess.run(["tmux", "-L", self.sock, "-f", "/dev/null", *args],
+                           capture_output=True, text=True, timeout=10, env=self.env,
+                           check=False)
+        if r.returncode:
+            raise RuntimeError(f"tmux {args}: {r.stderr}")
+        return r.stdout
+
+    def keys(self, *keys: str) -> None:
+        self.tmux("send-keys", "-t", "top", *keys)
+
+    def screen(self, history: bool = False) -> str:
+        """The visible pane; with `history`, the scrollback too (what the program printed
+        on the normal screen after leaving its full-screen view)."""
+        return self.tmux("capture-pane", "-p", "-t", "top", *(("-S", "-") if history else ()))
+
+    def wait_for(self, pred, what: str, timeout: float = 15.0) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            scr = self.screen()
+            if pred(scr):
+                return scr
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the screen never showed {what}:\n{scr}")
+            time.sleep(0.1)
+
+    def wait_exit(self, timeout: float = 15.0) -> int:
+        """tools/top's exit status, once it has ended."""
+        deadline = time.monotonic() + timeout
+        while True:
+            text = self.rc_file.read_text() if self.rc_file.exists() else ""
+            if text.endswith("\n"):
+                return int(text)
+            if time.monotonic() > deadline:
+                raise AssertionError(f"tools/top did not exit:\n{self.screen(history=True)}")
+            time.sleep(0.1)
+
+    def close(self) -> None:
+        subprocess.run(["tmux", "-L", self.sock, "kill-server"], capture_output=True,
+                       timeout=10, env=self.env, check=False)
+
+
+needs_tmux = pytest.mark.skipif(shutil.which("tmux") is None,
+                                reason="tmux is not installed: the live view needs a terminal")
+
+
+@needs_tmux
+@pytest.mark.timeout(90)
+def test_live_view_in_a_terminal(broker_proc, client, tmp_path):
+    """Header and client row, the s / p / q keys, a resize; the terminal restored."""
+    w = client.watch(b"k/", prefix=True)
+    assert w.get(5).created
+    for i in range(25):
+        last = client.put(b"k/%d" % i, b"v")
+    wait_stats(broker_proc.name, lambda s: s["revision"] == last.revision)
+    t = Tmux(tmp_path, "--name", broker_proc.name)
+    try:
+        me = str(os.getpid())
+        scr = t.wait_for(lambda s: broker_proc.name in s and f"revision {last.revision:,}" in s
+                         and any(ln.split()[:1] == [me] for ln in s.splitlines()),
+                         "the header and our client row")
+        assert f"pid {broker_proc.pid}" in scr
+        assert "sorted by lag" in scr and "q  quit" in scr
+        row = next(ln for ln in scr.splitlines() if ln.split()[:1] == [me])
+        assert row.split()[-1] == "ok"
+
+        t.keys("s")
+        t.wait_for(lambda s: "sorted by fill" in s, "the next sort column")
+        t.keys("p")
+        t.wait_for(lambda s: "PAUSED" in s, "the paused marker")
+        t.keys("p")
+        t.wait_for(lambda s: "PAUSED" not in s, "the view resumed")
+
+        t.tmux("resize-window", "-t", "top", "-x", "80", "-y", "24")
+        t.wait_for(lambda s: "RING FILL" not in s and " FILL" in s and "REQ/S" not in s
+                   and "revision" in s, "the view redrawn for 80 columns")
+
+        t.keys("q")
+        assert t.wait_exit() == 0
+        # the terminal is back in canonical mode with echo
+        flags = t.stty_file.read_text().split()
+        assert "icanon" in flags and "echo" in flags
+    finally:
+        t.close()
+
+
+@needs_tmux
+@pytest.mark.timeout(90)
+def test_live_view_reports_a_broker_that_exits(broker_proc, tmp_path):
+    """Exited, back (a new broker of the same name), exited for good: exit status 1."""
+    name = broker_proc.name
+    t = Tmux(tmp_path, "--name", name, "--wait-broker", "4")
+    try:
+        t.wait_for(lambda s: name in s and "revision 1" in s, "the header")
+        broker_proc.stop()
+        scr = t.wait_for(lambda s: "has exited" in s, "the broker exited message")
+        assert f"broker {name} (pid {broker_proc.pid}) has exited" in " ".join(scr.split())
+
+        with broker.spawn(name) as again:  # a new broker with the same name
+            t.wait_for(lambda s: f"pid {again.pid}" in s and "is back" in s,
+                       "the new broker")
+        # it exits too, and nobody comes back within --wait-broker
+        assert t.wait_exit(timeout=20) == 1
+        scr = " ".join(t.screen(history=True).split())
+        assert f"broker '{name}' exited and no broker of that name came back" in scr
+    finally:
+        t.close()
