@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import time
 
+import psutil
+
 from shm import layout as L
 from shm.errors import SegmentNotFound, ShmError
 from shm.lock import is_locked
@@ -33,22 +35,52 @@ def broker_names() -> list[str]:
     return sorted(out)
 
 
+STARTING_GRACE_S = 10.0  # a control segment this young without its lock may be starting
+
+
+def _young(name: str) -> bool:
+    try:
+        st = os.stat(os.path.join(SHM_DIR, f"shmwatch.{name}.ctl"))
+    except FileNotFoundError:
+        return False
+    return time.time() - st.st_ctime < STARTING_GRACE_S
+
+
+def _process_lives(pid: int, create_time_us: int) -> bool:
+    try:
+        p = psutil.Process(pid)
+        return abs(p.create_time() * 1e6 - create_time_us) < 1e6
+    except psutil.Error:
+        return False
+
+
 def broker_info(name: str) -> dict:
     """pid, state, revision and client count of broker `name`, read from its control
-    segment without talking to it; `state` is "alive" or "stale"."""
+    segment without talking to it.
+
+    `state`: "alive" (holds its lock), "starting" (created its control segment but has
+    not taken its lock yet: its process lives, or the segment is seconds old), "stale"
+    (dead: its leftovers may be removed), "broken" (an old unreadable segment) or
+    "absent"."""
     try:
         seg = Segment.open(f"/shmwatch.{name}.ctl", kind=L.KIND_CTL)
     except SegmentNotFound:
         return {"name": name, "pid": 0, "state": "absent", "revision": 0, "clients": 0}
     except ShmError as exc:
-        return {"name": name, "pid": 0, "state": "broken", "revision": 0, "clients": 0,
-                "error": str(exc)}
+        return {"name": name, "pid": 0, "state": "starting" if _young(name) else "broken",
+                "revision": 0, "clients": 0, "error": str(exc)}
     try:
         w = seg.payload.cast("Q")
         alive = is_locked(seg.fd, L.BROKER_LOCK_BYTE)
+        state = "alive"
+        if not alive:
+            pid = w[L.CTL_PID]
+            starting = (_process_lives(pid, w[L.CTL_CREATE_TIME_US]) if pid
+                        else _young(name))
+            state = "starting" if starting else "stale"
         clients = sum(1 for s in range(w[L.CTL_MAX_CLIENTS])
                       if w[L.slot_word(s, L.SLOT_STATE)] == L.SLOT_READY)
-        info = {"name": name, "pid": w[L.CTL_PID], "state": "alive" if alive else "stale",
+        info = {"name": name, "pid": w[L.CTL_PID], "state": state,
                 "revision": w[L.CTL_REVISION], "compact_revision": w[L.CTL_COMPACT_REV],
                 "clients": clients, "heartbeat_ns": w[L.CTL_HEARTBEAT_NS]}
         del w
@@ -98,18 +130,27 @@ def _objects_of(name: str) -> list[str]:
 def cleanup_stale(name: str | None = None) -> list[str]:
     """Remove every object of dead brokers (or of broker `name`, if it is dead).
 
-    A live broker's objects are never touched. Returns the removed /dev/shm entries."""
+    A live or starting broker's objects are never touched: only objects older than the
+    moment the broker was found dead are removed (a new broker of the same name may be
+    creating its own meanwhile), and with no control segment at all, only objects older
+    than the start-up grace period. Returns the removed /dev/shm entries."""
     names = [name] if name else sorted({e.split(".")[1] for e in _entries()
                                         if e.startswith("shmwatch.")}
                                        | {e.split(".")[2] for e in _entries()
                                           if e.startswith("sem.shmwatch.")})
     removed = []
     for n in names:
-        if broker_info(n)["state"] == "alive":
+        checked = time.time()
+        state = broker_info(n)["state"]
+        if state in ("alive", "starting"):
             continue
+        cutoff = checked - STARTING_GRACE_S if state == "absent" else checked
         for e in _objects_of(n):
+            path = os.path.join(SHM_DIR, e)
             try:
-                os.unlink(os.path.join(SHM_DIR, e))
+                if os.stat(path).st_ctime > cutoff:
+                    continue  # created after the check: not the dead broker's
+                os.unlink(path)
                 removed.append(e)
             except FileNotFoundError:
                 pass

@@ -13,6 +13,7 @@ when idle. Housekeeping (registrations, liveness, heartbeat) runs between batche
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import secrets
@@ -141,6 +142,7 @@ class Broker:
         self.started = time.time()
         self._held: list[tuple[ClientConn, bytes]] = []  # replies waiting for the commit
         self._pending: list[tuple[int, list[Event]]] = []  # revisions not yet notified
+        self._oversized: tuple[int, bytes] | None = None  # a revision too big for the log
         self.wal: DataDir | None = None
         self._replaying = False
         if cfg.data_dir:
@@ -180,7 +182,7 @@ class Broker:
             self._gid = (int(cfg.group) if cfg.group.isdigit()
                          else grp.getgrnam(cfg.group).gr_gid)
         info = broker_info(cfg.name)
-        if info["state"] == "alive":
+        if info["state"] in ("alive", "starting"):
             raise BrokerRunning(f"a broker named {cfg.name!r} is already running "
                                 f"(pid {info['pid']})")
         removed = cleanup_stale(cfg.name)
@@ -245,7 +247,7 @@ class Broker:
         if snap is not None:
             self.mvcc = MVCCStore.restore(snap["mvcc"])
             for rev, payload in snap["log"]:
-                self.log.append(rev, payload)
+                self._log_append(rev, payload)
         self._replaying = True
         try:
             for kind, body in records:
@@ -267,7 +269,8 @@ class Broker:
     def _snapshot(self) -> None:
         self._commit_batch()
         lo = self.log.oldest_rev
-        entries = [[rev, payload] for rev, payload in self.log.read_from(lo)] if lo else []
+        entries = [list(self._oversized)] if self._oversized else []
+        entries += [[rev, payload] for rev, payload in self.log.read_from(lo)] if lo else []
         self.wal.snapshot({"mvcc": self.mvcc.snapshot(), "log": entries})
 
     def close(self) -> None:
@@ -420,7 +423,9 @@ class Broker:
         """Apply one request; False if the client was disconnected for it."""
         req_id = 0
         try:
-            if len(data) > self.cfg.max_request_bytes + 1024:
+            if len(data) > self.cfg.max_request_bytes:
+                # etcd compares the encoded request with --max-request-bytes; ours is
+                # the msgpack request (within a few bytes of etcd's protobuf).
                 # Read the id without decoding the (oversized) body.
                 req_id = _peek_req_id(data)
                 raise errors.RequestTooLargeError()
@@ -470,18 +475,25 @@ class Broker:
     def _commit(self, rev: int, events: list[Event]) -> None:
         """Log a revision's events, move the compaction point if the log wrapped, notify."""
         self.writes += 1
-        try:
-            evicted = self.log.append(rev, msgpack.packb(events, use_bin_type=True))
-        except ValueError:
-            # One revision larger than the whole log: history before it is gone.
-            self.log.truncate_before(rev + 1)
-            self._compact_to(rev)
-            self.core.compact_rev = rev + 1
-            evicted = ()
-        if evicted:
-            self._compact_to(self.log.oldest_rev or rev)
+        self._log_append(rev, msgpack.packb(events, use_bin_type=True))
         self.words[L.CTL_REVISION] = rev
         self._pending.append((rev, events))
+
+    def _log_append(self, rev: int, payload: bytes) -> None:
+        """Append to the revision log; if it wrapped, its oldest revision becomes the
+        compaction point of the store too (one compaction point for reads and watches)."""
+        if len(payload) > self.log.max_payload:
+            # One revision larger than the whole log: every older revision goes, and
+            # this one is kept beside the ring until the next revision evicts it, so
+            # the compaction point is `rev` for the store and the watchers alike.
+            self.log.truncate_before(rev + 1)
+            self._oversized = (rev, payload)
+            self._compact_to(rev)
+        else:
+            evicted = self.log.append(rev, payload)
+            if evicted or self._oversized:
+                self._oversized = None
+                self._compact_to(self.log.oldest_rev or rev)
 
     def _compact_to(self, rev: int) -> None:
         if rev > self.mvcc.compact_rev:
@@ -507,7 +519,10 @@ class Broker:
 
     def _read_history(self, lo: int, hi: int):
         compact_rev = self.mvcc.compact_rev
-        for rev, payload in self.log.read_from(lo, hi):
+        records = self.log.read_from(lo, hi)
+        if self._oversized is not None and lo <= self._oversized[0] <= hi:
+            records = itertools.chain([self._oversized], records)
+        for rev, payload in records:
             events = [
                 Event(t, KeyValue(*kv), KeyValue(*prev) if prev is not None else None)
                 for t, kv, prev in msgpack.unpackb(payload, raw=False)

@@ -126,13 +126,16 @@ def cmd_watch(c, a) -> int:
                 continue
             if a.write_out == "json":
                 _emit(watch_json(c, resp))
-                continue
             if resp.canceled:
-                reason = resp.cancel_reason or (
-                    f"compacted at revision {resp.compact_revision}" if resp.compact_revision
-                    else "canceled")
+                # etcdctl: the watch's error on stderr, exit code 5 (ExitInterrupted).
+                reason = (errors.CompactedError.default_message if resp.compact_revision
+                          else resp.cancel_reason or "canceled")
                 print(f"watch was canceled ({reason})", file=sys.stderr)
-                return 1
+                return 5
+            if a.write_out == "json":
+                continue
+            if resp.is_progress_notify:
+                print(f"progress notify: {resp.revision}")
             for e in resp.events:
                 print(e.type)
                 if e.prev_kv is not None:

@@ -190,7 +190,18 @@ class Client:
         except errors.ShmwatchError:
             pass
         finally:
-            self._release()
+            with self._cond:
+                self._evict_sleeper()
+                self._release()
+
+    def _evict_sleeper(self) -> None:
+        """Wake the thread sleeping on our doorbell and wait until it has left it, so the
+        semaphore is never closed under a waiter (lock held; bounded)."""
+        deadline = time.monotonic() + 2.0
+        while self._sleeper and time.monotonic() < deadline:
+            if self._bell is not None:
+                self._bell.post()
+            self._cond.wait(0.05)
 
     def _release(self) -> None:
         for w in list(self._watches.values()):
@@ -215,7 +226,7 @@ class Client:
             self._ctl.close()  # closing the descriptor drops our slot lock
         self._closed = True
 
-    def reconnect(self, timeout: float | None = None) -> None:
+    def reconnect(self, timeout: float | None = None, *, _generation: int | None = None) -> None:
         """Attach again to a broker of the same name after the old one went away.
 
         Watches created with `resume=True` are re-created from the revision after the
@@ -226,8 +237,12 @@ class Client:
         """
         deadline = self._deadline(timeout)
         with self._send_lock, self._cond:
+            if _generation is not None and _generation != self.generation:
+                return  # another thread reconnected while we waited for the lock
             old_cluster = self._cluster_id
             watches = sorted(self._watches.values(), key=lambda w: w.watch_id)
+            self._closed = True  # a woken sleeper must not go back to the old doorbell
+            self._evict_sleeper()
             self._release()
             self._replies.clear()
             self._abandoned.clear()
@@ -326,7 +341,7 @@ class Client:
             for msg in msgs:
                 rid = msg[1] = self._req_id + 1
                 data = packb(msg)
-                if len(data) > self.max_request_bytes + 1024:
+                if len(data) > self.max_request_bytes:
                     if rids:
                         break  # send what came before; this one fails below
                     raise errors.RequestTooLargeError()
@@ -625,8 +640,7 @@ class Watch:
                 if not self._resume or c._user_closed:
                     self._lost()
                     raise
-                if c.generation == gen:  # else another thread reconnected already
-                    c.reconnect()
+                c.reconnect(_generation=gen)
         if not ok:
             raise errors.Timeout("shmwatch: no watch response within the timeout")
         with c._cond:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from os import sched_yield as _sched_yield
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -127,9 +128,14 @@ class Doorbell:
         re-checking `ready()` after setting it. `alive()` runs between slices and raises
         to abort the wait (e.g. the peer died); its exception propagates.
         """
-        for _ in range(spin):
+        for i in range(spin):
             if ready():
                 return True
+            if i & 7 == 7:
+                # On a machine with more runnable processes than cores (2 cores: writer,
+                # broker, watcher), a spinner must give its core to the peer it waits
+                # for; when a core is free this returns at once.
+                _sched_yield()
         if slice <= 0:
             raise ValueError(f"slice must be > 0, got {slice}")
         deadline = None if timeout is None else time.monotonic() + timeout

@@ -175,6 +175,41 @@ def idle_client(name: str, n_watches: int, ready, info_path: str) -> None:
     time.sleep(WORKER_DEADLINE_S)  # the test SIGKILLs us long before this
 
 
+def close_while_blocked(name: str, n_threads: int, out_path: str) -> None:
+    """Threads block in watch.get(); the main thread closes the shared client.
+
+    Records what each get() ended with. (Run in a child: a crash must not take the
+    test process down.)"""
+    import threading
+
+    import clientlib
+
+    c = clientlib.connect(name, timeout=20)
+    watches = [c.watch(f"blocked/{i}") for i in range(n_threads)]
+    for w in watches:
+        w.get(20)
+    outcome: list = []
+    started = threading.Barrier(n_threads + 1, timeout=20)
+
+    def reader(w) -> None:
+        started.wait()
+        try:
+            r = w.get(timeout=30)
+            outcome.append(f"response {r}")
+        except Exception as exc:  # noqa: BLE001 (recorded for the test)
+            outcome.append(type(exc).__name__)
+
+    threads = [threading.Thread(target=reader, args=(w,), daemon=True) for w in watches]
+    for t in threads:
+        t.start()
+    started.wait()
+    time.sleep(0.3)  # let them reach the doorbell wait (no timing is asserted)
+    c.close()
+    for t in threads:
+        t.join(40)
+    _dump(out_path, {"outcome": outcome, "stuck": sum(t.is_alive() for t in threads)})
+
+
 # ------------------------------------------------------------------ helpers for the tests
 
 def wait_for(pred, timeout: float, what: str, interval: float = 0.02):
@@ -201,16 +236,6 @@ def reap(procs, grace: float = 5.0) -> None:
             p.kill()
             p.join(10)
 
-
-def stop_resource_tracker() -> None:
-    """Stop multiprocessing's resource tracker, which every 'spawn' child makes this
-    process start (and which would otherwise outlive the tests as a child of pytest).
-    The next spawn starts a new one."""
-    from multiprocessing import resource_tracker
-
-    stop = getattr(resource_tracker._resource_tracker, "_stop", None)
-    if stop is not None:
-        stop()
 
 
 # ------------------------------------------------------------------ verification

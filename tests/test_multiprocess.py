@@ -38,12 +38,6 @@ SPECS = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _no_tracker_left():
-    yield
-    mp_workers.stop_resource_tracker()
-
-
 @pytest.mark.timeout(180)
 def test_writers_and_watchers_streams_match_the_log(tmp_path):
     ctx = mp.get_context("spawn")

@@ -33,12 +33,6 @@ VALUE = "x" * 120
 CTX = mp.get_context("spawn")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _no_tracker_left():
-    yield
-    mp_workers.stop_resource_tracker()
-
-
 def brief(events) -> list:
     """(type, key, value, mod_revision) of encoded events."""
     return [(t, kv[0], kv[1], kv[3]) for t, kv, _prev in events]
@@ -125,6 +119,11 @@ def wait_victim(name: str, pid: int, puts: Puts, batch: int = 10) -> None:
     assert read_stats(name)["watchers"]["victim"] >= 1
 
 
+def final_stats(name: str, rev: int) -> dict | None:
+    s = read_stats(name)
+    return s if s["revision"] == rev else None
+
+
 def wait_count(count, n: int, what: str) -> None:
     wait_for(lambda: count.value >= n, 60, f"{what} to receive {n} events "
              f"(has {count.value})")
@@ -196,8 +195,8 @@ def test_log_wraps_past_victim_cancels_it_with_compact_revision(tmp_path):
             wait_for(wrapped, 60, "the revision log to wrap past the victim")
             final_rev = puts.write(5)
             wait_count(n_fast, len(puts.done), "the fast watcher")
-            stats = wait_for(lambda: (lambda s: s if s["revision"] == final_rev else None)(
-                read_stats(b.name)), 10, "the metrics to show the final revision")
+            stats = wait_for(lambda: final_stats(b.name, final_rev), 10,
+                             "the metrics to show the final revision")
             compact_rev = stats["compact_revision"]
             assert compact_rev == stats["log"]["oldest_rev"] > victim_rev
             assert watcher_state(b.name, stalled.pid) == "victim"
@@ -218,7 +217,8 @@ def test_log_wraps_past_victim_cancels_it_with_compact_revision(tmp_path):
             assert len(flat) < len(want) and want[len(flat)][3] < compact_rev, \
                 "canceled although the first revision it missed was still retained"
             complete_stream("fast", ws.join(fast), puts, final_rev)
-            assert read_stats(b.name)["compactions"] >= 1
+            wait_for(lambda: read_stats(b.name)["compactions"] >= 1, 10,
+                     "the metrics to count the compaction cancel")
 
             # A new watch from the compaction point gets the retained history, in order.
             with c.watch("v/", prefix=True, start_revision=compact_rev) as w:
@@ -315,3 +315,55 @@ def test_dead_slow_watcher_does_not_hold_back_the_others(tmp_path):
                 check_stream(i, spec, got, history, final_rev)
         finally:
             reap(procs)
+
+
+@pytest.mark.timeout(120)
+def test_killed_victim_is_dropped_and_the_others_go_on(tmp_path):
+    procs = []
+    with broker.spawn(watch_ring_bytes=4096) as b, \
+            clientlib.connect(b.name, timeout=20) as c:
+        ws = Watchers(b.name, tmp_path)
+        procs = ws.procs
+        try:
+            stalled, _resume, _ = ws.start({"key": "v/", "prefix": True}, stalled=True)
+            fast, _, n_fast = ws.start({"key": "v/", "prefix": True})
+            ws.wait_ready()
+            puts = Puts(c)
+            wait_victim(b.name, stalled.pid, puts)
+            stalled.kill()
+            stalled.join(10)
+            wait_for(lambda: all(x["pid"] != stalled.pid
+                                 for x in read_stats(b.name)["clients"]), 10,
+                     "the killed victim's client to be reclaimed")
+            wait_for(lambda: read_stats(b.name)["watchers"]["victim"] == 0, 10,
+                     "the victim count to drop to 0")
+            final_rev = puts.write(200)
+            wait_count(n_fast, len(puts.done), "the fast watcher")
+            ws.finish(final_rev)
+            complete_stream("fast", ws.join(fast), puts, final_rev)
+            wait_for(lambda: read_stats(b.name)["watchers"]["total"] == 0, 10,
+                     "the watchers to be gone")
+            assert read_stats(b.name)["pending_events"] == 0
+        finally:
+            reap(procs)
+
+@pytest.mark.timeout(60)
+def test_revision_larger_than_the_log_keeps_one_compaction_point():
+    with broker.spawn(log_bytes=64 << 10) as b, clientlib.connect(b.name, timeout=20) as c:
+        c.put("h", "small")
+        rev = c.put("h", "B" * 100_000).revision  # cannot fit a 64k log
+        stats = wait_for(lambda: final_stats(b.name, rev), 10, "the metrics to show it")
+        reported = stats["compact_revision"]
+        assert c.get("h", revision=reported).revision == rev  # readable at that point
+        w = c.watch("h", start_revision=rev - 1)  # before the compaction point
+        assert w.get(10).created
+        r = w.get(10)
+        assert r.canceled and r.compact_revision, r
+        assert r.compact_revision <= rev, \
+            f"compact_revision {r.compact_revision} is above the current revision {rev}"
+        assert r.compact_revision == reported, \
+            f"cancelled at {r.compact_revision}, the broker reports {reported}"
+        w = c.watch("h", start_revision=reported)  # etcd: a watch from compact_rev works
+        assert w.get(10).created
+        r = w.get(10)
+        assert not r.canceled, f"a watch from the reported compact_revision was cancelled: {r}"

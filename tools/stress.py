@@ -76,13 +76,22 @@ def make_specs(n: int, keys: int, rnd: random.Random, slow: int, stall: int, lat
 
 # ------------------------------------------------------------------ child processes
 
-def writer_main(name: str, wid: int, keys: int, seed: int, stop_at: float, counter) -> None:
+def _arrive(ready, go, stop_v) -> float:
+    """Report ready, wait for the start signal, return the run's end (monotonic)."""
+    with ready.get_lock():
+        ready.value += 1
+    go.wait(120)
+    return stop_v.value
+
+
+def writer_main(name: str, wid: int, keys: int, seed: int, sync: tuple, counter) -> None:
     import clientlib
     from clientlib import op_delete, op_put
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     rnd = random.Random(seed)
     with clientlib.connect(name, timeout=10) as c:
+        stop_at = _arrive(*sync)
         n = 0
         while time.monotonic() < stop_at:
             r = rnd.random()
@@ -102,19 +111,25 @@ def writer_main(name: str, wid: int, keys: int, seed: int, stop_at: float, count
                     counter.value += 64
 
 
-def watcher_main(name: str, spec: WatchSpec, out_path: str, stop_at: float, start_event,
+def watcher_main(name: str, spec: WatchSpec, out_path: str, sync: tuple, start_event,
                  delivered) -> None:
     import clientlib
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     with clientlib.connect(name, timeout=10) as c:
-        if spec.behaviour == "late":
-            start_event.wait(30)
         end = spec.end.encode() if spec.end else None
         if spec.kind == "fromkey":
             end = b"\0"
-        w = c.watch(spec.key, end, prefix=spec.kind == "prefix",
-                    start_revision=spec.start_revision)
+
+        def create():
+            return c.watch(spec.key, end, prefix=spec.kind == "prefix",
+                           start_revision=spec.start_revision)
+
+        w = None if spec.behaviour == "late" else create()
+        stop_at = _arrive(*sync)
+        if w is None:
+            start_event.wait(60)
+            w = create()
         got = []
         stalled = False
         n = 0
@@ -256,22 +271,32 @@ def run(a: argparse.Namespace) -> dict:
         base = ref_client.get("x").revision
         ref = ref_client.watch(b"\0", b"\0", start_revision=base + 1)
         ref.get(5)  # created
-        t0 = time.monotonic()
-        stop_at = t0 + a.duration
         written = ctx.Value("q", 0)
         delivered = ctx.Value("q", 0)
         late_go = ctx.Event()
+        ready, go, stop_v = ctx.Value("i", 0), ctx.Event(), ctx.Value("d", 0.0)
+        sync = (ready, go, stop_v)
         specs = make_specs(a.watchers, a.keys, rnd, a.slow, a.stall, a.late)
         for s in specs:
             procs[f"w{s.idx}"] = ctx.Process(
-                target=watcher_main, args=(name, s, os.path.join(tmp, f"w{s.idx}"), stop_at,
+                target=watcher_main, args=(name, s, os.path.join(tmp, f"w{s.idx}"), sync,
                                            late_go, delivered), daemon=True)
         for i in range(a.writers):
             procs[f"p{i}"] = ctx.Process(target=writer_main,
-                                         args=(name, i, a.keys, a.seed * 100 + i, stop_at,
+                                         args=(name, i, a.keys, a.seed * 100 + i, sync,
                                                written), daemon=True)
         for p in procs.values():
             p.start()
+        # The clock starts when every process is connected (and its watch created), so
+        # stalls, late starts and chaos happen inside the run, not during start-up.
+        deadline = time.monotonic() + 120
+        while ready.value < len(procs):
+            if time.monotonic() > deadline or any(p.exitcode for p in procs.values()):
+                raise RuntimeError("worker processes did not start")
+            time.sleep(0.01)
+        t0 = time.monotonic()
+        stop_at = stop_v.value = t0 + a.duration
+        go.set()
         progress = _Progress(a.quiet)
         ref_broken = None
         late_sent = False
