@@ -66,7 +66,8 @@ def spawn(name: str | None = None, *, timeout: float = 15.0, **options) -> Broke
     name = name or unique_name()
     args = [sys.executable, "-m", "broker", "--name", name]
     for key, value in options.items():
-        args += ["--" + key.replace("_", "-"), str(value)]
+        text = format(value, "o") if key == "mode" else str(value)  # --mode is octal
+        args += ["--" + key.replace("_", "-"), text]
     r, w = os.pipe()
     args += ["--ready-fd", str(w), "--parent-pid", str(os.getpid())]
     proc = subprocess.Popen(args, pass_fds=(w,))

@@ -90,10 +90,11 @@ def main(argv: list[str] | None = None) -> int:
     if a.parent_pid:
         _die_with_parent(a.parent_pid)
     from .server import BrokerRunning
+    from .wal import DataDirBusy, WalCorrupt
 
     try:
         run(config_from_args(a), ready_fd=a.ready_fd)
-    except BrokerRunning as exc:
+    except (BrokerRunning, DataDirBusy, WalCorrupt) as exc:
         print(f"broker: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -239,7 +239,6 @@ class Broker:
             if seg is not None:
                 seg.unlink()
                 seg.close()
-        Doorbell.unlink_name(self._name("bell"))
 
     def _recover(self) -> None:
         """Rebuild the store and the revision log from the data directory."""
@@ -316,6 +315,8 @@ class Broker:
                 if core.unsynced:
                     core.sync_watchers(self._read_history)
                     worked = True
+                if core.faulted:
+                    self._drop_faulted()
                 self._wake()
                 if now >= next_house:
                     self._housekeeping()
@@ -374,6 +375,14 @@ class Broker:
             self._commit_batch()
         return worked
 
+    def _drop_faulted(self) -> None:
+        """Disconnect clients whose rings failed on write (they corrupted them)."""
+        faulted = self.core.faulted
+        while faulted:
+            c = faulted.pop()
+            log.warning("client %s corrupted one of its rings: disconnecting", c)
+            self._reclaim(c)
+
     def _commit_batch(self) -> None:
         """Make the batch's writes durable, then notify watchers, then publish replies
         (so a reply means the write is logged and its watchers can see it)."""
@@ -392,15 +401,22 @@ class Broker:
                 if c.backlog:
                     c.backlog.append([data, 0])
                     continue
-                off = c.resp.write(data, 0)
+                try:
+                    off = c.resp.write(data, 0)
+                except RingCorrupt:
+                    self.core.faulted.add(c)
+                    continue
                 if off != len(data):
                     c.backlog.append([data, off])
                 touched.add(c)
             self._held.clear()
             woken = self.core.woken
             for c in touched:
-                c.resp.publish()
-                woken.add(c)
+                if c.resp is not None and c not in self.core.faulted:
+                    c.resp.publish()
+                    woken.add(c)
+        if self.core.faulted:
+            self._drop_faulted()
 
     # ------------------------------------------------------------ requests
 
@@ -410,7 +426,12 @@ class Broker:
     def _flush_backlog(self, c: ClientConn) -> bool:
         while c.backlog:
             item = c.backlog[0]
-            off = c.resp.write(item[0], item[1])
+            try:
+                off = c.resp.write(item[0], item[1])
+            except RingCorrupt:
+                self.core.faulted.add(c)
+                self._drop_faulted()
+                return False
             if off < len(item[0]):
                 item[1] = off
                 break

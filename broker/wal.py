@@ -41,6 +41,10 @@ _HDR = struct.Struct("<II")
 MAX_RECORD = 256 << 20
 
 
+class WalCorrupt(RuntimeError):
+    """The WAL is damaged before its end: records after the damage would be lost."""
+
+
 class DataDirBusy(RuntimeError):
     """Another live broker owns this data directory."""
 
@@ -105,6 +109,13 @@ class DataDir:
                 break
             body = data[pos + 8:pos + 8 + n]
             if zlib.crc32(body) != crc:
+                if pos + 8 + n < len(data):
+                    # Not a torn tail: acknowledged writes follow the damage. etcd
+                    # refuses to start on a corrupt WAL; so do we, rather than drop them.
+                    raise WalCorrupt(
+                        f"WAL {wal_path} is corrupt at offset {pos} with {len(data) - pos - 8 - n}"
+                        f" bytes of records after it; refusing to start (move the data "
+                        f"directory aside to start empty)")
                 break
             seq, kind, payload = msgpack.unpackb(body, raw=False)
             pos += 8 + n

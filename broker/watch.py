@@ -344,6 +344,7 @@ class WatchCore:
         self.max_watchers_per_sync = max_watchers_per_sync or MAX_WATCHERS_PER_SYNC
         self.batch_max_revs = batch_max_revs or WATCH_BATCH_MAX_REVS
         self.woken: set = set()
+        self.faulted: set = set()  # owners whose ring raised on write: to disconnect
         # Counters for metrics.
         self.events_delivered = 0
         self.victims_entered = 0
@@ -386,7 +387,11 @@ class WatchCore:
             w.outbox.append([payload, 0])
             return False
         sink = w.sink
-        off = sink.write(payload, 0)
+        try:
+            off = sink.write(payload, 0)
+        except Exception:  # the consumer corrupted its ring: the shell drops its owner
+            self.faulted.add(w.owner)
+            return False
         if off:
             sink.publish()
             self.woken.add(w.owner)
@@ -403,7 +408,11 @@ class WatchCore:
         wrote = False
         while box:
             item = box[0]
-            off = sink.write(item[0], item[1])
+            try:
+                off = sink.write(item[0], item[1])
+            except Exception:  # see _write
+                self.faulted.add(w.owner)
+                return False
             if off != item[1]:
                 wrote = True
             if off < len(item[0]):

@@ -145,7 +145,7 @@ class Client:
             if time.monotonic() > deadline:
                 raise errors.Timeout(f"shmwatch: broker {self.name!r} did not register us")
             time.sleep(0.0005)
-        gen = words[L.slot_word(self._slot, L.SLOT_GEN)]
+        gen = self._gen = words[L.slot_word(self._slot, L.SLOT_GEN)]
         part = L.client_part(self._slot, gen)
         self._part = part
         self._seg = Segment.open(shm_name(self.name, part), kind=L.KIND_CLIENT,
@@ -223,7 +223,16 @@ class Client:
             self._seg.close()
         self._words = None
         if self._ctl is not None:
-            self._ctl.close()  # closing the descriptor drops our slot lock
+            slot = getattr(self, "_slot", None)
+            if slot is not None and self._ctl.fd >= 0:
+                # mmap holds its own descriptor of the file, so closing ours would not
+                # drop the OFD lock while any view lives: drop it explicitly.
+                try:
+                    unlock(self._ctl.fd, L.slot_lock_byte(slot))
+                except OSError:
+                    pass
+            self._slot = self._gen = None
+            self._ctl.close()
         self._closed = True
 
     def reconnect(self, timeout: float | None = None, *, _generation: int | None = None) -> None:
@@ -297,6 +306,14 @@ class Client:
             raise errors.BrokerUnavailable("shmwatch: client is closed")
         if not self._broker_alive():
             raise errors.BrokerUnavailable(f"shmwatch: broker {self.name!r} is gone")
+        words = self._words
+        slot = getattr(self, "_slot", None)
+        if (slot is not None and getattr(self, "_gen", None) is not None
+                and (words[L.slot_word(slot, L.SLOT_STATE)] != L.SLOT_READY
+                     or words[L.slot_word(slot, L.SLOT_GEN)] != self._gen)):
+            raise errors.BrokerUnavailable(
+                f"shmwatch: broker {self.name!r} disconnected this client (its rings held "
+                f"data the broker could not accept)")
 
     def _deadline(self, timeout: float | None) -> float:
         return time.monotonic() + (self.timeout if timeout is None else timeout)
@@ -378,6 +395,8 @@ class Client:
             if data is None:
                 return
             rid, result = decode_reply(data)
+            if not rid:
+                continue  # the broker could not read a request id: nobody waits for it
             if rid in self._abandoned:
                 self._abandoned.discard(rid)
             else:

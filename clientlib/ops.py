@@ -37,7 +37,8 @@ def prefix_range_end(key: bytes) -> bytes:
     return b"\0"
 
 
-def resolve_range(key: bytes | str, range_end: bytes | str | None, prefix: bool) -> tuple[bytes, bytes | None]:
+def resolve_range(key: bytes | str, range_end: bytes | str | None,
+                  prefix: bool) -> tuple[bytes, bytes | None]:
     """(key, end) as the broker takes them: end None = single key, b"\\0" = every key >= key."""
     k = to_bytes(key)
     if prefix:

@@ -183,10 +183,14 @@ def encode_response(resp) -> list:
 
 # ---------------------------------------------------------------- responses (client side)
 
+_KV_TYPES = (bytes, bytes, int, int, int, int)
+
+
 def _kv(x) -> KeyValue | None:
     if x is None:
         return None
-    if not isinstance(x, list) or len(x) != 6:
+    if (type(x) is not list or len(x) != 6
+            or not all(type(v) is t for v, t in zip(x, _KV_TYPES))):
         raise ProtocolError("shmwatch: malformed key-value")
     return KeyValue(*x)
 
@@ -195,6 +199,8 @@ def decode_response(body):
     """The wire body of a KV response back into its response object."""
     try:
         kind = body[0]
+        if type(body[1]) is not int:
+            raise TypeError
         if kind == K_PUT:
             return PutResponse(body[1], _kv(body[2]))
         if kind == K_RANGE:
@@ -213,7 +219,8 @@ def decode_response(body):
 def decode_reply(data: bytes):
     """(req_id, result-or-error) from a reply record; error is a ShmwatchError instance."""
     msg = unpackb(data)
-    if not isinstance(msg, list) or len(msg) != 3 or not isinstance(msg[0], int):
+    if (not isinstance(msg, list) or len(msg) != 3 or not isinstance(msg[0], int)
+            or not isinstance(msg[1], int)):
         raise ProtocolError("shmwatch: malformed reply")
     req_id, status, body = msg
     if status:
@@ -232,7 +239,7 @@ def encode_error(req_id: int, exc) -> bytes:
 # ---------------------------------------------------------------- watch responses
 
 def _event(x) -> Event:
-    if not isinstance(x, list) or len(x) != 3 or x[0] not in _EV_TYPES:
+    if not isinstance(x, list) or len(x) != 3 or x[0] not in _EV_TYPES or x[1] is None:
         raise ProtocolError("shmwatch: malformed event")
     return Event(x[0], _kv(x[1]), _kv(x[2]))
 
@@ -242,6 +249,11 @@ def decode_watch_response(data: bytes, watch_id: int) -> tuple[int, WatchRespons
     msg = unpackb(data)
     try:
         kind, rev, compact_rev, reason, fragment, events = msg
+        if (type(kind) is not int or not 0 <= kind <= W_PROGRESS_NOTIFY
+                or type(rev) is not int or type(compact_rev) is not int
+                or type(reason) is not str or type(fragment) is not bool
+                or type(events) is not list):
+            raise TypeError
         evs = [_event(e) for e in events]
     except (TypeError, ValueError):
         raise ProtocolError("shmwatch: malformed watch response") from None

@@ -41,3 +41,8 @@ def is_locked(fd: int, byte: int) -> bool:
     """Whether another open file description holds a lock on `byte`. O(1) syscall."""
     res = fcntl.fcntl(fd, _F_OFD_GETLK, _flock(fcntl.F_WRLCK, byte))
     return struct.unpack(_FLOCK, res)[0] != fcntl.F_UNLCK
+
+
+def unlock_all(fd: int) -> None:
+    """Drop every OFD lock this open file description holds on the file."""
+    fcntl.fcntl(fd, _F_OFD_SETLK, struct.pack(_FLOCK, fcntl.F_UNLCK, os.SEEK_SET, 0, 0, 0))

@@ -224,6 +224,15 @@ class Segment:
                 pass
         shm, self._shm = self._shm, None
         try:
+            # mmap keeps a dup of the descriptor, and an OFD lock lives until the last
+            # descriptor of its open file description closes: drop our locks explicitly
+            # so closing a segment always releases what this handle locked.
+            from .lock import unlock_all
+
+            unlock_all(shm.fd)
+        except OSError:
+            pass
+        try:
             shm.close_fd()
         except (OSError, posix_ipc.Error):
             pass

@@ -66,7 +66,7 @@ def test_writers_and_watchers_streams_match_the_log(tmp_path):
             procs = [w[0] for w in watchers] + writers
             for p in procs:
                 p.start()
-            for p, ready, spec in watchers:
+            for _p, ready, spec in watchers:
                 if not spec[3]:
                     assert ready.wait(60), f"watcher {spec} was not created"
             start.set()
@@ -78,7 +78,7 @@ def test_writers_and_watchers_streams_match_the_log(tmp_path):
                 assert final_rev > N_WRITERS * N_OPS // 2
                 final.value = final_rev
                 done.set()
-                for p, ready, spec in watchers:
+                for p, _ready, spec in watchers:
                     p.join(120)
                     assert p.exitcode == 0, f"watcher {spec} exit code {p.exitcode}"
                 history = read_history(c, final_rev)

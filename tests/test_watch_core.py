@@ -400,7 +400,7 @@ def test_every_watch_stream_equals_the_model(data):
     h = History()
     keys = [b"a", b"b", b"c", b"d"]
     watchers: list[tuple[Watcher, FakeRing, list]] = []
-    for step in range(data.draw(st.integers(5, 60))):
+    for _step in range(data.draw(st.integers(5, 60))):
         r = rnd.random()
         if r < 0.15 and len(watchers) < 8:
             lo = rnd.choice(keys)

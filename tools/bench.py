@@ -41,6 +41,7 @@ import argparse
 import base64
 import contextlib
 import datetime as _dt
+import functools
 import http.client
 import json
 import math
@@ -191,6 +192,68 @@ def machine_info(argv: list[str]) -> dict:
     }
 
 
+def _proc_stat() -> list[int]:
+    """The aggregate `cpu` line of /proc/stat: user nice system idle iowait irq softirq steal."""
+    with open("/proc/stat") as f:
+        return [int(x) for x in f.readline().split()[1:9]]
+
+
+def _own_cpu_s() -> float:
+    """CPU seconds of this process plus every descendant it has reaped (all of ours are
+    reaped by the end of the run)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def external_busy(sample_s: float = 1.0) -> list[str]:
+    """Other users' processes busy right now (>= 10% of a core over `sample_s`)."""
+    me = os.getpid()
+    ours = {me} | {p.pid for p in psutil.Process(me).children(recursive=True)}
+    procs = []
+    for p in psutil.process_iter(["pid", "name", "cmdline"]):
+        if p.info["pid"] in ours:
+            continue
+        try:
+            p.cpu_percent(None)
+            procs.append(p)
+        except psutil.Error:
+            pass
+    time.sleep(sample_s)
+    out = []
+    for p in procs:
+        try:
+            pc = p.cpu_percent(None)
+        except psutil.Error:
+            continue
+        if pc >= 10:
+            cmd = " ".join(p.info["cmdline"] or [p.info["name"] or "?"])
+            out.append((pc, f"{pc:.0f}% {cmd[:90]}"))
+    return [x for _, x in sorted(out, reverse=True)]
+
+
+class LoadMeter:
+    """How busy the machine was during the run, and how much of that was us."""
+
+    def __init__(self):
+        self.stat0 = _proc_stat()
+        self.own0 = _own_cpu_s()
+        self.load0 = os.getloadavg()
+        self.t0 = time.monotonic()
+
+    def finish(self) -> dict:
+        st = _proc_stat()
+        d = [b - a for a, b in zip(self.stat0, st)]
+        hz = os.sysconf("SC_CLK_TCK")
+        total = sum(d) or 1
+        busy = total - d[3] - d[4]
+        own = (_own_cpu_s() - self.own0) * hz
+        return {"busy_pct": 100.0 * busy / total, "steal_pct": 100.0 * d[7] / total,
+                "ours_pct": 100.0 * own / total,
+                "others_pct": max(0.0, 100.0 * (busy - own) / total),
+                "loadavg_start": self.load0, "loadavg_end": os.getloadavg(),
+                "seconds": time.monotonic() - self.t0}
+
+
 def _shm_ours() -> set[str]:
     try:
         return {e for e in os.listdir("/dev/shm")
@@ -222,6 +285,17 @@ class Registry:
         self.children: list = []  # multiprocessing.Process
         self.servers: list = []  # subprocess.Popen (redis-server, etcd)
         self.brokers: list = []  # broker.BrokerProcess
+        self.broker_names: list[str] = []  # every broker this run started
+
+    def add_broker(self, b) -> None:
+        self.brokers.append(b)
+        self.broker_names.append(b.name)
+
+    def leftovers(self) -> list[str]:
+        """/dev/shm entries of the brokers this run started (other users' are not ours)."""
+        mine = tuple(f"shmwatch.{n}." for n in self.broker_names)
+        mine += tuple("sem." + m for m in mine)
+        return sorted(e for e in _shm_ours() if e.startswith(mine)) if mine else []
 
     def stop_children(self, procs=None, grace: float = 3.0) -> None:
         procs = self.children if procs is None else procs
@@ -299,7 +373,7 @@ class Transport:
     def stop(self) -> None:
         pass
 
-    def prepare(self, trial: "Trial") -> dict:
+    def prepare(self, trial: Trial) -> dict:
         return {}
 
     def cleanup(self, env: dict) -> None:
@@ -310,6 +384,11 @@ class Transport:
 
     def stats(self, env: dict) -> dict | None:
         return None
+
+    def server_pid(self, env: dict) -> int | None:
+        """The process between writers and readers (broker, redis-server, etcd), if any."""
+        proc = getattr(self, "proc", None)
+        return env.get("pid") or (proc.pid if proc is not None else None)
 
 
 # ------------------------------------------------------------------------------ shmwatch
@@ -378,7 +457,7 @@ class ShmwatchT(Transport):
         import broker
 
         b = broker.spawn(**trial.broker_opts)
-        REG.brokers.append(b)
+        REG.add_broker(b)
         self.handles[b.name] = b
         return {"name": b.name, "pid": b.pid}
 
@@ -989,6 +1068,7 @@ def _writer_loop(w, trial: Trial, idx: int, sync: Sync) -> dict:
     keys = make_keys(trial.prefix, idx)
     kmask = KEYS_PER_WRITER - 1
     pack, pad, now = STAMP.pack, PAD, _now
+    cpu0 = time.process_time()
     start = now()
     end_at = start + int(trial.duration * 1e9)
     seq = 0
@@ -1027,7 +1107,7 @@ def _writer_loop(w, trial: Trial, idx: int, sync: Sync) -> dict:
             seq += 1
     w.flush()
     stop = now()
-    res = {"sent": seq, "start": start, "end": stop}
+    res = {"sent": seq, "start": start, "end": stop, "cpu_s": time.process_time() - cpu0}
     if late is not None:
         ls = sorted(late)
         res["late_p50_us"] = pctl(ls, 50) / 1000
@@ -1047,6 +1127,7 @@ def _reader_loop(r, trial: Trial, idx: int, sync: Sync) -> dict:
         while not sync.resume.wait(0.2):  # read nothing while the writers write
             pass
     now = _now
+    cpu0 = time.process_time()
     began = now()
     hard = began + int((trial.duration + 120) * 1e9)
     idle_ns = int(trial.idle_s * 1e9)
@@ -1075,7 +1156,8 @@ def _reader_loop(r, trial: Trial, idx: int, sync: Sync) -> dict:
                 break
             if t > hard:
                 break
-    res = {"count": count, "first": first, "last": last, "began": began, "stalled": stalled}
+    res = {"count": count, "first": first, "last": last, "began": began, "stalled": stalled,
+           "cpu_s": time.process_time() - cpu0}
     if lat is not None:
         res["lat"] = lat.tobytes()
     return res
@@ -1168,19 +1250,21 @@ class Runner:
             for i in range(trial.writers):
                 spawn("writer", i)
             expect("ready", "writer", trial.writers, 60)
-            pid = env.get("pid")
+            pid = t.server_pid(env)
             spies = self._start_spies(trial, env, procs) if self.profile_dir else []
             cpu0 = cpu_seconds(pid) if pid else None
+            t_go = _now()
             sync.go.set()
             try:
                 wres = expect("result", "writer", trial.writers, trial.duration + 120)
             finally:
-                cpu1 = cpu_seconds(pid) if pid else None
                 self._stop_spies(spies)
             sent = sum(w["sent"] for w in wres)
             sync.target.value = max(sent, 1)
             fast_n = trial.readers - trial.stalled
             rres = expect("result", "reader", fast_n, 180) if fast_n else []
+            cpu1 = cpu_seconds(pid) if pid else None
+            t_done = _now()
             sync.resume.set()
             if trial.stalled:
                 inbox_fast = rres
@@ -1191,7 +1275,8 @@ class Runner:
                    "write_s": (max(w["end"] for w in wres) - start) / 1e9,
                    "wall_s": time.monotonic() - timeline}
             if cpu0 is not None:
-                out["broker_cpu_s"] = cpu1 - cpu0
+                out["server_cpu_s"] = cpu1 - cpu0  # from go until the fast readers finished
+                out["server_span_s"] = (t_done - t_go) / 1e9
             if trial.workload == "W4":
                 out["stats"] = t.stats(env)
             return out
@@ -1234,7 +1319,7 @@ class Runner:
         return [(sp, path, role, now) for sp, path, role, _ in spies]
 
     def _stop_spies(self, spies) -> None:
-        for sp, path, role, t0 in spies:
+        for sp, path, _role, t0 in spies:
             for p in self.profiles:
                 if p["path"] == path:
                     p["seconds"] = time.monotonic() - t0
@@ -1326,6 +1411,22 @@ class Bench:
             return None
         return res
 
+    def _cpu(self, wl, variant, tn, res) -> None:
+        """Where the CPU went: cores used by writers, readers and the server in between,
+        and CPU microseconds (all processes) per delivered record."""
+        wcpu = sum(w["cpu_s"] for w in res["writers"])
+        rcpu = sum(r["cpu_s"] for r in res["readers"])
+        scpu = res.get("server_cpu_s", 0.0)
+        got = sum(r["count"] for r in res["readers"])
+        span = max((r["last"] or r["began"]) for r in res["readers"]) - res["start"]
+        span_s = max(span / 1e9, res["write_s"], 1e-9)
+        self.put(wl, variant, tn, "cpu_writers", wcpu / res["write_s"])
+        self.put(wl, variant, tn, "cpu_readers", rcpu / span_s)
+        if "server_cpu_s" in res:
+            self.put(wl, variant, tn, "cpu_server", scpu / max(res["server_span_s"], 1e-9))
+        if got:
+            self.put(wl, variant, tn, "cpu_us_per_record", (wcpu + rcpu + scpu) / got * 1e6)
+
     def transports(self, batched: bool = False) -> list[str]:
         return [n for n, t in self.runner.transports.items() if not batched or t.batch_ok]
 
@@ -1346,6 +1447,7 @@ class Bench:
                 self.put("W1", variant, tn, "rate", rate)
                 self.put("W1", variant, tn, "delivered", r["count"] / max(res["sent"], 1))
                 self.put("W1", variant, tn, "write_rate", res["sent"] / res["write_s"])
+                self._cpu("W1", variant, tn, res)
                 _log(f"  W1 {variant:9} {tn:9} {rate:12,.0f} /s  "
                      f"(delivered {r['count']}/{res['sent']})")
 
@@ -1362,6 +1464,7 @@ class Bench:
                 rate = _rate(total, res["start"], last)
                 self.put("W2", variant, tn, "rate", rate)
                 self.put("W2", variant, tn, "delivered", total / max(res["sent"] * n, 1))
+                self._cpu("W2", variant, tn, res)
                 _log(f"  W2 {variant:11} {tn:9} {rate:12,.0f} /s total  "
                      f"(delivered {total}/{res['sent'] * n})")
 
@@ -1639,7 +1742,7 @@ def w5_trial(kind: str, counts, prof: Profile) -> list[dict]:
         for bi, n in enumerate(counts):
             t_setup = time.monotonic()
             b = broker.spawn(watch_ring_bytes=16 << 10, rings_per_arena=256)
-            REG.brokers.append(b)
+            REG.add_broker(b)
             brokers.append(b)
             nproc = max(1, min(prof.w5_procs, n))
             for part in (list(range(p, n, nproc)) for p in range(nproc)):
@@ -1663,7 +1766,7 @@ def w5_trial(kind: str, counts, prof: Profile) -> list[dict]:
         stop.set()
         raw = _collect(q, "done", len(holders), 120, procs)  # (broker index, events got)
         out = []
-        for i, n in enumerate(counts):
+        for i in range(len(counts)):
             out.append({"write_rate": wr["sent"][i] / (wr["ns"][i] / 1e9),
                         "cpu_us_per_write": wr["cpu_ns"][i] / 1e3 / max(wr["sent"][i], 1),
                         "delivered": None, "expected": wr["hits"][i], "setup_s": setup[i]})
@@ -1729,7 +1832,7 @@ def mem_trial(n_watchers: int, prof: Profile) -> dict:
     import broker
 
     b = broker.spawn(watch_ring_bytes=16 << 10, rings_per_arena=256, log_bytes=16 << 20)
-    REG.brokers.append(b)
+    REG.add_broker(b)
     procs = []
     q = _ctx.Queue()
     stop = _ctx.Event()
@@ -1932,6 +2035,46 @@ class Report:
             lines.append(f"| {LABELS[tn]} | " + " | ".join(row) + " |")
         return lines
 
+    def load_line(self) -> str:
+        ld = self.m.get("load")
+        if not ld:
+            return "- Machine load: not measured"
+        ext = self.m.get("external_at_start") or []
+        s = (f"- Machine load during the run: the cores were {ld['busy_pct']:.0f}% busy: "
+             f"{ld['ours_pct']:.0f}% this run's processes, {ld['others_pct']:.0f}% other "
+             f"processes (steal {ld['steal_pct']:.1f}%); load average "
+             f"{ld['loadavg_start'][0]:.1f} at the start, {ld['loadavg_end'][0]:.1f} at the end")
+        if ext:
+            s += ". Busy at the start, not ours: " + "; ".join(f"`{x}`" for x in ext[:5])
+        if ld["others_pct"] > 10:
+            s += (". **Other processes took a sizeable share of the machine: absolute figures "
+                  "are depressed and noisier than usual; the ratios are still same-run.**")
+        return s
+
+    def cpu_table(self, wl, variants) -> list[str]:
+        """Cores busy per role (median) and CPU us per delivered record, all processes."""
+        lines = ["", "Where the CPU went (median over repetitions): cores used by the writer "
+                 "process(es) / the watcher process(es) / the process in between (shmwatch "
+                 "broker, redis-server, etcd; Queue and zmq have none), and CPU microseconds of "
+                 "all of them per delivered record. The machine has "
+                 f"{self.m['cores']} cores.", "",
+                 "| transport | " + " | ".join(f"{v}: cores W / R / S | {v}: CPU us/record"
+                                                for v in variants) + " |",
+                 "|---|" + "---|---|" * len(variants)]
+        for tn in self.order(wl):
+            row = []
+            for v in variants:
+                m = [summary(self.get(wl, v, tn, k))["median"]
+                     for k in ("cpu_writers", "cpu_readers", "cpu_server")]
+                if m[0] is None:
+                    row += ["-", "-"]
+                    continue
+                row.append(" / ".join("-" if x is None else f"{x:.2f}" for x in m))
+                row.append(fmt_num(summary(self.get(wl, v, tn, "cpu_us_per_record"))["median"],
+                                   "us"))
+            lines.append(f"| {LABELS[tn]} | " + " | ".join(row) + " |")
+        return lines
+
     def markdown(self) -> str:
         m, b, P = self.m, self.b, self.b.prof
         L = ["# shmwatch benchmarks", "",
@@ -1941,6 +2084,7 @@ class Report:
              f"- Python {m['python']} on {m['platform']}",
              "- " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
              f"- Date: {m['date']}",
+             self.load_line(),
              f"- Command: `{m['command']}` (profile `{P.name}`: {P.reps} repetitions, "
              f"{P.dur:g} s of writing per throughput trial, {P.lat_dur:g} s in W3, "
              f"{P.stall_dur:g} s in W4; whole run {self.elapsed / 60:.1f} min)",
@@ -1982,6 +2126,7 @@ class Report:
                   "of 64 puts; Redis a pipeline of 64 publishes).", ""]
             L += self.table("W1", vs, "rate")
             L += self.ratio_table("W1", vs, "rate")
+            L += self.cpu_table("W1", vs)
             lossy = self.loss_lines("W1", vs)
             L += lossy + [""]
         if "W2" in self.R:
@@ -1990,6 +2135,7 @@ class Report:
                   "(total records/s delivered)", ""]
             L += self.table("W2", vs, "rate")
             L += self.ratio_table("W2", vs, "rate")
+            L += self.cpu_table("W2", vs)
             rb = ratios(self.get("W2", "batched", "shmwatch", "rate"),
                         self.get("W2", "sync writes", "zmq", "rate"))
             if rb:
@@ -2012,7 +2158,7 @@ class Report:
                   "| writer stalls > 5 ms |",
                   "|---|---|---|---|---|---|---|---|---|"]
             for tn in self.order("W3"):
-                g = lambda k, tn=tn: self.get("W3", "paced", tn, k)
+                g = functools.partial(self.get, "W3", "paced", tn)
                 L.append(f"| {LABELS[tn]} | {fmt_num(summary(g('rate'))['median'])} | "
                          f"{cell(g('p50'), 'us')} | {cell(g('p99'), 'us')} | "
                          f"{cell(g('p999'), 'us')} | {cell(g('max'), 'us')} | "
@@ -2034,7 +2180,9 @@ class Report:
                   "stalled one got (per repetition) | its catch-up (s) |",
                   "|---|---|---|---|---|---|"]
             for tn in self.order("W4"):
-                g = lambda v, k, tn=tn: self.get("W4", v, tn, k)
+                def g(v, k, tn=tn):
+                    return self.get("W4", v, tn, k)
+
                 got = g("3 fast + 1 stalled", "stalled_got")
                 sent = g("3 fast + 1 stalled", "sent")
                 gs = ", ".join(f"{x:,}/{y:,}" for x, y in zip(got, sent)) or "-"
@@ -2066,12 +2214,15 @@ class Report:
                   "`watch_ring_bytes=16<<10, rings_per_arena=256`; one writer puts "
                   "synchronously for "
                   f"{P.w5_dur:g} s, 1 write in 100 to a watched key (round robin), the rest to "
-                  "keys nobody watches (for ranges: between the ranges). Broker CPU is "
-                  "psutil user+system time of the broker process over the writing, per write.",
+                  "keys nobody watches (for ranges: between the ranges). The writer alternates "
+                  f"between the brokers of all watcher counts in {W5_SLICE_S:g} s slices (order "
+                  "rotated each cycle), so the counts are compared under the same noise. "
+                  "Broker CPU is the broker's on-CPU time (/proc/<pid>/schedstat) during its "
+                  "slices, per write.",
                   "", "| watchers | write rate /s | broker CPU per write (us) | "
                   "events delivered / expected | set-up (s) |", "|---|---|---|---|---|"]
             for v in self.R["W5"]:
-                g = lambda k, v=v: self.get("W5", v, "shmwatch", k)
+                g = functools.partial(self.get, "W5", v, "shmwatch")
                 dl = ", ".join(f"{a}/{e}" for a, e in zip(g("delivered"), g("expected")))
                 L.append(f"| {v} | {cell(g('write_rate'))} | {cell(g('cpu_us_per_write'), 'us')}"
                          f" | {dl} | {cell(g('setup_s'))} |")
@@ -2183,10 +2334,28 @@ def main(argv: list[str] | None = None) -> int:
         _log(f"unknown peer(s) {badp}; choose from {','.join(PEERS)}")
         return 2
     out = a.out if a.out is not None else (None if a.smoke else "BENCHMARKS.md")
-    shm_before = _shm_ours()
+
+    def _terminate(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    # SIGTERM (and SIGHUP) unwind like Ctrl-C, so every process this run started is stopped.
+    # (A shell running us in the background may have us ignore SIGINT: then use SIGTERM.)
+    old_handlers = {sig: signal.signal(sig, _terminate) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        return _main(a, argv, prof, only, peers, out)
+    finally:
+        for sig, h in old_handlers.items():
+            signal.signal(sig, h)
+
+
+def _main(a, argv, prof, only, peers, out) -> int:
     machine = machine_info(argv)
     _log(f"shmwatch bench ({prof.name}): {machine['cpu']}, {machine['cores']} cores, "
          f"Python {machine['python']}")
+    machine["external_at_start"] = external_busy(0.5 if a.smoke else 1.0)
+    if machine["external_at_start"]:
+        _log("other processes busy on this machine: " + "; ".join(machine["external_at_start"]))
+    meter = LoadMeter()
     t0 = time.monotonic()
     bench = Bench(prof, list(only), peers, a.profile)
     interrupted = False
@@ -2198,12 +2367,16 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         bench.runner.stop_servers()
         REG.stop_all()
-    left = sorted(_shm_ours() - shm_before)
+    left = REG.leftovers()
     if left:
         _log(f"warning: left in /dev/shm: {left}")
         bench.errors.append(f"left in /dev/shm: {left}")
     if interrupted:
         return 130
+    machine["load"] = meter.finish()
+    ld = machine["load"]
+    _log(f"machine during the run: {ld['busy_pct']:.0f}% busy ({ld['ours_pct']:.0f}% this run, "
+         f"{ld['others_pct']:.0f}% other processes, steal {ld['steal_pct']:.1f}%)")
     rep = Report(bench, machine, time.monotonic() - t0)
     rep.compute_targets()
     if out:

@@ -197,7 +197,7 @@ def verify(spec: WatchSpec, got: list, history: list, history_from: int) -> list
     created_rev = got[0][0]
     first = spec.start_revision or created_rev + 1
     evs, owner = [], {}
-    for i, (_rev, created, canceled, compact, events) in enumerate(got[1:], 1):
+    for i, (_rev, _created, _canceled, _compact, events) in enumerate(got[1:], 1):
         for e in events:
             e = (e[0], e[1], e[2], e[3])
             evs.append(e)
