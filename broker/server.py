@@ -35,6 +35,8 @@ from clientlib.protocol import (
     OP_WATCH_CANCEL,
     OP_WATCH_CREATE,
     FILTER_NODELETE,
+    array_header,
+    encode_event,
     FILTER_NOPUT,
     decode_op,
     encode_error,
@@ -141,7 +143,7 @@ class Broker:
         self.writes = 0
         self.started = time.time()
         self._held: list[tuple[ClientConn, bytes]] = []  # replies waiting for the commit
-        self._pending: list[tuple[int, list[Event]]] = []  # revisions not yet notified
+        self._pending: list[tuple] = []  # (rev, events, encoded) not yet notified
         self._oversized: tuple[int, bytes] | None = None  # a revision too big for the log
         self.wal: DataDir | None = None
         self._replaying = False
@@ -390,8 +392,8 @@ class Broker:
             self.wal.commit(time.monotonic())
         if self._pending:
             notify = self.core.notify
-            for rev, events in self._pending:
-                notify(rev, events)
+            for rev, events, encoded in self._pending:
+                notify(rev, events, encoded)
             self._pending.clear()
         if self._held:
             touched = set()
@@ -496,9 +498,12 @@ class Broker:
     def _commit(self, rev: int, events: list[Event]) -> None:
         """Log a revision's events, move the compaction point if the log wrapped, notify."""
         self.writes += 1
-        self._log_append(rev, msgpack.packb(events, use_bin_type=True))
+        # Each event is encoded once here: the log record is the array of them, and
+        # notify reuses the same bytes for watchers with prev_kv (and for creates).
+        encoded = [encode_event(ev, True) for ev in events]
+        self._log_append(rev, array_header(len(encoded)) + b"".join(encoded))
         self.words[L.CTL_REVISION] = rev
-        self._pending.append((rev, events))
+        self._pending.append((rev, events, encoded))
 
     def _log_append(self, rev: int, payload: bytes) -> None:
         """Append to the revision log; if it wrapped, its oldest revision becomes the

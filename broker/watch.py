@@ -279,11 +279,16 @@ class RevisionBatch:
 
     __slots__ = ("rev", "events", "_enc", "_blobs")
 
-    def __init__(self, rev: int, events: list[Event]):
+    def __init__(self, rev: int, events: list[Event], encoded: list[bytes] | None = None):
         self.rev = rev
         self.events = events
         self._enc: dict[tuple[int, bool], bytes] = {}
         self._blobs: dict[tuple, bytes] = {}
+        if encoded is not None:  # the with-prev_kv encodings the shell already made
+            for i, e in enumerate(encoded):
+                self._enc[(i, True)] = e
+                if events[i].prev_kv is None:
+                    self._enc[(i, False)] = e
 
     def encoded(self, i: int, with_prev: bool) -> bytes:
         k = (i, with_prev)
@@ -469,15 +474,17 @@ class WatchCore:
 
     # ------------------------------------------------------------ live events
 
-    def notify(self, rev: int, events: list[Event]) -> None:
+    def notify(self, rev: int, events: list[Event], encoded: list[bytes] | None = None) -> None:
         """Deliver one revision's events to the synced watchers they match.
 
-        Runtime: O(E·log B + M·len) for E events and M matching watchers; each event is
-        encoded at most twice and each distinct response built once."""
+        `encoded`, if given, holds each event's encoding with its prev_kv (the shell made
+        them for the log). Runtime: O(E·log B + M·len) for E events and M matching
+        watchers; each event is encoded at most twice and each distinct response built
+        once."""
         self.cur_rev = rev
         if not self.synced._n:
             return
-        batch = RevisionBatch(rev, events)
+        batch = RevisionBatch(rev, events, encoded)
         if len(events) == 1:
             ev = events[0]
             ws = self.synced.match(ev.kv.key)

@@ -38,6 +38,7 @@ from .ops import (
     op_put,
     op_txn,
     resolve_range,
+    to_bytes,
 )
 from .protocol import (
     FILTER_NODELETE,
@@ -49,6 +50,7 @@ from .protocol import (
     OP_PROGRESS,
     OP_WATCH_CANCEL,
     OP_WATCH_CREATE,
+    K_PUT,
     W_CANCELED,
     decode_reply,
     decode_response,
@@ -59,6 +61,7 @@ from .protocol import (
 from .types import (
     CompactResponse,
     DeleteRangeResponse,
+    KeyValue,
     PutResponse,
     RangeResponse,
     TxnResponse,
@@ -447,7 +450,12 @@ class Client:
     def put(self, key, value, prev_kv: bool = False, ignore_value: bool = False, *,
             timeout: float | None = None) -> PutResponse:
         """etcd Put. O(log n) at the broker plus delivery to matching watchers."""
-        return self._kv(op_put(key, value, prev_kv, ignore_value), timeout)
+        body = self._call([OP_KV, 0, [K_PUT, to_bytes(key), to_bytes(value, "value"),
+                                      bool(prev_kv), bool(ignore_value)]], timeout)
+        try:
+            return PutResponse(body[1], None if body[2] is None else KeyValue(*body[2]))
+        except (TypeError, IndexError):
+            raise errors.ProtocolError("shmwatch: malformed put response") from None
 
     def put_many(self, items: Iterable[tuple], prev_kv: bool = False, *,
                  timeout: float | None = None) -> list[PutResponse]:

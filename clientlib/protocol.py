@@ -166,33 +166,37 @@ def decode_txn(cmp, suc, fail, depth: int = 0) -> TxnOp:
 
 # ---------------------------------------------------------------- responses (broker side)
 
-def encode_response(resp) -> list:
-    """A KV response as its wire body."""
-    if isinstance(resp, PutResponse):
-        return [K_PUT, resp.revision, resp.prev_kv]
-    if isinstance(resp, RangeResponse):
-        return [K_RANGE, resp.revision, resp.kvs, resp.count, resp.more]
-    if isinstance(resp, DeleteRangeResponse):
-        return [K_DELETE, resp.revision, resp.deleted, resp.prev_kvs]
-    if isinstance(resp, TxnResponse):
-        return [K_TXN, resp.revision, resp.succeeded, [encode_response(r) for r in resp.responses]]
-    if isinstance(resp, CompactResponse):
-        return [-1, resp.revision]
-    raise TypeError(f"not a response: {resp!r}")
+_RESPONSE_ENCODERS = {
+    PutResponse: lambda r: (K_PUT, r.revision, r.prev_kv),
+    RangeResponse: lambda r: (K_RANGE, r.revision, r.kvs, r.count, r.more),
+    DeleteRangeResponse: lambda r: (K_DELETE, r.revision, r.deleted, r.prev_kvs),
+    TxnResponse: lambda r: (K_TXN, r.revision, r.succeeded,
+                            [_RESPONSE_ENCODERS[type(x)](x) for x in r.responses]),
+    CompactResponse: lambda r: (-1, r.revision),
+}
+
+
+def encode_response(resp):
+    """A KV response as its wire body (a tuple msgpack packs as an array). O(size)."""
+    try:
+        return _RESPONSE_ENCODERS[type(resp)](resp)
+    except KeyError:
+        raise TypeError(f"not a response: {resp!r}") from None
 
 
 # ---------------------------------------------------------------- responses (client side)
 
-_KV_TYPES = (bytes, bytes, int, int, int, int)
-
-
 def _kv(x) -> KeyValue | None:
     if x is None:
         return None
-    if (type(x) is not list or len(x) != 6
-            or not all(type(v) is t for v, t in zip(x, _KV_TYPES))):
+    try:
+        key, value, create, mod, version, lease = x
+    except (TypeError, ValueError):
+        raise ProtocolError("shmwatch: malformed key-value") from None
+    if (type(key) is not bytes or type(value) is not bytes or type(create) is not int
+            or type(mod) is not int or type(version) is not int or type(lease) is not int):
         raise ProtocolError("shmwatch: malformed key-value")
-    return KeyValue(*x)
+    return KeyValue(key, value, create, mod, version, lease)
 
 
 def decode_response(body):

@@ -128,14 +128,14 @@ class Doorbell:
         re-checking `ready()` after setting it. `alive()` runs between slices and raises
         to abort the wait (e.g. the peer died); its exception propagates.
         """
-        for i in range(spin):
+        for _ in range(spin):
             if ready():
                 return True
-            if i & 7 == 7:
-                # On a machine with more runnable processes than cores (2 cores: writer,
-                # broker, watcher), a spinner must give its core to the peer it waits
-                # for; when a core is free this returns at once.
-                _sched_yield()
+            # On a machine with more runnable processes than cores (2 cores: writer,
+            # broker, watcher), a spinner must give its core to the peer it waits for;
+            # when a core is free this returns at once (~0.3 us). Measured with
+            # /tmp-style W1 runs: yielding on every check beat every 8th and never.
+            _sched_yield()
         if slice <= 0:
             raise ValueError(f"slice must be > 0, got {slice}")
         deadline = None if timeout is None else time.monotonic() + timeout

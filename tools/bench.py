@@ -350,7 +350,9 @@ def stop_server(proc: subprocess.Popen) -> None:
 #
 # A transport has a main-process side (available / start / prepare / cleanup / stop) and
 # a child side: writer(env, trial, idx) and reader(env, trial, idx) build objects with
-#   writer: send(key, value, seq), send_batch([(key, value, seq)...]), flush(), close()
+#   writer: send(key, value, seq), send_batch([(key, value, seq)...]) (one atomic write of
+#           all: a txn), send_many([...]) (separate writes sent in one go: pipelined),
+#           flush(), close()
 #   reader: recv(timeout) -> list of record values (bytes), close()
 # A reader's constructor returns only once it is subscribed (created / subscribed).
 
@@ -361,7 +363,8 @@ def _packb(obj) -> bytes:
 
 class Transport:
     name = "?"
-    batch_ok = False  # has a batched write path
+    batch_ok = False  # has a batched write path (one write carrying 64 records)
+    pipeline_ok = False  # has a pipelined write path (64 separate writes sent at once)
     lossy = False  # may drop records (a reader then ends on an idle timeout)
 
     def available(self) -> tuple[bool, str]:
@@ -408,6 +411,9 @@ class ShmWriter:
         op_put = self._op_put
         self.c.txn(success=[op_put(k, v) for k, v, _ in items])
 
+    def send_many(self, items):
+        self.c.put_many([(k, v) for k, v, _ in items])
+
     def flush(self):
         pass
 
@@ -449,6 +455,12 @@ class ShmReader:
 class ShmwatchT(Transport):
     name = "shmwatch"
     batch_ok = True
+
+    @property
+    def pipeline_ok(self) -> bool:
+        import clientlib
+
+        return hasattr(clientlib.Client, "put_many")  # the pipelined write path
 
     def __init__(self):
         self.handles: dict[str, object] = {}
@@ -660,6 +672,8 @@ class RedisWriter:
             p.publish(ch, _packb([k, v, s]))
         p.execute()
 
+    send_many = send_batch  # a pipeline of 64 PUBLISH is both
+
     def flush(self):
         pass
 
@@ -704,6 +718,7 @@ class RedisReader:
 class RedisT(Transport):
     name = "redis"
     batch_ok = True
+    pipeline_ok = True
 
     def __init__(self):
         self.proc = None
@@ -1021,6 +1036,7 @@ class Trial:
     writers: int = 1
     readers: int = 1
     batch: int = 1
+    pipelined: bool = False  # batch > 1: send_many (separate writes) instead of send_batch
     duration: float = 1.0
     pace: float = 0.0  # records/s per writer (W3); 0 = as fast as it goes
     stalled: int = 0  # the last `stalled` readers read nothing until the writers are done
@@ -1090,12 +1106,13 @@ def _writer_loop(w, trial: Trial, idx: int, sync: Sync) -> dict:
             t_next = start + seq * interval
     elif trial.batch > 1:
         b = trial.batch
+        send_b = w.send_many if trial.pipelined else w.send_batch
         while True:
             t = now()
             if t >= end_at:
                 break
-            w.send_batch([(keys[(seq + j) & kmask], pack(seq + j, t) + pad, seq + j)
-                          for j in range(b)])
+            send_b([(keys[(seq + j) & kmask], pack(seq + j, t) + pad, seq + j)
+                    for j in range(b)])
             seq += b
     else:
         send = w.send
@@ -1427,19 +1444,22 @@ class Bench:
         if got:
             self.put(wl, variant, tn, "cpu_us_per_record", (wcpu + rcpu + scpu) / got * 1e6)
 
-    def transports(self, batched: bool = False) -> list[str]:
-        return [n for n, t in self.runner.transports.items() if not batched or t.batch_ok]
+    def transports(self, mode: str | None = None) -> list[str]:
+        """Transports with this write path: None (one record per call), "batched",
+        "pipelined"."""
+        return [n for n, t in self.runner.transports.items()
+                if mode is None or (t.batch_ok if mode == "batched" else t.pipeline_ok)]
 
     # ------------------------------------------------------------ W1 / W2
 
     def w1(self) -> None:
         d = self.prof.dur
-        for variant, writers, batched in (("1 writer", 1, False), ("4 writers", 4, False),
-                                          ("batched", 1, True)):
-            for tn in self.transports(batched):
+        for variant, writers, mode in (("1 writer", 1, None), ("4 writers", 4, None),
+                                       ("batched", 1, "batched"), ("pipelined", 1, "pipelined")):
+            for tn in self.transports(mode):
                 res = self.trial(workload="W1", variant=variant, transport=tn,
-                                 writers=writers, readers=1, batch=BATCH if batched else 1,
-                                 duration=d)
+                                 writers=writers, readers=1, batch=BATCH if mode else 1,
+                                 pipelined=mode == "pipelined", duration=d)
                 if res is None:
                     continue
                 r = res["readers"][0]
@@ -1453,10 +1473,12 @@ class Bench:
 
     def w2(self) -> None:
         d, n = self.prof.dur, self.prof.fanout
-        for variant, batched in (("sync writes", False), ("batched", True)):
-            for tn in self.transports(batched):
+        for variant, mode in (("sync writes", None), ("batched", "batched"),
+                              ("pipelined", "pipelined")):
+            for tn in self.transports(mode):
                 res = self.trial(workload="W2", variant=variant, transport=tn, writers=1,
-                                 readers=n, batch=BATCH if batched else 1, duration=d)
+                                 readers=n, batch=BATCH if mode else 1,
+                                 pipelined=mode == "pipelined", duration=d)
                 if res is None:
                     continue
                 total = sum(r["count"] for r in res["readers"])
@@ -1971,8 +1993,10 @@ class Report:
         add("W1, 4 writers, synchronous puts: >= 50x etcd", ratio_cell(r),
             None if m is None else m >= 50.0)
         m = self.med("W1", "batched", "shmwatch", "rate")
+        pipe = self.get("W1", "pipelined", "shmwatch", "rate")
         add("W1 batched write path (txn of 64 puts): >= 250k events/s",
-            cell(self.get("W1", "batched", "shmwatch", "rate")) + " events/s",
+            cell(self.get("W1", "batched", "shmwatch", "rate")) + " events/s"
+            + (f" (pipelined `put_many` of 64: {cell(pipe)} events/s)" if pipe else ""),
             None if m is None else m >= 250_000)
         rs = ratios(self.get("W2", "sync writes", "shmwatch", "rate"),
                     self.get("W2", "sync writes", "zmq", "rate"))
@@ -2117,20 +2141,23 @@ class Report:
         L.append("")
         # W1
         if "W1" in self.R:
-            vs = [v for v in ("1 writer", "4 writers", "batched") if v in self.R["W1"]]
+            vs = [v for v in ("1 writer", "4 writers", "batched", "pipelined")
+                  if v in self.R["W1"]]
             L += ["## W1 unicast put -> watch (records/s delivered to 1 watcher process)", "",
                   "`1 writer`, `4 writers`: synchronous writes, one at a time per writer "
                   "(shmwatch `put` waits for its reply; etcd `/v3/kv/put`; Redis `PUBLISH`; "
                   "Queue `put` and zmq `send` do not wait). `batched`: 64 records per call "
                   "(shmwatch `txn` of 64 puts = one revision of 64 events; etcd `/v3/kv/txn` "
-                  "of 64 puts; Redis a pipeline of 64 publishes).", ""]
+                  "of 64 puts; Redis a pipeline of 64 publishes). `pipelined`: 64 separate writes "
+                  "sent in one go, each its own revision (shmwatch `put_many` of 64: one broker "
+                  "wake-up, 64 replies; Redis the same pipeline of 64 publishes).", ""]
             L += self.table("W1", vs, "rate")
             L += self.ratio_table("W1", vs, "rate")
             L += self.cpu_table("W1", vs)
             lossy = self.loss_lines("W1", vs)
             L += lossy + [""]
         if "W2" in self.R:
-            vs = [v for v in ("sync writes", "batched") if v in self.R["W2"]]
+            vs = [v for v in ("sync writes", "batched", "pipelined") if v in self.R["W2"]]
             L += [f"## W2 fan-out: 1 writer -> {P.fanout} watcher processes on one prefix "
                   "(total records/s delivered)", ""]
             L += self.table("W2", vs, "rate")
