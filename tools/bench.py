@@ -180,7 +180,21 @@ def machine_info(argv: list[str]) -> dict:
                 vers[prog] = out.stdout.splitlines()[0].strip() if out.stdout else "?"
             except Exception:
                 pass
+    git = ""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, timeout=10,
+                             capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=root, timeout=10, capture_output=True, text=True,
+                               check=True).stdout.split("\n")
+        dirty = [ln[3:] for ln in dirty if ln.strip()]
+        git = sha + (f" + uncommitted changes to {', '.join(dirty[:8])}"
+                     + (" ..." if len(dirty) > 8 else "") if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
     return {
+        "git": git,
         "cpu": cpu,
         "cores": os.cpu_count(),
         "python": platform.python_version(),
@@ -2108,6 +2122,7 @@ class Report:
              f"- Python {m['python']} on {m['platform']}",
              "- " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
              f"- Date: {m['date']}",
+             f"- Code: {m.get('git') or 'not a git checkout'}",
              self.load_line(),
              f"- Command: `{m['command']}` (profile `{P.name}`: {P.reps} repetitions, "
              f"{P.dur:g} s of writing per throughput trial, {P.lat_dur:g} s in W3, "
