@@ -33,10 +33,10 @@ from bisect import bisect_left
 from collections.abc import Iterator
 
 from .errors import RingCorrupt
+from .ring import check_capacity
 
 REVLOG_HEADER = 64
 RECORD_HEADER = 16
-MIN_CAPACITY = 64
 WRAP_REV = 0xFFFFFFFFFFFFFFFF
 MAX_REV = (1 << 63) - 1
 
@@ -49,16 +49,8 @@ def revlog_bytes(capacity: int) -> int:
 
     `capacity` must be a multiple of 8 and >= 64.
     """
-    _check_capacity(capacity)
+    check_capacity(capacity, "revision log")
     return REVLOG_HEADER + capacity
-
-
-def _check_capacity(capacity: int) -> None:
-    if capacity < MIN_CAPACITY or capacity % 8:
-        raise ValueError(
-            f"revision log capacity must be a multiple of 8 and >= {MIN_CAPACITY}, "
-            f"got {capacity}"
-        )
 
 
 class RevLog:
@@ -92,7 +84,7 @@ class RevLog:
         if buf.readonly:
             raise ValueError("revision log buffer must be writable")
         cap = (len(buf) - REVLOG_HEADER) // 8 * 8
-        _check_capacity(cap)
+        check_capacity(cap, "revision log")
         self.capacity: int = cap
         #: the largest payload that can ever be appended (its record fills the log)
         self.max_payload: int = cap - RECORD_HEADER

@@ -66,17 +66,18 @@ def ring_bytes(capacity: int) -> int:
 
     `capacity` must be a multiple of 8 and >= 64.
     """
-    _check_capacity(capacity)
+    check_capacity(capacity)
     return RING_HEADER + capacity
 
 
-def _check_capacity(capacity: int) -> None:
+def check_capacity(capacity: int, what: str = "ring") -> None:
+    """Data areas (rings, the revision log) are 8-aligned and at least MIN_CAPACITY."""
     if capacity < MIN_CAPACITY or capacity % 8:
         raise ValueError(
-            f"ring capacity must be a multiple of 8 and >= {MIN_CAPACITY}, got {capacity}"
+            f"{what} capacity must be a multiple of 8 and >= {MIN_CAPACITY}, got {capacity}"
         )
     if capacity > 1 << 62:
-        raise ValueError(f"ring capacity too large: {capacity}")
+        raise ValueError(f"{what} capacity too large: {capacity}")
 
 
 def max_chunk_for(capacity: int) -> int:
@@ -123,7 +124,7 @@ class Ring:
         if buf.readonly:
             raise ValueError("ring buffer must be writable")
         cap = (len(buf) - RING_HEADER) // 8 * 8
-        _check_capacity(cap)
+        check_capacity(cap)
         if max_message < 0:
             raise ValueError(f"max_message must be >= 0, got {max_message}")
         self.capacity: int = cap
