@@ -636,9 +636,13 @@ class Broker:
             w.sink.release()
             w.sink = None
 
-    def _release_finished_watchers(self, c: ClientConn) -> None:
-        for w in [w for w in c.watchers.values() if w.state == "removed"]:
-            self._forget_watcher(c, w)
+    def _release_finished_watchers(self) -> None:
+        """Forget watchers the core finished (cancelled, compacted). O(finished)."""
+        removed = self.core.removed
+        while removed:
+            w = removed.pop()
+            if self.clients.get(w.owner.slot) is w.owner:
+                self._forget_watcher(w.owner, w)
 
     # ------------------------------------------------------------ metrics
 
@@ -724,8 +728,8 @@ class Broker:
         scan = seq != self._reg_seq
         self._reg_seq = seq
         fd = self.ctl.fd
+        self._release_finished_watchers()
         for c in list(self.clients.values()):
-            self._release_finished_watchers(c)
             if not is_locked(fd, L.slot_lock_byte(c.slot)):
                 log.info("client %s is gone: reclaiming its watchers and rings", c)
                 self._reclaim(c)

@@ -350,6 +350,7 @@ class WatchCore:
         self.batch_max_revs = batch_max_revs or WATCH_BATCH_MAX_REVS
         self.woken: set = set()
         self.faulted: set = set()  # owners whose ring raised on write: to disconnect
+        self.removed: list[Watcher] = []  # finished watchers whose bookkeeping may go
         # Counters for metrics.
         self.events_delivered = 0
         self.victims_entered = 0
@@ -383,6 +384,8 @@ class WatchCore:
             self.victims_entered += 1
         elif new == CANCELING:
             self.canceling[w] = None
+        elif new == REMOVED:
+            self.removed.append(w)
 
     def _write(self, w: Watcher, payload: bytes) -> bool:
         """Queue `payload` for `w`: written now if nothing is pending and it fits.
