@@ -15,25 +15,12 @@ import signal
 import time
 from typing import TYPE_CHECKING
 
-import msgpack
+from tests.mp_workers import load, reap, report, wait_for  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:
     import clientlib
 
 WORKER_DEADLINE_S = 90.0
-
-
-def report(path: str, obj) -> None:
-    """Write `obj` (msgpack) to `path` atomically: a reader sees all of it or nothing."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(msgpack.packb(obj, use_bin_type=True))
-    os.replace(tmp, path)
-
-
-def load(path: str):
-    with open(path, "rb") as f:
-        return msgpack.unpackb(f.read(), raw=False)
 
 
 def _client_info(c) -> dict:
@@ -200,19 +187,6 @@ def history(c: clientlib.Client, prefix: str, final_rev: int) -> list[tuple]:
         return read_until(w, final_rev)
 
 
-def wait_for(pred, timeout: float, what: str, interval: float = 0.02):
-    """Poll `pred()` until it returns something truthy and return that; AssertionError
-    naming `what` after `timeout` seconds. Never sleeps longer than needed."""
-    deadline = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
-
-
 def shm_entries(name: str) -> list[str]:
     """Every /dev/shm entry of broker `name` (segments and semaphores)."""
     seg, sem = f"shmwatch.{name}.", f"sem.shmwatch.{name}."
@@ -252,19 +226,6 @@ def stats_where(name: str, pred, timeout: float, what: str) -> dict:
 
 def client_pids(s: dict) -> set[int]:
     return {c["pid"] for c in s["clients"]}
-
-
-def reap(procs, grace: float = 5.0) -> None:
-    """Stop the processes this test started (by their own pid): wait up to `grace`
-    seconds in all, then SIGKILL each one still alive."""
-    deadline = time.monotonic() + grace
-    for p in procs:
-        if p.pid is not None and p.is_alive():
-            p.join(max(0.0, deadline - time.monotonic()))
-    for p in procs:
-        if p.pid is not None and p.is_alive():
-            p.kill()
-            p.join(10)
 
 
 def spawn_cli(name: str, *args: str, timeout: float = 15.0):

@@ -34,8 +34,9 @@ def enc_response(r) -> list:
             r.cancel_reason, r.fragment, [enc_event(e) for e in r.events]]
 
 
-def _dump(path: str, obj) -> None:
-    tmp = path + ".tmp"
+def report(path: str, obj) -> None:
+    """Write `obj` (msgpack) to `path` atomically: a reader sees all of it or nothing."""
+    tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "wb") as f:
         f.write(msgpack.packb(obj, use_bin_type=True))
     os.replace(tmp, path)
@@ -99,7 +100,7 @@ def writer(name: str, wid: int, n_ops: int, n_keys: int, seed: int, out_path: st
                 acks.append([resp.revision, "txn", changes])
         if began is not None and n_ops <= began_after:
             began.set()
-    _dump(out_path, acks)
+    report(out_path, acks)
 
 
 # ------------------------------------------------------------------ watchers
@@ -155,7 +156,7 @@ def watcher(name: str, spec: dict, out_path: str, ready, done, final_rev, count=
                 if r.revision >= final_rev.value:
                     break
                 asked = False  # an older progress answer: ask again
-    _dump(out_path, got)
+    report(out_path, got)
 
 
 # ------------------------------------------------------------------ other children
@@ -170,7 +171,7 @@ def idle_client(name: str, n_watches: int, ready, info_path: str) -> None:
         w.get(20)
     c.put("idle/0", "x")
     watches[0].get(20)
-    _dump(info_path, {"pid": os.getpid(), "part": c._part})
+    report(info_path, {"pid": os.getpid(), "part": c._part})
     ready.set()
     time.sleep(WORKER_DEADLINE_S)  # the test SIGKILLs us long before this
 
@@ -207,7 +208,7 @@ def close_while_blocked(name: str, n_threads: int, out_path: str) -> None:
     c.close()
     for t in threads:
         t.join(40)
-    _dump(out_path, {"outcome": outcome, "stuck": sum(t.is_alive() for t in threads)})
+    report(out_path, {"outcome": outcome, "stuck": sum(t.is_alive() for t in threads)})
 
 
 # ------------------------------------------------------------------ helpers for the tests
