@@ -42,12 +42,13 @@ from clientlib.protocol import (
     encode_error,
     encode_reply,
     encode_response,
+    peek_id,
     unpackb,
 )
 from clientlib.types import Event, KeyValue
 from shm import layout as L
 from shm.doorbell import Doorbell
-from shm.errors import RingCorrupt, SegmentExists
+from shm.errors import LogRecordCorrupt, MessageTooLarge, RingCorrupt, SegmentExists
 from shm.lock import is_locked, try_lock
 from shm.revlog import RevLog, revlog_bytes
 from shm.ring import Ring, ring_bytes
@@ -71,6 +72,7 @@ IDLE_SLEEP_MAX_S = 0.1
 # clients): a request arriving within ~50 us is served without a semaphore wake-up
 # (~30 us each way, PERF-ANCHORS.md), which is what keeps a synchronous put fast.
 BROKER_SPIN = 100
+REQUEST_ENVELOPE = 1024  # bytes of a request beyond its payload (op, ids, msgpack framing)
 
 
 @dataclass
@@ -92,10 +94,22 @@ class BrokerConfig:
     fsync: str = "always"  # always | batch | never (see broker/wal.py)
     snapshot_every: int = 100_000  # WAL records between snapshots
     group: str | None = None  # share with this group (give --mode 660 too)
+    # Memory a client can make the broker hold (README, "Broker options"):
+    max_response_bytes: int = 64 << 20  # largest reply (a range); larger -> typed error
+    max_client_backlog_bytes: int = 64 << 20  # watch responses held for one client
+    max_watchers_per_client: int = 1000  # each watch is a ring in /dev/shm
 
 
 class BrokerRunning(RuntimeError):
     """A live broker already holds this name."""
+
+
+class HistoryDamaged(Exception):
+    """A catch-up pass met a damaged revision-log record (already contained)."""
+
+    def __init__(self, rev: int):
+        super().__init__(rev)
+        self.rev = rev
 
 
 class ClientConn:
@@ -116,6 +130,7 @@ class ClientConn:
         self.rings_in_use: dict[tuple[int, int], Watcher] = {}
         self.next_watch_id = 0
         self.backlog: deque[list] = deque()  # replies that did not fit the response ring
+        self.reply_bytes = 0  # bytes of replies held for it (this batch's and backlog)
         self.requests = 0
 
     def __repr__(self) -> str:
@@ -132,15 +147,16 @@ class Broker:
         self.mvcc = MVCCStore()
         self.core = WatchCore(
             max_request_bytes=cfg.max_request_bytes,
-            # etcd sends a catch-up as one response per 1000 revisions whatever its size;
-            # the ring streams a response larger than itself in chunks. This bound only
-            # caps the broker's memory for one watcher's catch-up.
-            max_response_bytes=64 << 20,
+            # A catch-up response is also bounded by the free space of the watcher's
+            # ring (see WatchCore.sync_watchers); this caps it for huge rings.
+            max_response_bytes=cfg.max_response_bytes,
             max_watchers_per_sync=cfg.max_watchers_per_sync,
+            owner_budget=cfg.max_client_backlog_bytes,
         )
         self.clients: dict[int, ClientConn] = {}
         self._stopping = False
         self.writes = 0
+        self.log_damage = 0  # times the revision log's shared memory was found damaged
         self.started = time.time()
         self._held: list[tuple[ClientConn, bytes]] = []  # replies waiting for the commit
         self._pending: list[tuple] = []  # (rev, events, encoded) not yet notified
@@ -209,6 +225,8 @@ class Broker:
             w[L.CTL_RESPONSE_RING] = cfg.response_ring_bytes
             w[L.CTL_WATCH_RING] = cfg.watch_ring_bytes
             w[L.CTL_RINGS_PER_ARENA] = cfg.rings_per_arena
+            w[L.CTL_MAX_RESPONSE_BYTES] = cfg.max_response_bytes
+            w[L.CTL_MAX_WATCHERS] = cfg.max_watchers_per_client
             w[L.CTL_CLUSTER_ID] = self.cluster_id
             w[L.CTL_HEARTBEAT_NS] = time.time_ns()
             w[L.CTL_REVISION] = self.mvcc.rev
@@ -269,9 +287,14 @@ class Broker:
 
     def _snapshot(self) -> None:
         self._commit_batch()
-        lo = self.log.oldest_rev
-        entries = [list(self._oversized)] if self._oversized else []
-        entries += [[rev, payload] for rev, payload in self.log.read_from(lo)] if lo else []
+        while True:
+            lo = self.log.oldest_rev
+            entries = [list(self._oversized)] if self._oversized else []
+            try:
+                entries += [[rev, payload] for rev, payload in self.log.read_from(lo)] if lo else []
+                break
+            except LogRecordCorrupt as exc:
+                self._log_damaged(exc.rev, str(exc))
         self.wal.snapshot({"mvcc": self.mvcc.snapshot(), "log": entries})
 
     def close(self) -> None:
@@ -315,7 +338,10 @@ class Broker:
                         core.move_victims()
                         next_victims = now + VICTIM_RETRY_S
                 if core.unsynced:
-                    core.sync_watchers(self._read_history)
+                    try:
+                        core.sync_watchers(self._read_history)
+                    except HistoryDamaged:
+                        pass  # contained; the next pass cancels who needed it
                     worked = True
                 if core.faulted:
                     self._drop_faulted()
@@ -359,8 +385,19 @@ class Broker:
                 continue
             req = c.req
             for _ in range(REQUESTS_PER_CLIENT_PASS):
+                if c.reply_bytes >= c.resp.capacity:
+                    # Its replies already fill its response ring: it is not reading
+                    # them. Leave its requests in its ring (backpressure) rather than
+                    # hold more: at most a ring's worth plus one reply is ever held.
+                    break
                 try:
                     data = req.read()
+                except MessageTooLarge as exc:
+                    # A client that ignored --max-request-bytes: the message was dropped
+                    # as it streamed in (never buffered); the client gets etcd's error.
+                    worked = True
+                    self._reply(c, encode_error(peek_id(exc.head, 1), errors.RequestTooLargeError()))
+                    continue
                 except RingCorrupt as exc:
                     log.warning("client %s wrote a corrupt record (%s): disconnecting", c, exc)
                     self._reclaim(c)
@@ -410,6 +447,8 @@ class Broker:
                     continue
                 if off != len(data):
                     c.backlog.append([data, off])
+                else:
+                    c.reply_bytes -= len(data)
                 touched.add(c)
             self._held.clear()
             woken = self.core.woken
@@ -424,6 +463,7 @@ class Broker:
 
     def _reply(self, c: ClientConn, data: bytes) -> None:
         self._held.append((c, data))
+        c.reply_bytes += len(data)
 
     def _flush_backlog(self, c: ClientConn) -> bool:
         while c.backlog:
@@ -438,6 +478,7 @@ class Broker:
                 item[1] = off
                 break
             c.backlog.popleft()
+            c.reply_bytes -= len(item[0])
         c.resp.publish()
         self.core.woken.add(c)
         return not c.backlog
@@ -450,16 +491,22 @@ class Broker:
                 # etcd compares the encoded request with --max-request-bytes; ours is
                 # the msgpack request (within a few bytes of etcd's protobuf).
                 # Read the id without decoding the (oversized) body.
-                req_id = _peek_req_id(data)
+                req_id = peek_id(data, 1)
                 raise errors.RequestTooLargeError()
-            msg = unpackb(data, max_size=self.cfg.max_request_bytes + 1024)
+            msg = unpackb(data, max_size=self.cfg.max_request_bytes + REQUEST_ENVELOPE)
             if not isinstance(msg, list) or len(msg) < 2 or not isinstance(msg[1], int):
                 raise errors.ProtocolError("shmwatch: malformed request")
             op, req_id = msg[0], msg[1]
             if op == OP_KV:
                 if len(msg) != 3:
                     raise errors.ProtocolError("shmwatch: malformed request")
-                self._reply(c, encode_reply(req_id, self._apply(decode_op(msg[2]), msg[2])))
+                rev = self.mvcc.rev
+                data = encode_reply(req_id, self._apply(decode_op(msg[2]), msg[2]))
+                if len(data) > self.cfg.max_response_bytes:
+                    raise errors.ResponseTooLargeError.for_reply(
+                        len(data), self.cfg.max_response_bytes,
+                        self.mvcc.rev if self.mvcc.rev != rev else 0)
+                self._reply(c, data)
                 return True
             # Anything else sees the store as committed and notified so far.
             self._commit_batch()
@@ -524,8 +571,8 @@ class Broker:
     def _compact_to(self, rev: int) -> None:
         if rev > self.mvcc.compact_rev:
             self.mvcc.compact(rev)
-            self.core.compact_rev = self.mvcc.compact_rev
-            self.words[L.CTL_COMPACT_REV] = self.core.compact_rev
+            self.core.compact_rev = max(self.core.compact_rev, self.mvcc.compact_rev)
+            self.words[L.CTL_COMPACT_REV] = self.mvcc.compact_rev
 
     def _compact(self, msg) -> list:
         if len(msg) != 3 or not isinstance(msg[2], int):
@@ -544,22 +591,56 @@ class Broker:
         return resp
 
     def _read_history(self, lo: int, hi: int):
+        """Yield (rev, events) of the log for lo <= rev <= hi (the core's history
+        reader). A record damaged in shared memory raises `HistoryDamaged` after the
+        damage was contained (`_log_damaged`)."""
         compact_rev = self.mvcc.compact_rev
         records = self.log.read_from(lo, hi)
         if self._oversized is not None and lo <= self._oversized[0] <= hi:
             records = itertools.chain([self._oversized], records)
-        for rev, payload in records:
-            events = [
-                Event(t, KeyValue(*kv), KeyValue(*prev) if prev is not None else None)
-                for t, kv, prev in msgpack.unpackb(payload, raw=False)
-            ]
-            if rev == compact_rev:
-                events = events_at_compact_rev(events)
-            yield rev, events
+        rev = lo
+        try:
+            for rev, payload in records:
+                events = [
+                    Event(t, KeyValue(*kv), KeyValue(*prev) if prev is not None else None)
+                    for t, kv, prev in msgpack.unpackb(payload, raw=False)
+                ]
+                if rev == compact_rev:
+                    events = events_at_compact_rev(events)
+                yield rev, events
+        except LogRecordCorrupt as exc:
+            self._log_damaged(exc.rev, str(exc))
+            raise HistoryDamaged(exc.rev) from None
+        except (ValueError, TypeError, msgpack.UnpackException) as exc:
+            # A record with a valid CRC but not our encoding: written by someone else.
+            self._log_damaged(rev, f"revision log: undecodable record for revision {rev}: {exc}")
+            raise HistoryDamaged(rev) from None
+
+    def _log_damaged(self, rev: int, what: str) -> None:
+        """Someone wrote into the revision log's shared memory and damaged revision
+        `rev`. Contain it: history up to and including `rev` is treated as compacted
+        (watchers that still need it get etcd's compaction cancel; reads below it get
+        the compacted error); the store itself, in this process, is intact; nothing
+        newer is touched. Logged loudly; the broker keeps serving."""
+        log.error("%s: shared memory of the revision log was overwritten by another "
+                  "process; history up to revision %d is dropped (treated as compacted)",
+                  what, rev)
+        self.log_damage += 1
+        self.log.truncate_before(rev + 1)
+        if self._oversized is not None and self._oversized[0] <= rev:
+            self._oversized = None
+        self._compact_to(min(rev + 1, self.mvcc.rev))
+        # The watch core's compaction point may pass the store's by one (damage in the
+        # newest record): a watcher that needs `rev` must be cancelled, never skip it.
+        self.core.compact_rev = max(self.core.compact_rev, rev + 1)
 
     # ------------------------------------------------------------ watches
 
     def _watch_create(self, c: ClientConn, msg) -> list:
+        """etcd's watch-stream rules for a create: the range check, then the id (0 picks
+        the next free one; any other int64, negative ones included, is taken as given
+        unless in use). Reply `[watch_id, revision, cancel_reason, refusal_code]`, where
+        a refusal (code != 0) is etcd's created+canceled response with that reason."""
         try:
             (_, _, arena, idx, key, end, start_rev, prev_kv, filters, progress_notify,
              fragment, want_id) = msg
@@ -568,24 +649,33 @@ class Broker:
         if not (isinstance(arena, int) and 0 <= arena < len(c.arenas)
                 and isinstance(idx, int) and 0 <= idx < self.cfg.rings_per_arena):
             raise errors.ProtocolError("shmwatch: watch ring out of range")
+        if not isinstance(key, bytes) or not (end is None or isinstance(end, bytes)):
+            raise errors.ProtocolError("shmwatch: malformed watch key")
+        if (not isinstance(want_id, int) or not isinstance(start_rev, int)
+                or not -(1 << 63) <= want_id < 1 << 63):
+            raise errors.ProtocolError("shmwatch: malformed watch request")
         old = c.rings_in_use.get((arena, idx))
         if old is not None:
             if old.state != "removed":
                 raise errors.ProtocolError("shmwatch: watch ring already in use")
             self._forget_watcher(c, old)
-        if not isinstance(key, bytes) or not (end is None or isinstance(end, bytes)):
-            raise errors.ProtocolError("shmwatch: malformed watch key")
-        if not isinstance(want_id, int) or not isinstance(start_rev, int):
-            raise errors.ProtocolError("shmwatch: malformed watch request")
+        if len(c.watchers) >= self.cfg.max_watchers_per_client:
+            self._release_finished_watchers()
+            if len(c.watchers) >= self.cfg.max_watchers_per_client:
+                raise errors.TooManyWatchersError(
+                    f"shmwatch: this client already has {len(c.watchers)} watches, the "
+                    f"broker's --max-watchers-per-client")
         rev = self.mvcc.rev
         if end is not None and end != b"\0" and key >= end:
-            return [-1, rev, errors.InvalidRangeError.default_message]
+            return [0, rev, errors.InvalidRangeError.default_message,
+                    errors.InvalidRangeError.code]
         if want_id:
             old = c.watchers.get(want_id)
             if old is not None and old.state == "removed":
                 self._forget_watcher(c, old)
             elif old is not None:
-                return [-1, rev, errors.DuplicateWatchIdError.default_message]
+                return [want_id, rev, errors.DuplicateWatchIdError.default_message,
+                        errors.DuplicateWatchIdError.code]
             wid = want_id
         else:
             while c.next_watch_id in c.watchers:
@@ -594,7 +684,10 @@ class Broker:
             c.next_watch_id += 1
         ring_size = ring_bytes(self.cfg.watch_ring_bytes)
         buf = c.arenas[arena].payload[idx * ring_size:(idx + 1) * ring_size]
-        sink = Ring(buf, init=False)
+        try:
+            sink = Ring(buf, init=False)
+        except RingCorrupt as exc:
+            raise errors.ProtocolError(f"shmwatch: watch ring header damaged: {exc}") from None
         w = Watcher(wid, c, key, end, sink, prev_kv=bool(prev_kv),
                     filters=int(filters) & (FILTER_NOPUT | FILTER_NODELETE),
                     progress_notify=bool(progress_notify), fragment=bool(fragment))
@@ -602,7 +695,7 @@ class Broker:
         c.watchers[wid] = w
         c.rings_in_use[(arena, idx)] = w
         self.core.add_watcher(w, start_rev)
-        return [wid, rev, ""]
+        return [wid, rev, "", 0]
 
     def _watch_cancel(self, c: ClientConn, msg) -> None:
         if len(msg) != 3 or not isinstance(msg[2], int):
@@ -686,6 +779,7 @@ class Broker:
             "pending_events": core.pending_events(),
             "victims_entered": core.victims_entered, "catchups": core.catchups,
             "compactions": core.compactions,
+            "log_damage": self.log_damage,
             "clients": clients,
             "top_watchers": [
                 {"lag": lag, "fill": round(fill, 4), "pid": pid, "watch_id": wid,
@@ -761,7 +855,10 @@ class Broker:
                              kind=L.KIND_CLIENT, boot_id=self.boot_id, mode=self.cfg.mode)
         try:
             p = seg.payload
-            req = Ring(p[L.CLIENT_HEADER:L.CLIENT_HEADER + req_size], init=True)
+            # A request streamed in chunks is bounded by --max-request-bytes (plus the
+            # envelope), not by the ring's default: a client cannot make us buffer more.
+            req = Ring(p[L.CLIENT_HEADER:L.CLIENT_HEADER + req_size], init=True,
+                       max_message=self.cfg.max_request_bytes + REQUEST_ENVELOPE)
             resp = Ring(p[L.CLIENT_HEADER + req_size:L.CLIENT_HEADER + req_size + resp_size],
                         init=True)
             bell = Doorbell.create(self._name(part + ".bell"),
@@ -803,18 +900,6 @@ class Broker:
         c.seg.close()
         if hasattr(self, "words"):
             self.words[L.slot_word(c.slot, L.SLOT_STATE)] = L.SLOT_FREE
-
-
-def _peek_req_id(data: bytes) -> int:
-    try:
-        u = msgpack.Unpacker(max_buffer_size=len(data))
-        u.feed(data[:64])
-        u.read_array_header()
-        u.skip()
-        rid = u.unpack()
-        return rid if isinstance(rid, int) else 0
-    except Exception:
-        return 0
 
 
 def run(cfg: BrokerConfig, ready_fd: int | None = None) -> None:

@@ -12,9 +12,15 @@ class ShmwatchError(Exception):
 
     code = 1
     default_message = "shmwatch: error"
+    #: integer attributes that travel with the error on the wire (see `wire_fields`)
+    fields: tuple[str, ...] = ()
 
     def __init__(self, message: str | None = None):
         super().__init__(message or self.default_message)
+
+    def wire_fields(self) -> dict[str, int]:
+        """The error's extra integer attributes, for the wire."""
+        return {f: getattr(self, f, 0) for f in self.fields}
 
     @property
     def message(self) -> str:
@@ -43,8 +49,17 @@ class Timeout(ShmwatchError, TimeoutError):
 
 
 class CompactedError(ShmwatchError):
+    """The revision asked for is older than the compaction point. `compact_revision`
+    is that point when known (a watch's compaction cancel carries it; etcd's range
+    error does not, so there it is 0)."""
+
     code = 10
     default_message = "etcdserver: mvcc: required revision has been compacted"
+    fields = ("compact_revision",)
+
+    def __init__(self, message: str | None = None, compact_revision: int = 0):
+        super().__init__(message)
+        self.compact_revision = compact_revision
 
 
 class FutureRevisionError(ShmwatchError):
@@ -117,6 +132,44 @@ class TooManyClientsError(ShmwatchError):
     default_message = "shmwatch: every client slot of the broker is taken"
 
 
+class ResponseTooLargeError(ShmwatchError):
+    """A reply larger than the broker's --max-response-bytes (a range over too much
+    data). `revision` is non-zero when the request changed the store anyway (a txn that
+    wrote and also read too much): it was applied at that revision."""
+
+    code = 25
+    default_message = "shmwatch: response is too large"
+    fields = ("revision",)
+
+    def __init__(self, message: str | None = None, revision: int = 0):
+        super().__init__(message)
+        self.revision = revision
+
+    @classmethod
+    def for_reply(cls, size: int, limit: int, applied_rev: int) -> "ResponseTooLargeError":
+        applied = (f"; the request changed the store: it was applied at revision {applied_rev}"
+                   if applied_rev else "")
+        return cls(f"shmwatch: response of {size} bytes exceeds the broker's "
+                   f"--max-response-bytes {limit} (use limit, keys_only, count_only or a "
+                   f"narrower range){applied}", applied_rev)
+
+
+class InheritedWatchError(ShmwatchError):
+    """A `Watch` used in a process forked after it was created: it belongs to the
+    process that created it (whose ring it reads). Create a new watch in this process."""
+
+    code = 26
+    default_message = "shmwatch: this watch was created in another process before fork()"
+
+
+class ClientClosed(ShmwatchError):
+    """The client was closed by `close()` (or its `with` block ended): you closed it.
+    (Not a `BrokerUnavailable`: the broker may be fine; reconnecting would not help.)"""
+
+    code = 27
+    default_message = "shmwatch: client is closed"
+
+
 class WatchClosed(ShmwatchError):
     """The watch was cancelled (by you, by compaction, or by the broker); iteration ends."""
 
@@ -145,10 +198,20 @@ ERRORS_BY_CODE: dict[int, type[ShmwatchError]] = {
         TooManyWatchersError,
         TooManyClientsError,
         WatchClosed,
+        ResponseTooLargeError,
+        InheritedWatchError,
+        ClientClosed,
     )
 }
 
 
-def error_from_code(code: int, message: str | None) -> ShmwatchError:
-    """Rebuild the typed error the broker reported."""
-    return ERRORS_BY_CODE.get(code, ShmwatchError)(message)
+def error_from_code(code: int, message: str | None,
+                    fields: dict | None = None) -> ShmwatchError:
+    """Rebuild the typed error the broker reported (with its wire fields, if any)."""
+    exc = ERRORS_BY_CODE.get(code, ShmwatchError)(message)
+    if fields:
+        for name in exc.fields:
+            value = fields.get(name)
+            if type(value) is int:
+                setattr(exc, name, value)
+    return exc
