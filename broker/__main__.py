@@ -48,6 +48,16 @@ def add_broker_options(p: argparse.ArgumentParser) -> None:
                         "killed broker, only 'always' survives a machine crash")
     p.add_argument("--snapshot-every", type=int, default=d.snapshot_every,
                    help="WAL records between snapshots (default 100000)")
+    p.add_argument("--max-response-bytes", type=parse_size, default=d.max_response_bytes,
+                   help="largest reply (a range) the broker sends (default 64M); a larger "
+                        "one is refused with ResponseTooLargeError")
+    p.add_argument("--max-client-backlog-bytes", type=parse_size,
+                   default=d.max_client_backlog_bytes,
+                   help="watch responses the broker holds for one client whose rings are "
+                        "full (default 64M); beyond it its watchers wait in the log")
+    p.add_argument("--max-watchers-per-client", type=int, default=d.max_watchers_per_client,
+                   help="watches one client may hold (default 1000; each is a ring of "
+                        "--watch-ring-bytes in /dev/shm)")
 
 
 def config_from_args(a: argparse.Namespace) -> BrokerConfig:
@@ -59,6 +69,9 @@ def config_from_args(a: argparse.Namespace) -> BrokerConfig:
         progress_notify_interval=a.progress_notify_interval,
         max_watchers_per_sync=a.max_watchers_per_sync, mode=a.mode,
         data_dir=a.data_dir, fsync=a.fsync, snapshot_every=a.snapshot_every, group=a.group,
+        max_response_bytes=a.max_response_bytes,
+        max_client_backlog_bytes=a.max_client_backlog_bytes,
+        max_watchers_per_client=a.max_watchers_per_client,
     )
 
 

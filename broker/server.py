@@ -330,11 +330,16 @@ class Broker:
         words = self.words
         try:
             while not self._stopping:
+                # A client freed room in a ring we were blocked on (a victim's, or its
+                # response ring holding a backlog): taken once per pass, before the
+                # drain, so a hint raised meanwhile is seen next pass, never lost.
+                hint = words[L.CTL_SPACE_HINT]
+                if hint:
+                    words[L.CTL_SPACE_HINT] = 0
                 worked = self._drain_requests()
                 now = time.monotonic()
                 if core.victims or core.canceling:
-                    if words[L.CTL_SPACE_HINT] or now >= next_victims:
-                        words[L.CTL_SPACE_HINT] = 0
+                    if hint or now >= next_victims:
                         core.move_victims()
                         next_victims = now + VICTIM_RETRY_S
                 if core.unsynced:
@@ -447,6 +452,7 @@ class Broker:
                     continue
                 if off != len(data):
                     c.backlog.append([data, off])
+                    c.resp.producer_blocked = 1  # the client hints when it made room
                 else:
                     c.reply_bytes -= len(data)
                 touched.add(c)
@@ -476,6 +482,7 @@ class Broker:
                 return False
             if off < len(item[0]):
                 item[1] = off
+                c.resp.producer_blocked = 1
                 break
             c.backlog.popleft()
             c.reply_bytes -= len(item[0])

@@ -87,6 +87,8 @@ TRANSITIONS: dict[tuple[str, str], str] = {
 # etcd's tunables, as module values so tests can shrink them.
 MAX_WATCHERS_PER_SYNC = 512  # etcd: maxWatchersPerSync
 WATCH_BATCH_MAX_REVS = 1000  # etcd: watchBatchMaxRevs
+# Bytes of a catch-up response beyond its events' encodings (header, array framing).
+RESPONSE_OVERHEAD = 32
 # A victim resumes (and an unsynced watcher is caught up) only when at least this
 # fraction of its ring is free. Shared with clientlib, whose reader raises the space
 # hint at the same point (protocol.RESUME_FREE_FRACTION).
@@ -661,7 +663,10 @@ class WatchCore:
         its matching events of whole revisions in one response of at most
         `batch_max_revs` revisions and `max_response_bytes` (etcd's moreRev: the
         watcher stays unsynced for the rest); a response larger than the ring's free
-        space streams through, its unwritten rest held against the owner's budget. A
+        space streams through, its unwritten rest held against the owner's budget.
+        While the owner already has bytes held, a response is cut to what the ring has
+        free instead (at least one revision), so at most one catch-up per owner is ever
+        held and its other watches keep moving. A
         watcher whose ring is less than `VICTIM_RESUME_FREE` free waits as a victim;
         one whose minRev fell below the compaction point is cancelled with
         `compact_revision` (etcd: header revision 0). Returns how many watchers
@@ -676,6 +681,7 @@ class WatchCore:
                 break
             chosen.append(w)
         group = WatcherGroup()
+        limit: dict[Watcher, int] = {}
         lo = None
         for w in chosen:
             if w.min_rev < self.compact_rev:
@@ -689,10 +695,18 @@ class WatchCore:
                 self._move(w, "caught_up")
                 self._owe_progress(w)
                 continue
-            if not self._has_room(w):
+            if not self._has_room(w) or self.held.get(w.owner, 0) >= self.owner_budget:
+                # Wait as a victim: for room in its ring, or for its owner's held bytes
+                # to drain (nothing is built for it meanwhile).
                 w.sink.producer_blocked = 1
                 self._move(w, "ring_full")
                 continue
+            # etcd-sized (up to batch_max_revs revisions and max_response_bytes), or,
+            # while its owner already has bytes held, no more than its ring has free:
+            # then it is written whole and nothing more is held for that owner, so a
+            # client's unread watches never starve the ones it reads.
+            limit[w] = (self.max_response_bytes if not self.held.get(w.owner)
+                        else w.sink.free() - RESPONSE_OVERHEAD)
             group.add(w)
             lo = w.min_rev if lo is None else min(lo, w.min_rev)
         if lo is None:
@@ -718,8 +732,7 @@ class WatchCore:
                 enc = [batch.encoded(i, w.prev_kv and events[i].kv.mod_revision - 1 >=
                                      self.compact_rev) for i in idxs]
                 n = sum(len(e) for e in enc)
-                if acc[w] and (size[w] + n > self.max_response_bytes
-                               or revs[w] >= self.batch_max_revs):
+                if acc[w] and (size[w] + n > limit[w] or revs[w] >= self.batch_max_revs):
                     more[w] = rev
                     group.remove(w)
                     continue

@@ -536,6 +536,8 @@ class Client:
                     f"reconnect() to attach again")
                 raise self._broken from None
             if data is None:
+                if resp.producer_blocked:
+                    self._space_freed(resp)  # the broker holds replies for us: room now
                 return
             rid, result = decode_reply(data)
             if not rid:
