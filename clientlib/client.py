@@ -717,6 +717,8 @@ class Watch:
 
     @property
     def canceled(self) -> bool:
+        """True once the watch is over: its final `canceled` response has arrived (or
+        the broker is gone), so no response after those already queued will come."""
         return self._final
 
     def cancel(self, timeout: float | None = None) -> None:
