@@ -11,6 +11,7 @@ space in /dev/shm, data directory busy or corrupt). `broker.spawn()` runs it wit
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -37,7 +38,7 @@ CONFIG_OPTIONS = (*SIZE_OPTIONS, "max_clients", "rings_per_arena", "progress_not
 
 def add_broker_options(p: argparse.ArgumentParser) -> None:
     """The options of `python -m broker` and `shmwatch serve` (one list for both)."""
-    d = BrokerConfig.__dataclass_fields__
+    d = {f.name: f.default for f in dataclasses.fields(BrokerConfig)}
     p.add_argument("--name", default=os.environ.get("SHMWATCH_NAME", "default"),
                    help="broker name, 1-64 of [A-Za-z0-9_-] (segments are /shmwatch.NAME.*; "
                         "default: $SHMWATCH_NAME or 'default', as the client commands)")
@@ -57,25 +58,25 @@ def add_broker_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shm-budget", metavar="SIZE",
                    help="size the defaults as if /dev/shm had SIZE free (default: "
                         f"${BUDGET_ENV}, else the free space measured)")
-    p.add_argument("--max-clients", type=int, default=d["max_clients"].default)
-    p.add_argument("--rings-per-arena", type=int, default=d["rings_per_arena"].default)
+    p.add_argument("--max-clients", type=int, default=d["max_clients"])
+    p.add_argument("--rings-per-arena", type=int, default=d["rings_per_arena"])
     p.add_argument("--progress-notify-interval", type=float,
-                   default=d["progress_notify_interval"].default,
+                   default=d["progress_notify_interval"],
                    help="seconds between progress notifications (etcd's default 600)")
     p.add_argument("--max-watchers-per-sync", type=int,
-                   default=d["max_watchers_per_sync"].default)
-    p.add_argument("--mode", type=lambda s: int(s, 8), default=d["mode"].default,
+                   default=d["max_watchers_per_sync"])
+    p.add_argument("--mode", type=lambda s: int(s, 8), default=d["mode"],
                    help="permission bits of segments and semaphores (octal, default 600)")
     p.add_argument("--group", default=None,
                    help="group (name or gid) that may attach; use with --mode 660")
     p.add_argument("--data-dir", default=None,
                    help="keep a write-ahead log and snapshots here; a restarted broker "
                         "recovers every acknowledged write (default: memory only)")
-    p.add_argument("--fsync", choices=("always", "batch", "never"), default=d["fsync"].default,
+    p.add_argument("--fsync", choices=("always", "batch", "never"), default=d["fsync"],
                    help="with --data-dir: fsync before replying (always, the default, "
                         "as etcd), every ~10-50 ms (batch), or never; all survive a "
                         "killed broker, only 'always' survives a machine crash")
-    p.add_argument("--snapshot-every", type=int, default=d["snapshot_every"].default,
+    p.add_argument("--snapshot-every", type=int, default=d["snapshot_every"],
                    help="WAL records between snapshots (default 100000)")
     p.add_argument("--detach", action="store_true",
                    help="run in the background: print the ready line once clients can "
@@ -171,8 +172,11 @@ def serve(a: argparse.Namespace, prog: str) -> int:
     def ready(b: Broker) -> None:
         if ready_fd is not None:
             _report(ready_fd, "ready", ready_line(b))
-        else:
+            return
+        try:
             print(ready_line(b), flush=True)
+        except OSError:
+            pass  # nobody reads stdout (`serve | head -1` has exited): keep serving
 
     try:
         run(cfg, on_ready=ready)

@@ -888,7 +888,11 @@ def run(cfg: BrokerConfig, on_ready: Callable[[Broker], None] | None = None) -> 
     signal.signal(signal.SIGTERM, b.stop)
     signal.signal(signal.SIGINT, b.stop)
     if on_ready is not None:
-        on_ready(b)
+        try:
+            on_ready(b)
+        except BaseException:
+            b.close()
+            raise
     b.serve_forever()
 
 
