@@ -13,6 +13,7 @@ when idle. Housekeeping (registrations, liveness, heartbeat) runs between batche
 
 from __future__ import annotations
 
+import grp
 import itertools
 import logging
 import os
@@ -56,9 +57,9 @@ from shm.segment import SHM_DIR, Segment, new_boot_id, shm_name
 
 from .admin import broker_info, cleanup_stale
 from .errors import BrokerStartError
+from .mvcc import MVCCStore, events_at_compact_rev
 from .sizing import Sizing, budget, check_start, no_space_message, plan, shm_free
 from .sizing import start_bytes as start_bytes_for
-from .mvcc import MVCCStore, events_at_compact_rev
 from .wal import KIND_COMPACT, KIND_KV, DataDir
 from .watch import Watcher, WatchCore
 
@@ -114,8 +115,6 @@ class BrokerConfig:
             if value < 1:
                 raise ValueError(f"{opt} must be at least 1, got {value}")
         if self.group is not None and not str(self.group).isdigit():
-            import grp
-
             try:
                 grp.getgrnam(self.group)
             except KeyError:
