@@ -13,6 +13,7 @@ when idle. Housekeeping (registrations, liveness, heartbeat) runs between batche
 
 from __future__ import annotations
 
+import grp
 import itertools
 import logging
 import os
@@ -20,7 +21,8 @@ import secrets
 import signal
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from typing import Callable
 
 import msgpack
 import psutil
@@ -48,14 +50,17 @@ from clientlib.protocol import (
 from clientlib.types import Event, KeyValue
 from shm import layout as L
 from shm.doorbell import Doorbell
-from shm.errors import LogRecordCorrupt, MessageTooLarge, RingCorrupt, SegmentExists
+from shm.errors import LogRecordCorrupt, MessageTooLarge, RingCorrupt, SegmentExists, ShmNoSpace
 from shm.lock import is_locked, try_lock
 from shm.revlog import RevLog, revlog_bytes
-from shm.ring import Ring, ring_bytes
-from shm.segment import Segment, new_boot_id, shm_name
+from shm.ring import MIN_CAPACITY, Ring, check_capacity, ring_bytes
+from shm.segment import SHM_DIR, Segment, new_boot_id, shm_name
 
 from .admin import broker_info, cleanup_stale
+from .errors import BrokerStartError
 from .mvcc import MVCCStore, events_at_compact_rev
+from .sizing import Sizing, budget, check_start, no_space_message, plan, shm_free
+from .sizing import start_bytes as start_bytes_for
 from .wal import KIND_COMPACT, KIND_KV, DataDir
 from .watch import Watcher, WatchCore
 
@@ -77,13 +82,18 @@ REQUEST_ENVELOPE = 1024  # bytes of a request beyond its payload (op, ids, msgpa
 
 @dataclass
 class BrokerConfig:
-    """Broker options; defaults follow etcd where etcd has one (documented in README)."""
+    """Broker options; defaults follow etcd where etcd has one (documented in README).
+
+    Sizes left as None are chosen from the free space of /dev/shm (`broker.sizing`)
+    when the config is made; `sizing` records what they were sized from. Bad values
+    raise ValueError naming the command-line option.
+    """
 
     name: str
-    log_bytes: int = 64 << 20
-    watch_ring_bytes: int = 256 << 10
-    request_ring_bytes: int = 1 << 20
-    response_ring_bytes: int = 1 << 20
+    log_bytes: int | None = None  # None: a quarter of /dev/shm's free space, <= 64 MiB
+    watch_ring_bytes: int | None = None  # None: 256 KiB, less on a small /dev/shm
+    request_ring_bytes: int | None = None  # None: 1 MiB, less on a small /dev/shm
+    response_ring_bytes: int | None = None  # None: 1 MiB, less on a small /dev/shm
     max_request_bytes: int = 1536 * 1024  # etcd --max-request-bytes
     max_clients: int = 256
     rings_per_arena: int = 32
@@ -98,9 +108,44 @@ class BrokerConfig:
     max_response_bytes: int = 64 << 20  # largest reply (a range); larger -> typed error
     max_client_backlog_bytes: int = 64 << 20  # watch responses held for one client
     max_watchers_per_client: int = 1000  # each watch is a ring in /dev/shm
+    shm_budget: int | None = None  # assume /dev/shm has this much free (None: measure)
+    sizing: Sizing = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        shm_name(self.name, "ctl")  # ValueError for a bad name, before anything exists
+        for opt, value in (("--max-clients", self.max_clients),
+                           ("--rings-per-arena", self.rings_per_arena),
+                           ("--max-request-bytes", self.max_request_bytes),
+                           ("--max-watchers-per-sync", self.max_watchers_per_sync),
+                           ("--snapshot-every", self.snapshot_every)):
+            if value < 1:
+                raise ValueError(f"{opt} must be at least 1, got {value}")
+        if self.group is not None and not str(self.group).isdigit():
+            try:
+                grp.getgrnam(self.group)
+            except KeyError:
+                raise ValueError(f"--group: no group named {self.group!r}") from None
+        if self.shm_budget is not None and self.shm_budget < 0:
+            raise ValueError(f"--shm-budget must be a size, got {self.shm_budget}")
+        free, source = budget(self.shm_budget)
+        self.sizing = sized = plan(
+            free, source, rings_per_arena=self.rings_per_arena, log_bytes=self.log_bytes,
+            request_ring_bytes=self.request_ring_bytes,
+            response_ring_bytes=self.response_ring_bytes,
+            watch_ring_bytes=self.watch_ring_bytes)
+        for attr in ("log_bytes", "request_ring_bytes", "response_ring_bytes",
+                     "watch_ring_bytes"):
+            value = getattr(sized, attr)
+            option = "--" + attr.replace("_", "-")
+            try:
+                check_capacity(value, option)
+            except ValueError:
+                raise ValueError(f"{option} {value}: a size must be a multiple of 8 and at "
+                                 f"least {MIN_CAPACITY} bytes") from None
+            setattr(self, attr, value)
 
 
-class BrokerRunning(RuntimeError):
+class BrokerRunning(BrokerStartError):
     """A live broker already holds this name."""
 
 
@@ -909,17 +954,40 @@ class Broker:
             self.words[L.slot_word(c.slot, L.SLOT_STATE)] = L.SLOT_FREE
 
 
-def run(cfg: BrokerConfig, ready_fd: int | None = None) -> None:
-    """Run a broker in this process until SIGINT/SIGTERM; unlink everything on the way out."""
-    b = Broker(cfg)
+def start_bytes(cfg: BrokerConfig) -> int:
+    """What the broker takes in /dev/shm before any client connects."""
+    return start_bytes_for(cfg.log_bytes, cfg.max_clients, STATS_BYTES)
+
+
+def run(cfg: BrokerConfig, on_ready: Callable[[Broker], None] | None = None) -> None:
+    """Run a broker in this process until SIGINT/SIGTERM; unlink everything on the way out.
+
+    Raises `BrokerStartError` (nothing created, or all of it removed again) if it cannot
+    start: the name is in use, or /dev/shm has no room (checked before creating anything
+    against the free space `cfg.sizing` assumed, and again when creating). Once it
+    accepts clients it calls `on_ready(broker)` (`python -m broker` prints its ready line)."""
+    reason = check_start(cfg.sizing, start_bytes(cfg))
+    if reason:
+        raise BrokerStartError(reason)
+    try:
+        b = Broker(cfg)
+    except ShmNoSpace:
+        # Less room than the budget assumed (or another process took it meanwhile):
+        # report the space there really is.
+        measured = replace(cfg.sizing, free=shm_free(), source=SHM_DIR)
+        raise BrokerStartError(no_space_message(measured, start_bytes(cfg))) from None
     signal.signal(signal.SIGTERM, b.stop)
     signal.signal(signal.SIGINT, b.stop)
-    if ready_fd is not None:
-        os.write(ready_fd, b"ready\n")
-        os.close(ready_fd)
+    if on_ready is not None:
+        try:
+            on_ready(b)
+        except BaseException:
+            b.close()
+            raise
     b.serve_forever()
 
 
 def unique_name(prefix: str = "b") -> str:
+    """A broker name no other broker uses: `prefix`, this process's pid, random hex."""
     return f"{prefix}{os.getpid()}x{secrets.token_hex(4)}"
 

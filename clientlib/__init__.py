@@ -9,6 +9,9 @@
 Semantics are etcd v3's: see the README and `clientlib.types`.
 """
 
+# The one place the version is written: pyproject.toml reads it from here.
+__version__ = "0.1.0"
+
 from .client import Client, Watch, connect
 from .errors import (
     BrokerUnavailable,

@@ -930,7 +930,8 @@ class Watch:
 
     @property
     def canceled(self) -> bool:
-        """Whether the stream has ended (its final response was received)."""
+        """True once the watch is over: its final `canceled` response has arrived (or
+        the broker is gone), so no response after those already queued will come."""
         return self._final
 
     def cancel(self, timeout: float | None = None) -> None:

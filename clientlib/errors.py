@@ -24,6 +24,7 @@ class ShmwatchError(Exception):
 
     @property
     def message(self) -> str:
+        """The error's text (etcd's where etcd has one)."""
         return str(self.args[0]) if self.args else self.default_message
 
 
@@ -49,7 +50,8 @@ class Timeout(ShmwatchError, TimeoutError):
 
 
 class CompactedError(ShmwatchError):
-    """The revision asked for is older than the compaction point. `compact_revision`
+    """The revision asked for is older than the compaction point (a read at a past
+    revision, or a watch that needs history the log no longer holds). `compact_revision`
     is that point when known (a watch's compaction cancel carries it; etcd's range
     error does not, so there it is 0)."""
 
@@ -63,11 +65,15 @@ class CompactedError(ShmwatchError):
 
 
 class FutureRevisionError(ShmwatchError):
+    """A read at a revision the store has not reached yet."""
+
     code = 11
     default_message = "etcdserver: mvcc: required revision is a future revision"
 
 
 class EmptyKeyError(ShmwatchError):
+    """A request without a key (etcd requires one, even for a range)."""
+
     code = 12
     default_message = "etcdserver: key is not provided"
 
@@ -94,11 +100,15 @@ class DuplicateKeyError(ShmwatchError):
 
 
 class TooManyOpsError(ShmwatchError):
+    """A txn with more operations than etcd allows (--max-txn-ops, 128)."""
+
     code = 16
     default_message = "etcdserver: too many operations in txn request"
 
 
 class RequestTooLargeError(ShmwatchError):
+    """A request larger than the broker's --max-request-bytes (1.5 MiB by default)."""
+
     code = 17
     default_message = "etcdserver: request is too large"
 
@@ -111,6 +121,8 @@ class InvalidRangeError(ShmwatchError):
 
 
 class DuplicateWatchIdError(ShmwatchError):
+    """A watch asked for a watch_id this client already uses."""
+
     code = 19
     default_message = "mvcc: duplicate watch ID provided on the WatchStream"
 
@@ -123,11 +135,15 @@ class ProtocolError(ShmwatchError):
 
 
 class TooManyWatchersError(ShmwatchError):
+    """This client has as many watches open as the broker allows."""
+
     code = 21
     default_message = "shmwatch: too many watchers for this client"
 
 
 class TooManyClientsError(ShmwatchError):
+    """Every client slot of the broker (--max-clients) is taken."""
+
     code = 22
     default_message = "shmwatch: every client slot of the broker is taken"
 

@@ -65,7 +65,7 @@ def test_a_client_that_never_reads_its_replies_costs_at_most_its_ring():
         assert setup.put("other", "1").revision == 4
         # And the misbehaving client still gets every reply once it reads them.
         for i in range(sent):
-            reply = wait_for(lambda: bad._pump() or bad._replies.pop(1000 + i, None), 30,
+            reply = wait_for(lambda i=i: bad._pump() or bad._replies.pop(1000 + i, None), 30,
                              f"reply {i}")
             assert len(reply[2]) == 2  # the two 1 MB keys
 
