@@ -310,14 +310,13 @@ class Reference(threading.Thread):
         self.problem = None if first.created else f"first response not created: {first}"
         self.groups: list[tuple[int, list]] = []  # (revision, [(type, kv)])
         self.last = base
-        self.until: int | None = None
-        self._stopping = threading.Event()
+        self.until: int | None = None  # set by finish(): stop once this revision is read
 
     def run(self) -> None:
         import clientlib
 
         while not self.problem:
-            if self._stopping.is_set() and self.until is not None and self.last >= self.until:
+            if self.until is not None and self.last >= self.until:
                 return
             try:
                 r = self.watch.get(timeout=0.2)
@@ -344,7 +343,6 @@ class Reference(threading.Thread):
     def finish(self, until: int, timeout: float) -> None:
         """Read up to revision `until`, then stop."""
         self.until = until
-        self._stopping.set()
         self.join(timeout)
         if self.is_alive() and not self.problem:
             self.problem = (f"reference stream stopped at revision {self.last}, short of "
@@ -613,6 +611,8 @@ def _show(evs: list) -> str:
 
 @dataclass
 class Worker:
+    """A writer or watcher process of the run, and where it records what it did."""
+
     name: str
     role: str  # writer | watcher
     proc: object
@@ -849,8 +849,10 @@ class Run:
         problems = [] if self.ref.problem else verify_stream(w.spec, s, hist, comp)
         if not w.killed and w.proc.exitcode != 0:
             problems.append(f"watcher process exit code {w.proc.exitcode}")
+        elif not w.killed and s.created is None:
+            problems.append("no watch response recorded")
         status = ("FAILED" if problems else "killed" if w.killed else
-                  "compacted" if s.cancel else "ok" if s.created else "never watched")
+                  "compacted" if s.cancel else "ok")
         first = s.start or (s.created[0] + 1 if s.created else max(0, w.spec.start_revision))
         return {"stream": w.name, "watch": w.spec.describe(), "status": status,
                 "events": s.events, "first": first, "last": s.last,
@@ -873,7 +875,7 @@ class Run:
                  for k in ("victims_entered", "catchups", "compactions")}
         checked = [s for s in streams if s["checked"] and s["status"] != "FAILED"]
         with_events = [s for s in checked if s["events"]]
-        cancels = [s for s in checked if s["status"] == "compacted"]
+        cancels = [s for s in checked if s["compact_revision"]]
         exercised = {
             "victims": (delta["victims_entered"] > 0,
                         any(s.behaviour.startswith("stall") for s in self.specs)),
