@@ -1056,8 +1056,9 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="tools/stress", description=__doc__.split("\n\n")[0])
     p.add_argument("--name", help="attach to this running broker instead of embedding one")
     p.add_argument("--duration", type=float, default=8.0, help="seconds of load (default 8)")
-    p.add_argument("--writers", type=int, default=3)
-    p.add_argument("--watchers", type=int, default=8)
+    p.add_argument("--writers", type=int, default=3, help="writer processes (default 3)")
+    p.add_argument("--watchers", type=int, default=8,
+                   help="watcher processes at the start (default 8)")
     p.add_argument("--keys", type=int, default=48, help="distinct keys written")
     p.add_argument("--slow", type=int, default=1, help="watchers that sleep 1 ms per response")
     p.add_argument("--stall", type=int, default=1,
@@ -1067,7 +1068,8 @@ def parse_args(argv):
                    help="watchers that stop reading for most of the run: victims cancelled "
                         "with compact_revision (needs compaction)")
     p.add_argument("--late", type=int, default=2,
-                   help="watchers started late: from revision 1 and from the compaction point")
+                   help="watchers started late: from revision 1, from the compaction point, "
+                        "in turn")
     p.add_argument("--chaos", action="store_true",
                    help="SIGKILL writers and watchers in turn (every 0.4-0.9 s) and replace "
                         "each")
