@@ -133,6 +133,7 @@ class Client:
         self._closed = False
         self._cond = threading.Condition(threading.RLock())
         self._send_lock = threading.Lock()
+        self._watch_lock = threading.Lock()
         self._sleeper = False
         self._replies: dict[int, object] = {}
         self._abandoned: set[int] = set()
@@ -311,6 +312,7 @@ class Client:
             self._lock_fd = -1
         self._cond = threading.Condition(threading.RLock())
         self._send_lock = threading.Lock()
+        self._watch_lock = threading.Lock()
         self._sleeper = False
 
     def _drop_inherited(self) -> None:
@@ -591,19 +593,33 @@ class Client:
             self._space_freed(ring)
 
     # ------------------------------------------------------------ KV
+    #
+    # Each verb is a *flow* (module-level generators below): it yields the requests it
+    # needs and gets their replies back, so one implementation serves this blocking
+    # client and clientlib.aio's awaitable one. `_run` is the blocking driver.
 
-    def _kv(self, op, timeout: float | None):
-        return decode_response(self._call([OP_KV, 0, encode_op(op)], timeout))
+    def _run(self, flow, timeout: float | None):
+        """Drive `flow`: send each request it yields, hand it the reply (or raise the
+        broker's error into it), and return what it returns."""
+        try:
+            msg = next(flow)
+            while True:
+                if isinstance(msg, Pipelined):
+                    reply = self._call_many(msg.msgs, timeout)
+                else:
+                    try:
+                        reply = self._call(msg, timeout)
+                    except errors.ShmwatchError as exc:
+                        msg = flow.throw(exc)
+                        continue
+                msg = flow.send(reply)
+        except StopIteration as stop:
+            return stop.value
 
     def put(self, key, value, prev_kv: bool = False, ignore_value: bool = False, *,
             timeout: float | None = None) -> PutResponse:
         """etcd Put. O(log n) at the broker plus delivery to matching watchers."""
-        body = self._call([OP_KV, 0, [K_PUT, to_bytes(key), to_bytes(value, "value"),
-                                      bool(prev_kv), bool(ignore_value)]], timeout)
-        try:
-            return PutResponse(body[1], None if body[2] is None else KeyValue(*body[2]))
-        except (TypeError, IndexError):
-            raise errors.ProtocolError("shmwatch: malformed put response") from None
+        return self._run(flow_put(key, value, prev_kv, ignore_value), timeout)
 
     def put_many(self, items: Iterable[tuple], prev_kv: bool = False, *,
                  timeout: float | None = None) -> list[PutResponse]:
@@ -616,55 +632,30 @@ class Client:
         being applied). If any failed, raises the first failure's error type with a
         message naming the item, and with `.index` (that item's position) and
         `.results` (one `PutResponse` or error per item) set."""
-        msgs = [[OP_KV, 0, encode_op(op_put(k, v, prev_kv))] for k, v in items]
-        if not msgs:
-            return []
-        out: list = []
-        first: int | None = None
-        for i, body in enumerate(self._call_many(msgs, timeout)):
-            if isinstance(body, errors.ShmwatchError):
-                if first is None:
-                    first = i
-                out.append(body)
-            else:
-                out.append(decode_response(body))
-        if first is not None:
-            err = out[first]
-            failed = sum(isinstance(r, errors.ShmwatchError) for r in out)
-            exc = type(err)(f"put_many: item {first} of {len(out)} failed ({failed} failed "
-                            f"in all; the others were applied): {err.message}")
-            for name, value in err.wire_fields().items():
-                setattr(exc, name, value)
-            exc.index = first
-            exc.results = out
-            raise exc
-        return out
+        return self._run(flow_put_many(items, prev_kv), timeout)
 
     def get(self, key, range_end=None, prefix: bool = False, revision: int = 0,
             limit: int = 0, keys_only: bool = False, count_only: bool = False, *,
             timeout: float | None = None) -> RangeResponse:
         """etcd Range: one key, [key, range_end), a prefix, or every key >= key
         (range_end=b"\\0"), at the current or a retained past revision."""
-        return self._kv(op_get(key, range_end, prefix, revision, limit, keys_only, count_only),
-                        timeout)
+        return self._run(flow_kv(op_get(key, range_end, prefix, revision, limit, keys_only,
+                                        count_only)), timeout)
 
     def delete(self, key, range_end=None, prefix: bool = False, prev_kv: bool = False, *,
                timeout: float | None = None) -> DeleteRangeResponse:
         """etcd DeleteRange."""
-        return self._kv(op_delete(key, range_end, prefix, prev_kv), timeout)
+        return self._run(flow_kv(op_delete(key, range_end, prefix, prev_kv)), timeout)
 
     def txn(self, compare: Iterable = (), success: Iterable = (), failure: Iterable = (), *,
             timeout: float | None = None) -> TxnResponse:
         """etcd Txn: if every compare holds, apply `success`, else `failure`, atomically at
         one revision. Build compares and ops with clientlib.compare_* and clientlib.op_*."""
-        for op in (*success, *failure):
-            if not isinstance(op, (PutOp, RangeOp, DeleteOp, TxnOp)):
-                raise TypeError(f"not a txn op: {op!r} (build ops with clientlib.op_put etc.)")
-        return self._kv(op_txn(compare, success, failure), timeout)
+        return self._run(flow_txn(compare, success, failure), timeout)
 
     def compact(self, revision: int, *, timeout: float | None = None) -> CompactResponse:
         """etcd Compact: forget history before `revision`."""
-        return decode_response(self._call([OP_COMPACT, 0, int(revision)], timeout))
+        return self._run(flow_compact(revision), timeout)
 
     # ------------------------------------------------------------ watches
 
@@ -683,64 +674,19 @@ class Client:
         The watch belongs to this process (see the module docstring on fork).
         """
         self._own()
-        k, end = resolve_range(key, range_end, prefix)
-        bits = 0
-        for f in filters:
-            if f not in _FILTERS:
-                raise ValueError(f"unknown watch filter {f!r} (noput, nodelete)")
-            bits |= _FILTERS[f]
-        want = int(watch_id or 0)
-        if want not in INT64:
-            raise ValueError(f"watch_id must be an int64, got {watch_id}")
-        spec = [k, end, int(start_revision), bool(prev_kv), bits, bool(progress_notify),
-                bool(fragment)]
-        wid, rev, reason, code, ring_slot, ring = self._create_watch(spec, want, timeout)
-        if code:
-            err = errors.error_from_code(code, reason)
-            return Watch(self, -1, None, None, refused=(rev, reason, err))
-        w = Watch(self, wid, ring_slot, ring, spec=spec, resume=resume)
-        with self._cond:
-            self._watches[wid] = w
-        return w
+        spec, want = watch_spec(key, range_end, prefix, start_revision, prev_kv, filters,
+                                progress_notify, fragment, watch_id)
+        with self._watch_lock:  # one arena request at a time (their replies number them)
+            return self._run(flow_watch(self, spec, want, resume), timeout)
 
     def _create_watch(self, spec: list, want_id: int, timeout: float | None):
-        ring_slot = self._take_ring(timeout)
-        try:
-            reply = self._call(
-                [OP_WATCH_CREATE, 0, ring_slot[0], ring_slot[1], *spec, want_id], timeout)
-            try:
-                wid, rev, reason, code = reply
-                if not (type(wid) is int and type(rev) is int and type(reason) is str
-                        and type(code) is int):
-                    raise TypeError
-            except (TypeError, ValueError):
-                raise errors.ProtocolError("shmwatch: malformed watch-create reply") from None
-        except BaseException:
-            self._free_rings.append(ring_slot)
-            raise
-        if code:
-            self._free_rings.append(ring_slot)
-            return wid, rev, reason, code, None, None
-        a, i = ring_slot
-        rs = self._watch_ring_size
-        ring = Ring(self._arenas[a].payload[i * rs:(i + 1) * rs], max_message=MAX_WATCH_RESPONSE)
-        return wid, rev, reason, 0, ring_slot, ring
-
-    def _take_ring(self, timeout: float | None) -> tuple[int, int]:
-        with self._cond:
-            if not self._free_rings:
-                k, name = self._call([OP_ARENA, 0], timeout)
-                seg = Segment.open(name, kind=L.KIND_ARENA, boot_id=self._boot_id)
-                if k != len(self._arenas):
-                    raise errors.ProtocolError("shmwatch: arena numbering out of step")
-                self._arenas.append(seg)
-                self._free_rings.extend((k, i) for i in range(self._rings_per_arena - 1, -1, -1))
-            return self._free_rings.pop()
+        with self._watch_lock:
+            return self._run(flow_create_watch(self, spec, want_id), timeout)
 
     def request_progress(self, *, timeout: float | None = None) -> None:
         """etcd's progress request: each watch receives a response (watch_id -1) whose
         header revision says the watch has seen everything up to it."""
-        self._call([OP_PROGRESS, 0], timeout)
+        self._run(flow_progress(), timeout)
 
     def _watch_closed(self, w: "Watch") -> None:
         with self._cond:
@@ -748,6 +694,136 @@ class Client:
             if w._ring_slot is not None:
                 self._free_rings.append(w._ring_slot)
                 w._ring_slot = None
+
+
+class Pipelined:
+    """What a flow yields to send several requests at once (replies: a list, errors in
+    place rather than raised)."""
+
+    __slots__ = ("msgs",)
+
+    def __init__(self, msgs: list[list]):
+        self.msgs = msgs
+
+
+def flow_kv(op):
+    """Any KV op (range, delete, txn) -> its response."""
+    return decode_response((yield [OP_KV, 0, encode_op(op)]))
+
+
+def flow_put(key, value, prev_kv: bool, ignore_value: bool):
+    body = yield [OP_KV, 0, [K_PUT, to_bytes(key), to_bytes(value, "value"),
+                             bool(prev_kv), bool(ignore_value)]]
+    try:
+        return PutResponse(body[1], None if body[2] is None else KeyValue(*body[2]))
+    except (TypeError, IndexError):
+        raise errors.ProtocolError("shmwatch: malformed put response") from None
+
+
+def flow_put_many(items: Iterable[tuple], prev_kv: bool):
+    msgs = [[OP_KV, 0, encode_op(op_put(k, v, prev_kv))] for k, v in items]
+    if not msgs:
+        return []
+    out: list = []
+    first: int | None = None
+    for i, body in enumerate((yield Pipelined(msgs))):
+        if isinstance(body, errors.ShmwatchError):
+            if first is None:
+                first = i
+            out.append(body)
+        else:
+            out.append(decode_response(body))
+    if first is not None:
+        err = out[first]
+        failed = sum(isinstance(r, errors.ShmwatchError) for r in out)
+        exc = type(err)(f"put_many: item {first} of {len(out)} failed ({failed} failed "
+                        f"in all; the others were applied): {err.message}")
+        for name, value in err.wire_fields().items():
+            setattr(exc, name, value)
+        exc.index = first
+        exc.results = out
+        raise exc
+    return out
+
+
+def flow_txn(compare: Iterable, success: Iterable, failure: Iterable):
+    success, failure = tuple(success), tuple(failure)
+    for op in (*success, *failure):
+        if not isinstance(op, (PutOp, RangeOp, DeleteOp, TxnOp)):
+            raise TypeError(f"not a txn op: {op!r} (build ops with clientlib.op_put etc.)")
+    return (yield from flow_kv(op_txn(compare, success, failure)))
+
+
+def flow_compact(revision: int):
+    return decode_response((yield [OP_COMPACT, 0, int(revision)]))
+
+
+def flow_progress():
+    yield [OP_PROGRESS, 0]
+
+
+def watch_spec(key, range_end, prefix: bool, start_revision: int, prev_kv: bool,
+               filters: Iterable[str], progress_notify: bool, fragment: bool,
+               watch_id: int | None) -> tuple[list, int]:
+    """A watch's wire spec and the id asked for, checked client-side."""
+    k, end = resolve_range(key, range_end, prefix)
+    bits = 0
+    for f in filters:
+        if f not in _FILTERS:
+            raise ValueError(f"unknown watch filter {f!r} (noput, nodelete)")
+        bits |= _FILTERS[f]
+    want = int(watch_id or 0)
+    if want not in INT64:
+        raise ValueError(f"watch_id must be an int64, got {watch_id}")
+    return [k, end, int(start_revision), bool(prev_kv), bits, bool(progress_notify),
+            bool(fragment)], want
+
+
+def flow_watch(c: Client, spec: list, want: int, resume: bool):
+    """Create a watch -> `Watch` (a refused one carries its refusal)."""
+    wid, rev, reason, code, ring_slot, ring = yield from flow_create_watch(c, spec, want)
+    if code:
+        err = errors.error_from_code(code, reason)
+        return Watch(c, -1, None, None, refused=(rev, reason, err))
+    w = Watch(c, wid, ring_slot, ring, spec=spec, resume=resume)
+    with c._cond:
+        c._watches[wid] = w
+    return w
+
+
+def flow_create_watch(c: Client, spec: list, want_id: int):
+    """Take a free watcher ring of `c` (asking the broker for a new arena of them when
+    none is left) and create the watch on it."""
+    ring_slot = yield from flow_take_ring(c)
+    try:
+        reply = yield [OP_WATCH_CREATE, 0, ring_slot[0], ring_slot[1], *spec, want_id]
+        try:
+            wid, rev, reason, code = reply
+            if not (type(wid) is int and type(rev) is int and type(reason) is str
+                    and type(code) is int):
+                raise TypeError
+        except (TypeError, ValueError):
+            raise errors.ProtocolError("shmwatch: malformed watch-create reply") from None
+    except BaseException:
+        c._free_rings.append(ring_slot)
+        raise
+    if code:
+        c._free_rings.append(ring_slot)
+        return wid, rev, reason, code, None, None
+    a, i = ring_slot
+    rs = c._watch_ring_size
+    ring = Ring(c._arenas[a].payload[i * rs:(i + 1) * rs], max_message=MAX_WATCH_RESPONSE)
+    return wid, rev, reason, 0, ring_slot, ring
+
+
+def flow_take_ring(c: Client):
+    if not c._free_rings:
+        k, name = yield [OP_ARENA, 0]
+        if k != len(c._arenas):
+            raise errors.ProtocolError("shmwatch: arena numbering out of step")
+        c._arenas.append(Segment.open(name, kind=L.KIND_ARENA, boot_id=c._boot_id))
+        c._free_rings.extend((k, i) for i in range(c._rings_per_arena - 1, -1, -1))
+    return c._free_rings.pop()
 
 
 class Watch:
