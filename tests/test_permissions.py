@@ -44,15 +44,16 @@ def modes(name: str) -> dict[str, tuple[int, int, int]]:
 
 def kinds(entries) -> set[str]:
     """What kinds of objects `entries` covers: ctl, log, stats, bell, client, client
-    bell, arena."""
+    bell, arena (names as in docs/INTERNALS.md "Names")."""
     out = set()
     for e in entries:
-        part = e.split(".", 2 if e.startswith("sem.") else 1)[-1].split(".", 1)[1]
-        if part in ("ctl", "log", "stats", "bell"):
-            out.add(part)
-        elif part.endswith(".bell"):
+        # shmwatch.<broker>.<part> or sem.shmwatch.<broker>.<part>
+        part = e.split(".", 3 if e.startswith("sem.") else 2)[-1].split(".")
+        if part[0] in ("ctl", "log", "stats", "bell"):
+            out.add(part[0])
+        elif part[-1] == "bell":
             out.add("client bell")
-        elif ".a" in part:
+        elif len(part) == 4 and part[2].startswith("a"):
             out.add("arena")
         else:
             out.add("client")
