@@ -478,8 +478,12 @@ request_like = st.one_of(
 # Requests with a good id whose body may well be valid: writes and compactions that the
 # broker applies, so the store really changes under the garbage.
 valid_id = st.integers(2**50, 2**60)
+valid_op = st.one_of(
+    st.builds(PutOp, st.binary(min_size=1, max_size=3), st.binary(max_size=8)),
+    st.builds(DeleteOp, st.binary(min_size=1, max_size=2), st.none() | st.binary(max_size=2)),
+).map(encode_op)
 writes_like = st.one_of(
-    st.tuples(st.just(OP_KV), valid_id, op_like).map(list),
+    st.tuples(st.just(OP_KV), valid_id, valid_op | op_like).map(list),
     st.tuples(st.just(OP_COMPACT), valid_id, st.integers(-2, 40)).map(list),
 )
 
