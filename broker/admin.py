@@ -14,8 +14,10 @@ held.
 
 from __future__ import annotations
 
+import errno
 import os
 import pwd
+import stat
 import struct
 import time
 
@@ -59,9 +61,19 @@ def owner(uid: int) -> str:
         return f"uid {uid}"
 
 
+def _open_regular(path: str, flags: int) -> int:
+    """A descriptor of `path`, which must be a regular file: never through a symlink,
+    and never blocking (anyone can put a FIFO in /dev/shm). OSError otherwise."""
+    fd = os.open(path, flags | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file", path)
+    return fd
+
+
 def _open_ctl(name: str, flags: int) -> int:
-    """A descriptor of broker `name`'s control segment file (never through a symlink)."""
-    return os.open(shm_path(shm_name(name, L.CTL_PART)), flags | os.O_CLOEXEC | os.O_NOFOLLOW)
+    """A descriptor of broker `name`'s control segment file."""
+    return _open_regular(shm_path(shm_name(name, L.CTL_PART)), flags)
 
 
 def _ctl_words(fd: int, name: str) -> tuple[int, ...]:
@@ -98,7 +110,7 @@ def broker_info(name: str) -> dict:
         fd = _open_ctl(name, os.O_RDONLY)
     except FileNotFoundError:
         return info
-    except OSError as exc:  # another user's (EACCES), or not a file (ELOOP: a symlink)
+    except OSError as exc:  # another user's (EACCES), a symlink (ELOOP), a FIFO...
         try:
             info["owner"] = owner(os.lstat(shm_path(shm_name(name, L.CTL_PART))).st_uid)
         except OSError:
@@ -178,7 +190,7 @@ def _is_temp_ctl(entry: str, name: str) -> bool:
 def _held(entry: str) -> bool:
     """Whether a (temporary) control segment's broker lock is held: a starting broker."""
     try:
-        fd = os.open(os.path.join(SHM_DIR, entry), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        fd = _open_regular(os.path.join(SHM_DIR, entry), os.O_RDONLY)
     except OSError:
         return False
     try:

@@ -305,6 +305,9 @@ class Broker:
             pid = (f"pid {info['pid']}" if "error" not in info
                    else f"pid unknown: {info['error']}")
             raise BrokerRunning(f"a broker named {name!r} is already running ({pid})")
+        if info["state"] == "unknown":
+            raise NameTaken(f"the broker name {name!r} is taken: {path} is not a control "
+                            f"segment ({info['error']}); remove it or choose another name")
         if info["state"] == "stale":
             removed = cleanup_stale(name)
             if removed:

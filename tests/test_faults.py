@@ -658,3 +658,31 @@ def test_requested_written_into_a_live_slot_is_refused_and_leaks_nothing():
             rev = c.put("r/k", "v").revision
             assert [(e.kv.key, e.kv.mod_revision) for e in w.get(10).events] == [(b"r/k", rev)]
     assert fw.shm_entries(b.name) == []
+
+
+@pytest.mark.timeout(90)
+def test_a_fifo_under_a_control_segment_name_blocks_nothing():
+    """Anyone can make a FIFO in /dev/shm, and opening one for reading waits for a
+    writer: `ls`, broker_info, cleanup, a client and a starting broker must not wait on
+    it. They report it (not a control segment) and leave it alone."""
+    from broker.admin import list_brokers
+
+    name = broker.unique_name()
+    path = f"/dev/shm/shmwatch.{name}.ctl"
+    os.mkfifo(path, 0o600)
+    try:
+        info = broker_info(name)
+        assert info["state"] == "unknown" and "not a regular file" in info["error"], info
+        assert name in {r["name"] for r in list_brokers()}
+        assert cleanup_stale(name) == []
+        r = _cli("ls")
+        assert r.returncode == 0 and name in r.stdout, r
+        with pytest.raises(clientlib.BrokerUnavailable):
+            clientlib.connect(name, timeout=5)
+        r = subprocess.run([sys.executable, "-m", "broker", "--name", name],
+                           check=False, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 1 and "is not a control segment" in r.stderr, r.stderr
+        assert path in r.stderr
+        assert fw.shm_entries(name) == [f"shmwatch.{name}.ctl"]
+    finally:
+        os.unlink(path)
