@@ -12,7 +12,7 @@ import json
 import os
 import sys
 
-from . import errors
+from . import __version__, errors
 from .client import connect
 
 
@@ -148,15 +148,10 @@ def cmd_watch(c, a) -> int:
 
 
 def cmd_serve(a) -> int:
-    import logging
+    """`shmwatch serve`: run a broker (see `python -m broker --help`)."""
+    from broker.__main__ import serve
 
-    from broker.__main__ import config_from_args
-    from broker.server import run
-
-    logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING,
-                        format="%(asctime)s broker %(levelname)s %(message)s")
-    run(config_from_args(a))
-    return 0
+    return serve(a, "shmwatch serve")
 
 
 def cmd_cleanup(a) -> int:
@@ -190,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     from broker.__main__ import add_broker_options
 
     p = argparse.ArgumentParser(prog="shmwatch", description="etcd v3 watch over shared memory")
+    p.add_argument("--version", action="version", version=f"shmwatch {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     def client_cmd(name: str, help_: str) -> argparse.ArgumentParser:
@@ -200,9 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--timeout", type=float, default=5.0)
         return sp
 
-    s = sub.add_parser("serve", help="run a broker in the foreground")
+    s = sub.add_parser("serve", help="run a broker (in the foreground unless --detach)")
     add_broker_options(s)
-    s.add_argument("-v", "--verbose", action="store_true")
 
     sp = client_cmd("put", "put a key")
     sp.add_argument("key")

@@ -32,12 +32,14 @@ CTL_BROKER_SLEEPING = 12  # u32 flag word of the broker's doorbell (low half)
 CTL_SPACE_HINT = 13  # a consumer freed space in a ring the broker was blocked on
 CTL_REVISION = 14  # the store's current revision (for tools)
 CTL_COMPACT_REV = 15  # the store's compaction revision (for tools)
+CTL_MAX_RESPONSE_BYTES = 16  # the largest reply the broker sends (clients bound reads by it)
+CTL_MAX_WATCHERS = 17  # watches one client may hold
 # Random tokens in the names of the broker's doorbell, revision log and stats segment
 # (see "Names" in docs/INTERNALS.md); 0 until the object exists.
-CTL_BELL_TOKEN = 16
-CTL_LOG_TOKEN = 17
-CTL_STATS_TOKEN = 18
-CTL_WORDS = 24  # (19-23 reserved)
+CTL_BELL_TOKEN = 18
+CTL_LOG_TOKEN = 19
+CTL_STATS_TOKEN = 20
+CTL_WORDS = 24  # words 21..23 reserved
 CTL_SLOTS_OFFSET = CTL_WORDS * 8
 
 CTL_STATE_STARTING = 0

@@ -44,7 +44,9 @@ if TYPE_CHECKING:
     from typing_extensions import Self
 
 MAGIC = b"SHMWATCH"
-LAYOUT_VERSION = 2  # 2: random tokens in names, 16-word client slots with a label
+# 2: reply bounds in the control segment; 3: random tokens in names, 16-word client
+# slots with a label and a failure code
+LAYOUT_VERSION = 3
 HEADER_SIZE = 64
 SHM_DIR = "/dev/shm"
 

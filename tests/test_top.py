@@ -89,7 +89,8 @@ def test_once_json_reports_known_activity(capsys):
     assert view["watchers"] == {"total": 3, "synced": 2, "unsynced": 0, "victim": 1,
                                 "canceling": 0}
     assert view["victims_entered"] >= 1
-    assert view["pending_events"] >= 1
+    # A victim holds nothing in the broker: its backlog stays in the revision log.
+    assert view["pending_events"] == 0
 
     (me,) = [r for r in view["clients"] if r["pid"] == os.getpid()]
     assert len(view["clients"]) == 1
@@ -114,6 +115,10 @@ def test_once_json_measures_rates_over_the_interval(broker_proc, client, capsys)
         with clientlib.connect(broker_proc.name, timeout=10) as c2:
             while not stop.is_set():
                 c2.put(b"k", b"v")
+                # Read as we write: a watcher that never reads fills its ring and, as a
+                # victim, gets no events (within the interval on a small /dev/shm's rings).
+                while w.get_nowait() is not None:
+                    pass
 
     t = threading.Thread(target=writer)
     t.start()
