@@ -87,6 +87,7 @@ TRANSITIONS: dict[tuple[str, str], str] = {
 # etcd's tunables, as module values so tests can shrink them.
 MAX_WATCHERS_PER_SYNC = 512  # etcd: maxWatchersPerSync
 WATCH_BATCH_MAX_REVS = 1000  # etcd: watchBatchMaxRevs
+GRPC_OVERHEAD_BYTES = 512 * 1024  # etcd v3rpc: grpcOverheadBytes
 # Bytes of a catch-up response beyond its events' encodings (header, array framing).
 RESPONSE_OVERHEAD = 32
 # A victim resumes (and an unsynced watcher is caught up) only when at least this
@@ -382,6 +383,9 @@ class WatchCore:
         self.cur_rev = 1
         self.compact_rev = 0
         self.max_request_bytes = max_request_bytes
+        # etcd's watch server fragments above --max-request-bytes plus gRPC's overhead
+        # allowance (v3rpc: maxRequestBytes + grpcOverheadBytes), not at the limit itself.
+        self.fragment_limit = max_request_bytes + GRPC_OVERHEAD_BYTES
         self.max_response_bytes = max_response_bytes
         self.max_watchers_per_sync = max_watchers_per_sync or MAX_WATCHERS_PER_SYNC
         self.batch_max_revs = batch_max_revs or WATCH_BATCH_MAX_REVS
@@ -612,7 +616,7 @@ class WatchCore:
     def _send_live(self, w: Watcher, batch: RevisionBatch, idxs: tuple[int, ...]) -> None:
         if w.fragment and len(idxs) > 1:
             enc = [batch.encoded(i, w.prev_kv) for i in idxs]
-            blobs = split_fragments(batch.rev, enc, self.max_request_bytes)
+            blobs = split_fragments(batch.rev, enc, self.fragment_limit)
         else:
             blobs = (batch.blob(idxs, w.prev_kv),)
         done = self._deliver(w, blobs)
@@ -747,7 +751,7 @@ class WatchCore:
             done: bool | None = True
             if enc:
                 if w.fragment:
-                    blobs = split_fragments(hi, enc, self.max_request_bytes)
+                    blobs = split_fragments(hi, enc, self.fragment_limit)
                 else:
                     blobs = [events_blob(hi, enc)]
                 done = self._deliver(w, blobs)

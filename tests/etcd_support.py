@@ -131,8 +131,10 @@ def _ready(port: int) -> bool:
         return False
 
 
-def start_etcd(binary: str, startup_timeout: float = 15.0) -> EtcdServer:
-    """Start one fresh single-member etcd on loopback; retry on a lost port race."""
+def start_etcd(binary: str, startup_timeout: float = 15.0,
+               extra_args: tuple[str, ...] = ()) -> EtcdServer:
+    """Start one fresh single-member etcd on loopback; retry on a lost port race.
+    `extra_args` are added to etcd's command line (e.g. --max-request-bytes)."""
     last = ""
     for _attempt in range(3):
         data_dir = tempfile.mkdtemp(prefix="shmwatch-etcd-")
@@ -158,6 +160,7 @@ def start_etcd(binary: str, startup_timeout: float = 15.0) -> EtcdServer:
             "--logger", "zap",
             "--log-level", "error",
             "--log-outputs", "stderr",
+            *extra_args,
         ]
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(

@@ -374,7 +374,17 @@ def test_fragments_split_like_etcd():
     assert len(split_fragments(9, [b"x" * 1000], 10)) == 1  # one event is never split
 
 
-def test_fragmenting_watcher_gets_fragments():
+def test_fragments_start_above_max_request_bytes_plus_grpc_overhead():
+    """etcd's watch server splits at --max-request-bytes + 512 KiB, not at the limit."""
+    core, h = WatchCore(max_request_bytes=200), History()
+    assert core.fragment_limit == 200 + 512 * 1024
+    _, ring = make(core, 0, b"a", b"z", fragment=True)
+    commit(core, h, h.put(*[bytes([97, i]) for i in range(6)], value=b"v" * 40))
+    assert [r.fragment for r in ring.read_all()[1:]] == [False]
+
+
+def test_fragmenting_watcher_gets_fragments(monkeypatch):
+    monkeypatch.setattr(W, "GRPC_OVERHEAD_BYTES", 0)
     core, h = WatchCore(max_request_bytes=200), History()
     _, ring = make(core, 0, b"a", b"z", fragment=True)
     _, whole = make(core, 1, b"a", b"z")
