@@ -45,7 +45,7 @@ from shm.errors import (
 )
 from shm.lock import is_locked, try_lock, unlock
 from shm.ring import Ring, ring_bytes
-from shm.segment import Segment, shm_name
+from shm.segment import Segment, shm_name, shm_path
 
 from . import errors
 from .ops import (
@@ -119,17 +119,55 @@ _FILTERS = {"noput": FILTER_NOPUT, "nodelete": FILTER_NODELETE,
             "NOPUT": FILTER_NOPUT, "NODELETE": FILTER_NODELETE}
 
 
-def connect(name: str, timeout: float = DEFAULT_TIMEOUT) -> "Client":
-    """Attach to the broker called `name`. `timeout` is the default for every call."""
-    return Client(name, timeout=timeout)
+def connect(name: str, timeout: float = DEFAULT_TIMEOUT, *, label: str | None = None) -> "Client":
+    """Attach to the broker called `name`. `timeout` is the default for every call.
+
+    `label` names this client in the broker's metrics (tools/top); by default the
+    multiprocessing process name, or `<script>:<pid>` in a main process."""
+    return Client(name, timeout=timeout, label=label)
+
+
+def default_label() -> str:
+    """The multiprocessing process name, unless it is "MainProcess"; else script:pid."""
+    import multiprocessing
+    import sys
+
+    name = multiprocessing.current_process().name
+    if name != "MainProcess":
+        return name
+    script = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python"
+    return f"{script}:{os.getpid()}"
+
+
+def _label_bytes(label: str) -> bytes:
+    """`label` as at most SLOT_LABEL_BYTES of UTF-8, cut at a character boundary."""
+    raw = label.encode("utf-8", errors="replace")[:L.SLOT_LABEL_BYTES]
+    return raw.decode("utf-8", errors="ignore").encode("utf-8")
+
+
+def _registration_error(name: str, words, slot: int) -> errors.ShmwatchError:
+    """The error the broker reported in our slot instead of registering us. Frees the
+    slot (we still hold its lock, so it is ours to free)."""
+    code = words[L.slot_word(slot, L.SLOT_ERROR)]
+    needed = words[L.slot_word(slot, L.SLOT_ERROR_ARG)]
+    words[L.slot_word(slot, L.SLOT_STATE)] = L.SLOT_FREE
+    if code == errors.NoSpaceError.code:
+        return errors.NoSpaceError(
+            f"shmwatch: /dev/shm is full: broker {name!r} needs {needed} bytes for this "
+            f"client's request and response rings; free space in /dev/shm or start the "
+            f"broker with smaller --request-ring-bytes/--response-ring-bytes")
+    return errors.error_from_code(
+        code, f"shmwatch: broker {name!r} could not register this client (see its log)")
 
 
 class Client:
     """A connection to one broker. Use as a context manager, or call `close()`."""
 
-    def __init__(self, name: str, timeout: float = DEFAULT_TIMEOUT):
+    def __init__(self, name: str, timeout: float = DEFAULT_TIMEOUT, *,
+                 label: str | None = None):
         self.name = name
         self.timeout = timeout
+        self.label = label  # None: default_label() at each attach (a fork gets its own)
         self._closed = False
         self._cond = threading.Condition(threading.RLock())
         self._send_lock = threading.Lock()
@@ -170,8 +208,13 @@ class Client:
                 f"shmwatch: permission denied: broker {self.name!r} belongs to another user "
                 f"(its segments are mode 0600 unless started with --mode/--group)") from None
         except LayoutMismatch as exc:
+            try:
+                whose = f" (owner uid {os.stat(shm_path(shm_name(self.name, L.CTL_PART))).st_uid})"
+            except OSError:
+                whose = ""
             raise errors.BrokerUnavailable(
-                f"shmwatch: broker {self.name!r} has an incompatible layout: {exc}") from None
+                f"shmwatch: broker {self.name!r} has an incompatible layout{whose}: "
+                f"{exc}") from None
         st = os.fstat(self._ctl.fd)
         if st.st_mode & 0o002:
             raise errors.PermissionDenied(
@@ -189,15 +232,19 @@ class Client:
         self._rings_per_arena = words[L.CTL_RINGS_PER_ARENA]
         self._watch_ring_size = ring_bytes(words[L.CTL_WATCH_RING])
         flag = self._ctl.payload[L.CTL_BROKER_SLEEPING * 8:L.CTL_BROKER_SLEEPING * 8 + 4]
-        self._broker_bell = Doorbell.open(shm_name(self.name, "bell"), flag)
+        self._broker_bell = Doorbell.open(
+            shm_name(self.name, L.bell_part(words[L.CTL_BELL_TOKEN])), flag)
         self._slot = self._claim_slot(words)
-        while words[L.slot_word(self._slot, L.SLOT_STATE)] != L.SLOT_READY:
+        state = L.slot_word(self._slot, L.SLOT_STATE)
+        while words[state] != L.SLOT_READY:
+            if words[state] == L.SLOT_FAILED:
+                raise _registration_error(self.name, words, self._slot)
             self._check_alive()
             if time.monotonic() > deadline:
                 raise errors.Timeout(f"shmwatch: broker {self.name!r} did not register us")
             time.sleep(0.0005)
         gen = self._gen = words[L.slot_word(self._slot, L.SLOT_GEN)]
-        part = L.client_part(self._slot, gen)
+        part = L.client_part(self._slot, gen, words[L.slot_word(self._slot, L.SLOT_TOKEN)])
         self._part = part
         self._seg = Segment.open(shm_name(self.name, part), kind=L.KIND_CLIENT,
                                  boot_id=self._boot_id)
@@ -207,7 +254,7 @@ class Client:
         self._req = Ring(p[L.CLIENT_HEADER:L.CLIENT_HEADER + req_size])
         self._resp = Ring(p[L.CLIENT_HEADER + req_size:L.CLIENT_HEADER + req_size + resp_size],
                           max_message=words[L.CTL_MAX_RESPONSE_BYTES] + REPLY_ENVELOPE)
-        self._bell = Doorbell.open(shm_name(self.name, part + ".bell"),
+        self._bell = Doorbell.open(shm_name(self.name, L.client_bell_part(part)),
                                    p[L.CLIENT_SLEEPING:L.CLIENT_SLEEPING + 4])
 
     def _claim_slot(self, words) -> int:
@@ -226,6 +273,10 @@ class Client:
                 continue
             words[L.slot_word(slot, L.SLOT_PID)] = os.getpid()
             words[L.slot_word(slot, L.SLOT_CREATE_TIME_US)] = int(me.create_time() * 1e6)
+            label = _label_bytes(default_label() if self.label is None else self.label)
+            off = L.slot_label_offset(slot)
+            self._ctl.payload[off:off + L.SLOT_LABEL_BYTES] = label.ljust(L.SLOT_LABEL_BYTES,
+                                                                          b"\0")
             words[L.slot_word(slot, L.SLOT_STATE)] = L.SLOT_REQUESTED
             words[L.CTL_REG_SEQ] += 1
             self._broker_bell.ring()
