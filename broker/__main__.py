@@ -6,7 +6,8 @@ import argparse
 import logging
 import sys
 
-from .server import BrokerConfig, run
+from .server import BrokerConfig, BrokerRunning, run
+from .wal import DataDirBusy, WalCorrupt
 
 
 def parse_size(text: str) -> int:
@@ -89,13 +90,17 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s broker %(levelname)s %(message)s")
     if a.parent_pid:
         _die_with_parent(a.parent_pid)
-    from .server import BrokerRunning
-    from .wal import DataDirBusy, WalCorrupt
+    return serve(config_from_args(a), ready_fd=a.ready_fd)
 
+
+def serve(cfg: BrokerConfig, ready_fd: int | None = None) -> int:
+    """Run a broker until it is stopped: exit status 0; or 1 after one line
+    `broker: <error>` on stderr when it cannot start (its name is taken, its data
+    directory is held by another broker, damaged or of an unknown format)."""
     try:
-        run(config_from_args(a), ready_fd=a.ready_fd)
+        run(cfg, ready_fd=ready_fd)
     except (BrokerRunning, DataDirBusy, WalCorrupt) as exc:
-        print(f"broker: {exc}", file=sys.stderr)
+        print(f"broker: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     return 0
 

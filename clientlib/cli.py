@@ -150,13 +150,20 @@ def cmd_watch(c, a) -> int:
 def cmd_serve(a) -> int:
     import logging
 
-    from broker.__main__ import config_from_args
-    from broker.server import run
+    from broker.__main__ import config_from_args, serve
 
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING,
                         format="%(asctime)s broker %(levelname)s %(message)s")
-    run(config_from_args(a))
-    return 0
+    return serve(config_from_args(a))
+
+
+def cmd_repair(a) -> int:
+    """Check a --data-dir; with --yes cut a damaged WAL back (broker.wal.repair)."""
+    from broker.wal import repair
+
+    status, lines = repair(a.data_dir, apply=a.yes)
+    print("\n".join(lines))
+    return status
 
 
 def cmd_cleanup(a) -> int:
@@ -239,6 +246,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("cleanup", help="remove what dead brokers left in /dev/shm")
     sp.add_argument("--name", default=None, help="only this broker's leftovers")
 
+    sp = sub.add_parser("repair", help="check a --data-dir; --yes cuts a damaged WAL back "
+                                       "to its last good record, keeping the original")
+    sp.add_argument("--data-dir", required=True)
+    sp.add_argument("--yes", action="store_true",
+                    help="do the repair (default: a dry run that only reports; exit status 1 "
+                         "while something is damaged)")
+
     sp = sub.add_parser("ls", help="list the brokers on this machine")
     sp.add_argument("-w", "--write-out", choices=("simple", "json"), default="simple")
 
@@ -269,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_cleanup(a)
     if a.cmd == "ls":
         return cmd_ls(a)
+    if a.cmd == "repair":
+        return cmd_repair(a)
     try:
         with connect(a.name, timeout=a.timeout) as c:
             return CLIENT_COMMANDS[a.cmd](c, a)
