@@ -563,68 +563,34 @@ def repair(path: str, apply: bool = False) -> tuple[int, list[str]]:
         os.close(lock_fd)
 
 
+class _Finding(NamedTuple):
+    lines: list[str]  # what `repair` reports about one file
+    fix: bytes | None  # what a repair writes in its place (b"": remove it), None: nothing
+    broken: bool  # damaged beyond repair
+
+
 def _repair_locked(path: str, apply: bool) -> tuple[int, list[str]]:
-    out = [f"data directory {path}"]
-    fixes: list[tuple[str, bytes]] = []  # (file, what to write in its place; b"": remove it)
-    broken = False
-    meta_path, snap_path, wal_path = (os.path.join(path, n) for n in ("meta", "snap", "wal"))
-    try:
-        cid = read_meta(meta_path)
-        out.append(f"  meta: ok, cluster id {cid}" if cid is not None else "  meta: none")
-    except WalCorrupt as exc:
-        out.append(f"  meta: DAMAGED: {exc}")
-        out.append("    repair: move it aside; the broker records a new cluster id, so clients "
-                   "of the old broker connect anew (reconnect() refuses)")
-        fixes.append(("meta", b""))
+    meta = _inspect_meta(os.path.join(path, "meta"))
+    snap_path = os.path.join(path, "snap")
     try:
         snap = read_snapshot(snap_path)
-        snap_seq, rev = (snap["seq"], snap["mvcc"]["rev"]) if snap is not None else (0, 1)
-        out.append(f"  snap: ok, record {snap_seq}, revision {rev}" if snap is not None
-                   else "  snap: none")
     except WalCorrupt as exc:
-        out += [f"  snap: DAMAGED: {exc}",
-                "    cannot be repaired: the store it holds exists nowhere else; restore the "
-                "directory from a backup, or move it aside to start an empty store",
-                "  wal: not checked (it continues the snapshot)"]
-        broken = True
-    data = None if broken else _read(wal_path)
-    if broken:
-        pass
-    elif data is None:
-        if os.path.exists(snap_path) or os.path.exists(meta_path):
-            out += ["  wal: MISSING: the writes after the snapshot are lost",
-                    f"    repair: start an empty WAL; the store will be at revision {rev}"]
-            fixes.append(("wal", FILE_HEADER.pack(_MAGIC, _KINDS["wal"][0], FORMAT_VERSION)))
-        else:
-            out.append("  wal: none")
+        snap_finding = _Finding([f"  snap: DAMAGED: {exc}",
+                                 "    cannot be repaired: the store it holds exists nowhere "
+                                 "else; restore the directory from a backup, or move it aside "
+                                 "to start an empty store",
+                                 "  wal: not checked (it continues the snapshot)"], None, True)
+        findings = {"meta": meta, "snap": snap_finding}
     else:
-        try:
-            scan = scan_wal(data, wal_path, snap_seq)
-        except WalCorrupt as exc:
-            out += [f"  wal: DAMAGED: {exc}", "    cannot be repaired: its frames cannot be "
-                    "found without its header"]
-            broken = True
-        else:
-            kept = [r for r in scan.records if r.seq > snap_seq]
-            rev += sum(1 for r in kept if r.kind == KIND_KV)
-            d = scan.damage
-            if d is None:
-                out.append(f"  wal: ok, {len(kept)} records, the store is at revision {rev}")
-            else:
-                lost = _intact_after(data, d.offset)
-                what = ("a torn tail (never acknowledged; the broker drops it itself)" if d.torn
-                        else "DAMAGED")
-                out += [f"  wal: {what} at offset {d.offset} of {len(data)}: {d.reason}",
-                        f"    keeps {len(kept)} records, up to offset {d.offset}: the store will "
-                        f"be at revision {rev}",
-                        f"    drops {d.size} bytes from offset {d.offset}: the damaged frame"
-                        + (f" and {len(lost)} intact records after it (sequence {min(lost)}-"
-                           f"{max(lost)}), lost with it" if lost
-                           else " and what follows it, in which no intact record was found")]
-                fixes.append(("wal", data[:scan.end]))
-    if broken:
+        lines = [f"  snap: ok, record {snap['seq']}, revision {snap['mvcc']['rev']}"
+                 if snap is not None else "  snap: none"]
+        findings = {"meta": meta, "snap": _Finding(lines, None, False),
+                    "wal": _inspect_wal(path, snap)}
+    out = [f"data directory {path}"] + [ln for f in findings.values() for ln in f.lines]
+    if any(f.broken for f in findings.values()):
         out.append("cannot repair this directory; nothing was changed")
         return 1, out
+    fixes = [(name, f.fix) for name, f in findings.items() if f.fix is not None]
     if not fixes:
         out.append("nothing to repair")
         return 0, out
@@ -646,6 +612,54 @@ def _repair_locked(path: str, apply: bool) -> tuple[int, list[str]]:
     _fsync_dir(path)
     out.append("repaired")
     return 0, out
+
+
+def _inspect_meta(meta_path: str) -> _Finding:
+    try:
+        cid = read_meta(meta_path)
+    except WalCorrupt as exc:
+        return _Finding([f"  meta: DAMAGED: {exc}",
+                         "    repair: move it aside; the broker records a new cluster id, so "
+                         "clients of the old broker connect anew (reconnect() refuses)"],
+                        b"", False)
+    return _Finding([f"  meta: ok, cluster id {cid}" if cid is not None else "  meta: none"],
+                    None, False)
+
+
+def _inspect_wal(path: str, snap: dict | None) -> _Finding:
+    """What a repair does to the WAL after `snap`: cut it back to its last good frame
+    (each KV record kept is one revision past the snapshot's)."""
+    wal_path = os.path.join(path, "wal")
+    snap_seq, rev = (snap["seq"], snap["mvcc"]["rev"]) if snap is not None else (0, 1)
+    data = _read(wal_path)
+    if data is None:
+        if snap is None and not os.path.exists(os.path.join(path, "meta")):
+            return _Finding(["  wal: none"], None, False)
+        return _Finding(["  wal: MISSING: the writes after the snapshot are lost",
+                         f"    repair: start an empty WAL; the store will be at revision {rev}"],
+                        FILE_HEADER.pack(_MAGIC, _KINDS["wal"][0], FORMAT_VERSION), False)
+    try:
+        scan = scan_wal(data, wal_path, snap_seq)
+    except WalCorrupt as exc:
+        return _Finding([f"  wal: DAMAGED: {exc}",
+                         "    cannot be repaired: its frames cannot be found without its header"],
+                        None, True)
+    kept = [r for r in scan.records if r.seq > snap_seq]
+    rev += sum(1 for r in kept if r.kind == KIND_KV)
+    d = scan.damage
+    if d is None:
+        return _Finding([f"  wal: ok, {len(kept)} records, the store is at revision {rev}"],
+                        None, False)
+    lost = _intact_after(data, d.offset)
+    what = "a torn tail (never acknowledged; the broker drops it itself)" if d.torn else "DAMAGED"
+    return _Finding([
+        f"  wal: {what} at offset {d.offset} of {len(data)}: {d.reason}",
+        f"    keeps {len(kept)} records, up to offset {d.offset}: the store will be at "
+        f"revision {rev}",
+        f"    drops {d.size} bytes from offset {d.offset}: the damaged frame"
+        + (f" and {len(lost)} intact records after it (sequence {min(lost)}-{max(lost)}), "
+           "lost with it" if lost else " and what follows it, in which no intact record "
+                                       "was found")], data[:scan.end], False)
 
 
 def _keep_aside(path: str, name: str, stamp: str) -> str:

@@ -346,6 +346,61 @@ def test_damaged_snapshot_or_meta_refuses_the_start(tmp_path, damage):
     assert dir_bytes(data) == before
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("damage", ["undecodable_op", "op_changing_nothing", "bad_snapshot"])
+def test_checksummed_data_that_cannot_be_replayed_refuses_the_start(tmp_path, damage):
+    """A WAL record or snapshot whose checksums pass but which the MVCC core cannot
+    replay (an op that does not decode; a read, which no write-ahead log holds; a store
+    that is not consistent) is corruption too: WalCorrupt naming the file (and the
+    record's offset), not a traceback."""
+    from broker.wal import KIND_KV, DataDir
+    from clientlib.ops import RangeOp
+    from clientlib.protocol import encode_op
+
+    data = tmp_path / "data"
+    name, _revs = put_values(data, 5)
+    offset = (data / "wal").stat().st_size
+    dd = DataDir(str(data))
+    try:
+        dd.load()
+        if damage == "undecodable_op":
+            dd.append(KIND_KV, ["nonsense"])
+        elif damage == "op_changing_nothing":
+            dd.append(KIND_KV, encode_op(RangeOp(b"t/0")))
+        else:
+            dd.snapshot({"mvcc": {"format": 1, "rev": 9, "compact_rev": -1, "keys": []},
+                         "log": []})
+    finally:
+        dd.close()
+    line = start_refused(name, data)
+    if damage == "bad_snapshot":
+        assert f"snapshot {data / 'snap'} passes its checksum but cannot be restored" in line, line
+    else:
+        assert (f"WAL {data / 'wal'} is corrupt at offset {offset}: record 6 passes its "
+                f"checksums but cannot be replayed") in line, line
+
+
+@pytest.mark.timeout(120)
+def test_restart_with_a_smaller_log_replays_an_explicit_compaction_it_wrapped_past(tmp_path):
+    """The WAL holds 100 puts, compact(50), 20 puts. Replayed with a revision log too
+    small for 50 revisions, the ring's wrap compacts past 50 before the compaction
+    record comes: that record is then a no-op (was: CompactedError at start). Every
+    write is there."""
+    data = tmp_path / "data"
+    name = broker.unique_name()
+    with broker.spawn(name, data_dir=str(data)) as b, \
+            clientlib.connect(b.name, timeout=10) as c:
+        revs = [c.put(f"k/{i}", "v" * 1000).revision for i in range(100)]
+        c.compact(revs[48])
+        revs += [c.put(f"k/{i}", "w" * 1000).revision for i in range(100, 120)]
+    with broker.spawn(name, data_dir=str(data), log_bytes=32 << 10) as b, \
+            clientlib.connect(b.name, timeout=10) as c:
+        r = c.get("k/", prefix=True)
+        assert (r.revision, len(r.kvs)) == (revs[-1], 120)
+        assert broker_info(b.name)["compact_revision"] > revs[48]
+        assert c.put("k/new", "x").revision == revs[-1] + 1
+
+
 # ------------------------------------------------------------------ shmwatch repair
 
 
