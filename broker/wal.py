@@ -150,6 +150,7 @@ def scan_wal(data: bytes, path: str, snap_seq: int = 0) -> WalScan:
     check_file_header(data, path, "wal")
     records: list[Record] = []
     size = len(data)
+    view = memoryview(data)  # frame bodies are checked and decoded without a copy
     pos = FILE_HEADER.size
     expect = None
     while pos < size:
@@ -168,7 +169,7 @@ def scan_wal(data: bytes, path: str, snap_seq: int = 0) -> WalScan:
         elif end > size:
             damage = Damage(pos, size - pos, f"a frame of {n} bytes cut short by the end of the "
                                              f"file ({size - start} bytes of it present)", True)
-        elif zlib.crc32(data[start:end]) != body_crc:
+        elif zlib.crc32(view[start:end]) != body_crc:
             if _zero_from(data, end) and _has_zero_sector(data, start, end):
                 damage = Damage(pos, size - pos, "the last frame has a zero-filled sector "
                                                  "(a write the crash left unfinished)", True)
@@ -176,7 +177,7 @@ def scan_wal(data: bytes, path: str, snap_seq: int = 0) -> WalScan:
                 damage = Damage(pos, size - pos, "a frame's data fails its checksum", False)
         else:
             try:
-                seq, kind, payload = _decode_record(data[start:end])
+                seq, kind, payload = _decode_record(view[start:end])
             except ValueError as exc:
                 damage = Damage(pos, size - pos,
                                 f"a frame whose checksums pass holds no record ({exc})", False)
@@ -221,7 +222,7 @@ def encode_frame(body: bytes) -> bytes:
     return head + struct.pack("<I", zlib.crc32(head)) + body
 
 
-def _decode_record(body: bytes) -> tuple[int, int, object]:
+def _decode_record(body: bytes | memoryview) -> tuple[int, int, object]:
     try:
         rec = msgpack.unpackb(body, raw=False)
     except Exception as exc:  # msgpack raises several types; any means "not a record"
@@ -284,8 +285,9 @@ def _read(path: str) -> bytes | None:
         return None
 
 
-def _read_checked(path: str, kind: str) -> bytes | None:
-    """The data of a snap or meta file (None if there is none), its framing checked."""
+def _read_checked(path: str, kind: str) -> memoryview | None:
+    """The data of a snap or meta file (None if there is none), its framing checked.
+    A view, not a copy: a snapshot may be hundreds of megabytes."""
     data = _read(path)
     if data is None:
         return None
@@ -296,7 +298,7 @@ def _read_checked(path: str, kind: str) -> bytes | None:
         raise WalCorrupt(f"{what} {path} is cut short: {len(data)} bytes, not even its "
                          f"{h}-byte header", path, len(data))
     n, crc = CHECKED_HEADER.unpack_from(data, FILE_HEADER.size)
-    body = data[h:]
+    body = memoryview(data)[h:]
     if len(body) != n:
         raise WalCorrupt(f"{what} {path} is damaged: its header says {n} bytes of data, the "
                          f"file holds {len(body)} (cut short, or the header is damaged)",
@@ -307,10 +309,11 @@ def _read_checked(path: str, kind: str) -> bytes | None:
     return body
 
 
-def _checked(kind: str, body: bytes) -> bytes:
+def _checked(kind: str, body: bytes) -> tuple[bytes, bytes]:
+    """(header, body) of a snap or meta file: written as two chunks, not copied."""
     length = struct.pack("<Q", len(body))
     return (FILE_HEADER.pack(_MAGIC, _KINDS[kind][0], FORMAT_VERSION) + length
-            + struct.pack("<I", zlib.crc32(body, zlib.crc32(length))) + body)
+            + struct.pack("<I", zlib.crc32(body, zlib.crc32(length))), body)
 
 
 def read_snapshot(path: str) -> dict | None:
@@ -364,8 +367,9 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _atomic_write(dirpath: str, name: str, data: bytes) -> None:
-    """Write DIR/name whole or not at all: a 0600 temporary, fsync'ed, renamed."""
+def _atomic_write(dirpath: str, name: str, *chunks: bytes) -> None:
+    """Write DIR/name (the chunks one after the other) whole or not at all: a 0600
+    temporary, fsync'ed, renamed."""
     tmp = os.path.join(dirpath, name + ".tmp")
     try:
         os.unlink(tmp)  # a leftover: O_EXCL below creates it anew, with our mode
@@ -373,9 +377,10 @@ def _atomic_write(dirpath: str, name: str, data: bytes) -> None:
         pass
     fd = _open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
+        for chunk in chunks:
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(fd, view):]
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -440,7 +445,7 @@ class DataDir:
         """The directory's cluster id, or `new` recorded as it if it has none."""
         cid = read_meta(os.path.join(self.path, "meta"))
         if cid is None:
-            _atomic_write(self.path, "meta", _checked("meta", msgpack.packb({"cluster_id": new})))
+            _atomic_write(self.path, "meta", *_checked("meta", msgpack.packb({"cluster_id": new})))
             return new
         return cid
 
@@ -521,7 +526,7 @@ class DataDir:
             os.fdatasync(self._wal_fd)
             self._dirty = False
         state = dict(state, seq=self.seq)
-        _atomic_write(self.path, "snap", _checked("snap", msgpack.packb(state, use_bin_type=True)))
+        _atomic_write(self.path, "snap", *_checked("snap", msgpack.packb(state, use_bin_type=True)))
         os.ftruncate(self._wal_fd, FILE_HEADER.size)
         os.fsync(self._wal_fd)
         self.records_since_snapshot = 0
