@@ -147,6 +147,7 @@ class Broker:
         self._oversized: tuple[int, bytes] | None = None  # a revision too big for the log
         self.wal: DataDir | None = None
         self._replaying = False
+        snap, records = None, []
         if cfg.data_dir:
             # Every file is checked before anything is created in shared memory: a
             # damaged data directory refuses the start with nothing to undo.

@@ -461,7 +461,8 @@ class DataDir:
             others = [n for n in ("snap", "meta") if os.path.exists(os.path.join(self.path, n))]
             if others:
                 raise WalCorrupt(f"WAL {self.wal_path} is missing but {' and '.join(others)} "
-                                 f"exist: the writes it held are lost; `shmwatch repair "
+                                 f"{'exist' if len(others) > 1 else 'exists'}: the writes it "
+                                 f"held are lost; `shmwatch repair "
                                  f"--data-dir {self.path}` starts a new WAL", self.wal_path)
             _atomic_write(self.path, "wal", FILE_HEADER.pack(_MAGIC, _KINDS["wal"][0],
                                                              FORMAT_VERSION))

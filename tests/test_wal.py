@@ -222,7 +222,7 @@ def test_a_missing_wal_beside_a_meta_is_refused(tmp_path):
     dd.cluster_id(7)
     dd.close()
     os.unlink(os.path.join(d, "wal"))
-    refused(d, "wal is missing but meta exist")
+    refused(d, "wal is missing but meta exists: the writes it held are lost")
 
 
 # ------------------------------------------------------------------ snapshot and meta
