@@ -76,7 +76,7 @@ from .errors import BrokerStartError
 from .mvcc import MVCCStore, events_at_compact_rev
 from .sizing import Sizing, budget, check_start, no_space_message, plan, shm_free
 from .sizing import start_bytes as start_bytes_for
-from .wal import KIND_COMPACT, KIND_KV, DataDir
+from .wal import KIND_COMPACT, KIND_KV, DataDir, Record, WalCorrupt
 from .watch import Watcher, WatchCore
 
 log = logging.getLogger("shmwatch.broker")
@@ -239,13 +239,21 @@ class Broker:
         self._oversized: tuple[int, bytes] | None = None  # a revision too big for the log
         self.wal: DataDir | None = None
         self._replaying = False
+        snap, records = None, []
         if cfg.data_dir:
+            # Every file is checked before anything is created in shared memory: a
+            # damaged data directory refuses the start with nothing to undo.
             self.wal = DataDir(cfg.data_dir, cfg.fsync)
-            self.cluster_id = self.wal.cluster_id(self.cluster_id)
+            try:
+                snap, records = self.wal.load()
+                self.cluster_id = self.wal.cluster_id(self.cluster_id)
+            except BaseException:
+                self.wal.close()
+                raise
         try:
             self._create_shared()
             if self.wal is not None:
-                self._recover()
+                self._recover(snap, records)
         except BaseException:
             if self.wal is not None:
                 self.wal.close()
@@ -408,20 +416,39 @@ class Broker:
                 seg.unlink()
                 seg.close()
 
-    def _recover(self) -> None:
-        """Rebuild the store and the revision log from the data directory."""
-        snap, records = self.wal.load()
+    def _recover(self, snap: dict | None, records: list[Record]) -> None:
+        """Rebuild the store and the revision log from the data directory's snapshot and
+        WAL records (checked by `DataDir.load`). A record or snapshot that passed its
+        checksums but cannot be replayed is corruption too: WalCorrupt, not a traceback."""
+        wal = self.wal
         if snap is not None:
-            self.mvcc = MVCCStore.restore(snap["mvcc"])
-            for rev, payload in snap["log"]:
-                self._log_append(rev, payload)
+            try:
+                self.mvcc = MVCCStore.restore(snap["mvcc"])
+                for rev, payload in snap["log"]:
+                    self._log_append(rev, payload)
+            except Exception as exc:  # any failure: the snapshot is not one we wrote
+                path = os.path.join(wal.path, "snap")
+                raise WalCorrupt(f"snapshot {path} passes its checksum but cannot be "
+                                 f"restored ({exc!r}); refusing to start", path) from exc
         self._replaying = True
         try:
-            for kind, body in records:
-                if kind == KIND_KV:
-                    self._apply(decode_op(body), body)
-                elif kind == KIND_COMPACT:
-                    self._do_compact(body)
+            for r in records:
+                try:
+                    if r.kind == KIND_KV:
+                        rev = self.mvcc.rev
+                        self._apply(decode_op(r.payload), r.payload)
+                        if self.mvcc.rev != rev + 1:  # only changes are logged
+                            raise ValueError("the write changes nothing")
+                    else:
+                        try:
+                            self._do_compact(r.payload)
+                        except errors.CompactedError:
+                            pass  # a smaller --log-bytes than before compacted past it
+                except Exception as exc:  # these records replayed once already: not ours
+                    raise WalCorrupt(
+                        f"WAL {wal.wal_path} is corrupt at offset {r.offset}: record "
+                        f"{r.seq} passes its checksums but cannot be replayed ({exc!r}); "
+                        f"refusing to start; nothing was changed", wal.wal_path, r.offset) from exc
             self._commit_batch()
         finally:
             self._replaying = False

@@ -154,6 +154,15 @@ def cmd_serve(a) -> int:
     return serve(a, "shmwatch serve")
 
 
+def cmd_repair(a) -> int:
+    """Check a --data-dir; with --yes cut a damaged WAL back (broker.wal.repair)."""
+    from broker.wal import repair
+
+    status, lines = repair(a.data_dir, apply=a.yes)
+    print("\n".join(lines))
+    return status
+
+
 def cmd_cleanup(a) -> int:
     from broker.admin import cleanup_stale
 
@@ -234,6 +243,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("cleanup", help="remove what dead brokers left in /dev/shm")
     sp.add_argument("--name", default=None, help="only this broker's leftovers")
 
+    sp = sub.add_parser("repair", help="check a --data-dir; --yes cuts a damaged WAL back "
+                                       "to its last good record, keeping the original")
+    sp.add_argument("--data-dir", required=True)
+    sp.add_argument("--yes", action="store_true",
+                    help="do the repair (default: a dry run that only reports; exit status 1 "
+                         "while something is damaged)")
+
     sp = sub.add_parser("ls", help="list the brokers on this machine")
     sp.add_argument("-w", "--write-out", choices=("simple", "json"), default="simple")
 
@@ -264,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_cleanup(a)
     if a.cmd == "ls":
         return cmd_ls(a)
+    if a.cmd == "repair":
+        return cmd_repair(a)
     try:
         with connect(a.name, timeout=a.timeout) as c:
             return CLIENT_COMMANDS[a.cmd](c, a)
