@@ -36,6 +36,8 @@ from collections.abc import Iterable
 
 from . import client as _client
 from . import errors
+from shm.errors import ShmError
+
 from .client import (
     WAIT_SLICE_S,
     Client,
@@ -48,6 +50,7 @@ from .client import (
     flow_put_many,
     flow_txn,
     flow_watch,
+    from_shm,
     watch_spec,
 )
 from .ops import op_delete, op_get
@@ -217,7 +220,7 @@ class AsyncClient:
         if self._dead is not None:
             raise self._dead
         if self._c._broken is not None:
-            raise self._c._broken
+            raise errors.ProtocolError(self._c._broken)
 
     async def _write(self, data: bytes) -> None:
         """Write one request whole; wait (without blocking the loop) while the ring is
@@ -285,6 +288,12 @@ class AsyncClient:
 
     async def _run(self, flow, timeout: float | None):
         """The awaitable driver of a flow (see Client._run)."""
+        try:
+            return await self._drive(flow, timeout)
+        except ShmError as exc:
+            raise from_shm(exc, self._c.name) from None
+
+    async def _drive(self, flow, timeout: float | None):
         try:
             msg = next(flow)
             while True:

@@ -41,6 +41,8 @@ from shm.errors import (
     MessageTooLarge,
     RingCorrupt,
     SegmentNotFound,
+    ShmError,
+    ShmNoSpace,
     ShmPermissionError,
 )
 from shm.lock import is_locked, try_lock, unlock
@@ -115,6 +117,23 @@ def _after_fork_in_child() -> None:
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
+
+def from_shm(exc: ShmError, name: str) -> errors.ShmwatchError:
+    """The user-facing error for a shared-memory failure under a call: nothing of
+    `shm.errors` reaches a user of clientlib."""
+    if isinstance(exc, ShmPermissionError):
+        return errors.PermissionDenied(f"shmwatch: permission denied by broker {name!r}: {exc}")
+    if isinstance(exc, ShmNoSpace):
+        return errors.NoSpaceError(f"shmwatch: /dev/shm is full: {exc}")
+    if isinstance(exc, (SegmentNotFound, LayoutMismatch)):
+        return errors.BrokerUnavailable(
+            f"shmwatch: the shared memory of broker {name!r} changed under this client "
+            f"(a restarted or replaced broker?): {exc}")
+    if isinstance(exc, (RingCorrupt, MessageTooLarge)):
+        return errors.ProtocolError(f"shmwatch: shared memory of broker {name!r} is "
+                                    f"damaged: {exc}")
+    return errors.ShmwatchError(f"shmwatch: {exc}")
+
 _FILTERS = {"noput": FILTER_NOPUT, "nodelete": FILTER_NODELETE,
             "NOPUT": FILTER_NOPUT, "NODELETE": FILTER_NODELETE}
 
@@ -178,19 +197,22 @@ class Client:
         self._req_id = 0
         self._watches: dict[int, Watch] = {}
         self._free_rings: list[tuple[int, int]] = []
-        self._arenas: list[Segment] = []
+        self._arenas: list[Segment | None] = []  # None: an arena we could not open
         self._seg: Segment | None = None
         self._bell: Doorbell | None = None
         self._ctl: Segment | None = None
         self.generation = 0  # bumped by every reconnect()
         self._user_closed = False
         self._lock_fd = -1  # our own descriptor of the ctl file, holding our slot lock
-        self._broken: errors.ShmwatchError | None = None
+        self._broken: str | None = None  # why this client's response ring is unusable
         self._fork_gen = _fork_generation
         _live_clients.add(self)
         deadline = time.monotonic() + timeout
         try:
             self._attach(deadline)
+        except ShmError as exc:
+            self._release()
+            raise from_shm(exc, name) from None
         except BaseException:
             self._release()
             raise
@@ -326,7 +348,8 @@ class Client:
                 ring.release()
         self._req = self._resp = None  # type: ignore[assignment]
         for seg in self._arenas:
-            seg.close()
+            if seg is not None:
+                seg.close()
         self._arenas.clear()
         if self._bell is not None:
             self._bell.close()
@@ -399,10 +422,12 @@ class Client:
             self._broken = None
             try:
                 self._attach(time.monotonic() + self.timeout)
-            except BaseException:
+            except BaseException as exc:
                 self._release()
                 self._seg = self._bell = self._ctl = None
                 self._broker_bell = None
+                if isinstance(exc, ShmError):
+                    raise from_shm(exc, self.name) from None
                 raise
             self.generation += 1
 
@@ -433,7 +458,10 @@ class Client:
             while True:
                 self._closed = False
                 try:
-                    self._attach(deadline)
+                    try:
+                        self._attach(deadline)
+                    except ShmError as exc:  # e.g. a broker that died as we attached
+                        raise from_shm(exc, self.name) from None
                     break
                 except (errors.BrokerUnavailable, errors.Timeout):
                     self._release()
@@ -443,6 +471,7 @@ class Client:
                         raise
                     time.sleep(0.05)
             self.generation += 1
+            self._broken = None
             if self._cluster_id != old_cluster:
                 for w in watches:
                     w._lost()
@@ -529,7 +558,7 @@ class Client:
         if self._closed:
             self._check_alive()
         if self._broken is not None:
-            raise self._broken
+            raise errors.ProtocolError(self._broken)
         deadline = self._deadline(timeout)
         rids = []
         out: list = [None] * len(msgs)
@@ -584,10 +613,10 @@ class Client:
                 self._abandoned.discard(rid)
                 continue
             except RingCorrupt as exc:
-                self._broken = errors.ProtocolError(
+                self._broken = (
                     f"shmwatch: this client's response ring is damaged ({exc}); "
                     f"reconnect() to attach again")
-                raise self._broken from None
+                raise errors.ProtocolError(self._broken) from None
             if data is None:
                 if resp.producer_blocked:
                     self._space_freed(resp)  # the broker holds replies for us: room now
@@ -652,6 +681,12 @@ class Client:
     def _run(self, flow, timeout: float | None):
         """Drive `flow`: send each request it yields, hand it the reply (or raise the
         broker's error into it), and return what it returns."""
+        try:
+            return self._drive(flow, timeout)
+        except ShmError as exc:
+            raise from_shm(exc, self.name) from None
+
+    def _drive(self, flow, timeout: float | None):
         try:
             msg = next(flow)
             while True:
@@ -872,7 +907,12 @@ def flow_take_ring(c: Client):
         k, name = yield [OP_ARENA, 0]
         if k != len(c._arenas):
             raise errors.ProtocolError("shmwatch: arena numbering out of step")
-        c._arenas.append(Segment.open(name, kind=L.KIND_ARENA, boot_id=c._boot_id))
+        try:
+            seg = Segment.open(name, kind=L.KIND_ARENA, boot_id=c._boot_id)
+        except ShmError:
+            c._arenas.append(None)  # keeps step with the broker's numbering; never used
+            raise
+        c._arenas.append(seg)
         c._free_rings.extend((k, i) for i in range(c._rings_per_arena - 1, -1, -1))
     return c._free_rings.pop()
 
