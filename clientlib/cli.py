@@ -12,7 +12,9 @@ import json
 import os
 import sys
 
-from . import __version__, errors
+from shmwatch import __version__
+from shmwatch.wire import errors
+
 from .client import connect
 
 
@@ -261,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-TOOLS = {"stress": "tools.stress", "top": "tools.top", "bench": "tools.bench"}
+TOOLS = {"stress": "shmwatch.tools.stress", "top": "shmwatch.tools.top", "bench": "shmwatch.tools.bench"}
 
 CLIENT_COMMANDS = {"put": cmd_put, "get": cmd_get, "del": cmd_del, "watch": cmd_watch,
                    "compact": cmd_compact}
