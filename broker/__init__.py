@@ -15,7 +15,8 @@ import time
 
 from .admin import cleanup_stale, list_brokers
 from .errors import BrokerStartError
-from .server import Broker, BrokerConfig, run, unique_name
+from .config import BrokerConfig
+from .server import Broker, run, unique_name
 
 __all__ = ["Broker", "BrokerConfig", "BrokerProcess", "BrokerStartError", "run", "spawn",
            "unique_name", "cleanup_stale", "list_brokers"]

@@ -19,7 +19,8 @@ import sys
 from shm.errors import ShmPermissionError
 
 from .errors import BrokerStartError
-from .server import Broker, BrokerConfig, run
+from .config import BrokerConfig
+from .server import Broker, run
 from .sizing import BUDGET_ENV, parse_size
 from .wal import DataDirBusy, WalCorrupt
 

@@ -1,37 +1,49 @@
 """The watch core: who watches what, and what each watcher gets next. Pure logic.
 
-This module owns the watcher life cycle of etcd's watchableStore, and nothing else
-changes a watcher's state. It does no I/O of its own: it writes encoded responses to
-the `Sink` each watcher was created with (a shared-memory ring in the broker, an
-in-memory fake in tests), reads history through a callable it is handed, and never
-reads a clock (timers are the shell's business).
+This module owns the watcher life cycle of etcd's watchableStore and the rules of each
+client's watch stream (ids, duplicates, range checks, rings in use); nothing else
+changes a watcher's state. It does no I/O of its own: it writes encoded responses
+through each watcher's `RingWriter` (a shared-memory ring in the broker, an in-memory
+fake in tests), reads history through a callable it is handed, and reads no clock.
 
-Life cycle (etcd's names; `TRANSITIONS` below is the whole table):
+Life cycle: `TRANSITIONS` is the whole table, and every change of state goes through it.
 
-    created (start_revision 0 or in the future) -> SYNCED
-    created (start_revision in the past)        -> UNSYNCED
-    SYNCED   --ring cannot take a revision-->      VICTIM   (minRev = that revision)
-    VICTIM   --ring has room again-->              UNSYNCED (or SYNCED if nothing happened since)
-    UNSYNCED --caught up from the log-->           SYNCED
-    UNSYNCED --more history remains-->             UNSYNCED (etcd's moreRev)
-    UNSYNCED --ring too full for a catch-up-->     VICTIM
-    UNSYNCED --minRev below the compaction-->      CANCELING (compact_revision response)
-    any      --cancel-->                           CANCELING
-    CANCELING --final response delivered-->        (removed)
+    NEW       --created_live-->  SYNCED     start_revision 0 or in the future
+    NEW       --created_past-->  UNSYNCED   start_revision in the past
+    SYNCED    --ring_full-->     VICTIM     minRev = the revision its ring refused
+    VICTIM    --room_behind-->   UNSYNCED   its ring has room again; history to catch up
+    VICTIM    --room_current-->  SYNCED     ... and nothing happened meanwhile
+    UNSYNCED  --caught_up-->     SYNCED
+    UNSYNCED  --more-->          UNSYNCED   etcd's moreRev: more history remains
+    UNSYNCED  --ring_full-->     VICTIM     its ring is too full for a catch-up
+    UNSYNCED  --compacted-->     CANCELING  minRev below the compaction point
+    any live  --cancel-->        CANCELING  its final `canceled` response is pending
+    CANCELING --delivered-->     REMOVED
+    any       --dropped-->       REMOVED    its client is gone: nothing more is sent
+
+Triggers, all in one place:
+- created_*: `create()` (the client's watch-create request).
+- ring_full: `notify()` (a live revision its ring could not take at all, or only in
+  part) and `sync_watchers()` (a ring less than `VICTIM_RESUME_FREE` free, or its
+  owner over budget, or a catch-up its ring could not take whole).
+- room_*: `move_victims()`, which the shell calls when a client hints that it made
+  room in a ring (`producer_blocked` + the control segment's space hint) and on a
+  timer (etcd's syncVictimsLoop period) as the safety net.
+- caught_up / more / compacted: `sync_watchers()`, each shell pass while any watcher
+  is unsynced.
+- cancel: `cancel()` (the client's cancel request).
+- delivered: the final response written (`cancel()`, `move_victims()`).
+- dropped: `drop_stream()` (the client left or died).
 
 Where etcd's victim keeps the batch its channel refused, ours keeps nothing: the
-revision log already holds that batch, so a victim just remembers the revision it
-missed (minRev) and catches up from the log once its ring has room again. The only
-bytes ever held for a watcher are the rest of a response its ring took in part (a
-response larger than the ring's free space streams through in chunks), bounded per
-client by `owner_budget`. So the backlog of a slow reader lives in the log, never in
-the broker's or the client's memory, and comes back in etcd-sized catch-up responses
-(up to 1,000 revisions each).
-
-"Room again" is `VICTIM_RESUME_FREE` of the ring free: the hysteresis that turns a
-slow reader's backlog into a few large catch-up responses instead of many one-revision
-ones. The consumer signals it (`producer_blocked` + the shell's space hint) once it
-has drained that far; the shell also retries victims on a timer.
+revision log already holds it, so a victim remembers the revision it missed (minRev)
+and catches up from the log once its ring has room again. The only bytes ever held for
+a watcher are the rest of a response its ring took in part (a response larger than
+the ring's free space streams through in chunks), bounded per client by
+`owner_budget`. So a slow reader's backlog lives in the log, never in the broker's or
+the client's memory, and comes back in etcd-sized catch-up responses (up to 1,000
+revisions each). "Room again" is `VICTIM_RESUME_FREE` of the ring free: the hysteresis
+that turns a slow reader's backlog into a few large catch-ups instead of many small.
 
 Guarantees kept here: per watcher, responses are in revision order, without gaps or
 duplicates, and the events of one revision are never split across responses (unless
@@ -41,14 +53,12 @@ the synced group and holds at most the unwritten rest of one response.
 
 from __future__ import annotations
 
-from collections import deque
+import enum
 from collections.abc import Callable, Iterable
-from typing import Protocol
-
-from sortedcontainers import SortedList
 
 from shm.errors import RingCorrupt
-
+from shmwatch.wire.errors import InvalidRangeError, DuplicateWatchIdError, ProtocolError
+from shmwatch.wire.errors import TooManyWatchersError
 from shmwatch.wire.protocol import (
     FILTER_NODELETE,
     FILTER_NOPUT,
@@ -57,31 +67,46 @@ from shmwatch.wire.protocol import (
     W_CREATED,
     W_PROGRESS,
     W_PROGRESS_NOTIFY,
-    encode_event,
+    LoggedEvent,
+    WatchSpec,
     encode_watch_control,
     events_blob,
 )
-from shmwatch.wire.types import Event
 
-SYNCED = "synced"
-UNSYNCED = "unsynced"
-VICTIM = "victim"
-CANCELING = "canceling"
-REMOVED = "removed"
+from .outbox import RingWriter
+from .watcher_group import Watcher, WatcherGroup
 
-TRANSITIONS: dict[tuple[str, str], str] = {
-    (SYNCED, "ring_full"): VICTIM,
-    (SYNCED, "cancel"): CANCELING,
-    (VICTIM, "room_behind"): UNSYNCED,
-    (VICTIM, "room_current"): SYNCED,
-    (VICTIM, "cancel"): CANCELING,
-    (UNSYNCED, "caught_up"): SYNCED,
-    (UNSYNCED, "more"): UNSYNCED,
-    (UNSYNCED, "ring_full"): VICTIM,
-    (UNSYNCED, "compacted"): CANCELING,
-    (UNSYNCED, "cancel"): CANCELING,
-    (CANCELING, "cancel"): CANCELING,
-    (CANCELING, "delivered"): REMOVED,
+
+class State(enum.Enum):
+    NEW = "new"
+    SYNCED = "synced"
+    UNSYNCED = "unsynced"
+    VICTIM = "victim"
+    CANCELING = "canceling"
+    REMOVED = "removed"
+
+
+S = State
+# etcd's words for the states, as module names.
+SYNCED, UNSYNCED, VICTIM, CANCELING, REMOVED = (S.SYNCED, S.UNSYNCED, S.VICTIM, S.CANCELING,
+                                                S.REMOVED)
+TRANSITIONS: dict[tuple[State, str], State] = {
+    (S.NEW, "created_live"): S.SYNCED,
+    (S.NEW, "created_past"): S.UNSYNCED,
+    (S.SYNCED, "ring_full"): S.VICTIM,
+    (S.SYNCED, "cancel"): S.CANCELING,
+    (S.VICTIM, "room_behind"): S.UNSYNCED,
+    (S.VICTIM, "room_current"): S.SYNCED,
+    (S.VICTIM, "cancel"): S.CANCELING,
+    (S.UNSYNCED, "caught_up"): S.SYNCED,
+    (S.UNSYNCED, "more"): S.UNSYNCED,
+    (S.UNSYNCED, "ring_full"): S.VICTIM,
+    (S.UNSYNCED, "compacted"): S.CANCELING,
+    (S.UNSYNCED, "cancel"): S.CANCELING,
+    (S.CANCELING, "cancel"): S.CANCELING,
+    (S.CANCELING, "delivered"): S.REMOVED,
+    **{(s, "dropped"): S.REMOVED
+       for s in (S.NEW, S.SYNCED, S.UNSYNCED, S.VICTIM, S.CANCELING)},
 }
 
 # etcd's tunables, as module values so tests can shrink them.
@@ -91,256 +116,64 @@ GRPC_OVERHEAD_BYTES = 512 * 1024  # etcd v3rpc: grpcOverheadBytes
 # Bytes of a catch-up response beyond its events' encodings (header, array framing).
 RESPONSE_OVERHEAD = 32
 # A victim resumes (and an unsynced watcher is caught up) only when at least this
-# fraction of its ring is free. Shared with clientlib, whose reader raises the space
-# hint at the same point (protocol.RESUME_FREE_FRACTION).
+# fraction of its ring is free; clientlib's reader raises the space hint at the same
+# point (protocol.RESUME_FREE_FRACTION).
 VICTIM_RESUME_FREE = RESUME_FREE_FRACTION
 
-
-class Sink(Protocol):
-    """Where a watcher's responses go: an SPSC ring's producer side.
-
-    `write` writes a message of at most `max_chunk` bytes whole or not at all, and
-    streams a longer one in chunks as room allows (see shm.ring.Ring.write)."""
-
-    producer_blocked: int
-    capacity: int
-    max_chunk: int
-
-    def write(self, payload: bytes, offset: int = 0) -> int: ...
-
-    def publish(self) -> None: ...
-
-    def free(self) -> int: ...
+HistoryReader = Callable[[int, int], Iterable[tuple[int, list[LoggedEvent]]]]
 
 
-class Watcher:
-    """One watch: its range, options, position (`min_rev`) and state."""
+class WatchStream:
+    """One client's watch stream (etcd's watchStream): its watchers by id, the rings they
+    use (by the shell's tag), the next automatic id, and the bytes held for it across
+    its watchers (counted against the core's `owner_budget`). `client` is the shell's
+    own object for that client."""
 
-    __slots__ = (
-        "id", "owner", "key", "end", "min_rev", "prev_kv", "filters", "progress_notify",
-        "fragment", "sink", "state", "outbox", "sent_since_tick", "progress_pending", "tag",
-    )
+    __slots__ = ("client", "watchers", "rings", "next_id", "held")
 
-    def __init__(self, wid: int, owner, key: bytes, end: bytes | None, sink: Sink, *,
-                 prev_kv: bool = False, filters: int = 0, progress_notify: bool = False,
-                 fragment: bool = False):
-        self.id = wid
-        self.owner = owner
-        self.key = key
-        self.end = end  # None: one key; b"\0": every key >= key; else [key, end)
-        self.sink = sink
-        self.prev_kv = prev_kv
-        self.filters = filters
-        self.progress_notify = progress_notify
-        self.fragment = fragment
-        self.min_rev = 0
-        self.state = UNSYNCED
-        self.outbox: deque[list] = deque()  # [payload, offset] not yet fully written
-        self.sent_since_tick = False
-        self.progress_pending = 0  # a progress response is owed once synced
-        self.tag = None  # the shell's own data (which ring this is)
-
-    @property
-    def interval(self) -> tuple[bytes, bytes | None]:
-        """[lo, hi) with hi None for unbounded (from-key)."""
-        return self.key, (None if self.end == b"\0" else self.end)
-
-    def matches(self, key: bytes) -> bool:
-        if self.end is None:
-            return key == self.key
-        if self.end == b"\0":
-            return key >= self.key
-        return self.key <= key < self.end
+    def __init__(self, client=None):
+        self.client = client
+        self.watchers: dict[int, Watcher] = {}
+        self.rings: dict[object, Watcher] = {}
+        self.next_id = 0
+        self.held = 0
 
     def __repr__(self) -> str:
-        return f"<Watcher {self.id} {self.key!r}..{self.end!r} {self.state} min_rev={self.min_rev}>"
-
-
-class IntervalIndex:
-    """Stabbing queries over half-open byte intervals [lo, hi); hi None means unbounded.
-
-    Built on elementary segments: the sorted distinct boundaries cut the key space, and
-    each segment keeps the set of intervals covering it. Identical intervals share one
-    entry (fan-out to many watchers of one prefix costs one interval).
-
-    Runtime complexity: stab O(log B) returning the covering set (B = boundaries);
-    add/remove O(log B + S) where S = segments the interval spans.
-    """
-
-    def __init__(self):
-        self._bounds = SortedList()
-        self._cover: dict[bytes, set] = {}
-        self._refs: dict[bytes, int] = {}
-        self.members: dict[tuple, set] = {}
-
-    def _acquire(self, b: bytes) -> None:
-        if b in self._refs:
-            self._refs[b] += 1
-            return
-        i = self._bounds.bisect_right(b)
-        self._cover[b] = set(self._cover[self._bounds[i - 1]]) if i else set()
-        self._bounds.add(b)
-        self._refs[b] = 1
-
-    def _release(self, b: bytes) -> None:
-        self._refs[b] -= 1
-        if self._refs[b] == 0:
-            del self._refs[b]
-            del self._cover[b]
-            self._bounds.remove(b)
-
-    def _span(self, lo: bytes, hi: bytes | None):
-        if hi is None:
-            return self._bounds.irange(minimum=lo)
-        return self._bounds.irange(lo, hi, inclusive=(True, False))
-
-    def add(self, interval: tuple, item) -> None:
-        group = self.members.get(interval)
-        if group is not None:
-            group.add(item)
-            return
-        self.members[interval] = {item}
-        lo, hi = interval
-        self._acquire(lo)
-        if hi is not None:
-            self._acquire(hi)
-        for b in self._span(lo, hi):
-            self._cover[b].add(interval)
-
-    def remove(self, interval: tuple, item) -> None:
-        group = self.members[interval]
-        group.discard(item)
-        if group:
-            return
-        del self.members[interval]
-        lo, hi = interval
-        for b in self._span(lo, hi):
-            self._cover[b].discard(interval)
-        self._release(lo)
-        if hi is not None:
-            self._release(hi)
-
-    def stab(self, key: bytes) -> set:
-        """The intervals containing `key`. O(log B). Do not mutate the result."""
-        i = self._bounds.bisect_right(key)
-        if not i:
-            return _EMPTY
-        return self._cover[self._bounds[i - 1]]
-
-    def _check(self) -> None:
-        assert set(self._bounds) == set(self._cover) == set(self._refs)
-        refs: dict[bytes, int] = {}
-        for lo, hi in self.members:
-            refs[lo] = refs.get(lo, 0) + 1
-            if hi is not None:
-                refs[hi] = refs.get(hi, 0) + 1
-        assert refs == self._refs, (refs, self._refs)
-        for b in self._bounds:
-            want = {iv for iv in self.members if iv[0] <= b and (iv[1] is None or b < iv[1])}
-            assert self._cover[b] == want, (b, self._cover[b], want)
-        for group in self.members.values():
-            assert group
-
-
-_EMPTY: frozenset = frozenset()
-
-
-class WatcherGroup:
-    """etcd's watcherGroup: a dict for single-key watchers plus an interval index.
-
-    Runtime complexity: add/remove O(log B + S); match O(log B + M) for M matches.
-    """
-
-    def __init__(self):
-        self.keys: dict[bytes, set[Watcher]] = {}
-        self.ranges = IntervalIndex()
-        self._n = 0
-
-    def __len__(self) -> int:
-        return self._n
-
-    def __bool__(self) -> bool:
-        return self._n > 0
-
-    def add(self, w: Watcher) -> None:
-        if w.end is None:
-            self.keys.setdefault(w.key, set()).add(w)
-        else:
-            self.ranges.add(w.interval, w)
-        self._n += 1
-
-    def remove(self, w: Watcher) -> None:
-        if w.end is None:
-            s = self.keys[w.key]
-            s.remove(w)
-            if not s:
-                del self.keys[w.key]
-        else:
-            self.ranges.remove(w.interval, w)
-        self._n -= 1
-
-    def match(self, key: bytes) -> list[Watcher]:
-        """Every watcher interested in `key`, as a fresh list (callers may mutate the group)."""
-        s = self.keys.get(key)
-        out = list(s) if s else []
-        ivs = self.ranges.stab(key)
-        if ivs:
-            members = self.ranges.members
-            for iv in ivs:
-                out.extend(members[iv])
-        return out
-
-    def __iter__(self):
-        for s in self.keys.values():
-            yield from s
-        for s in self.ranges.members.values():
-            yield from s
-
-    def _check(self) -> None:
-        self.ranges._check()
-        assert self._n == sum(len(s) for s in self.keys.values()) + sum(
-            len(s) for s in self.ranges.members.values())
-        for k, s in self.keys.items():
-            assert s and all(w.key == k and w.end is None for w in s)
+        return f"<WatchStream of {self.client!r}: {len(self.watchers)} watchers>"
 
 
 class RevisionBatch:
-    """The events of one revision, each encoded at most twice (with and without prev_kv)
-    however many watchers receive it; whole responses are cached per selection."""
+    """One revision's events for the watchers that get them: each event's encoding is
+    cut from the log's pieces (with or without prev_kv), and each distinct response is
+    built once however many watchers receive it."""
 
-    __slots__ = ("rev", "events", "_enc", "_blobs")
+    __slots__ = ("rev", "events", "_blobs")
 
-    def __init__(self, rev: int, events: list[Event], encoded: list[bytes] | None = None):
+    def __init__(self, rev: int, events: list[LoggedEvent]):
         self.rev = rev
         self.events = events
-        self._enc: dict[tuple[int, bool], bytes] = {}
         self._blobs: dict[tuple, bytes] = {}
-        if encoded is not None:  # the with-prev_kv encodings the shell already made
-            for i, e in enumerate(encoded):
-                self._enc[(i, True)] = e
-                if events[i].prev_kv is None:
-                    self._enc[(i, False)] = e
 
-    def encoded(self, i: int, with_prev: bool) -> bytes:
-        k = (i, with_prev)
-        e = self._enc.get(k)
-        if e is None:
-            e = self._enc[k] = encode_event(self.events[i], with_prev)
-        return e
+    def encoded(self, idxs, with_prev: bool) -> list[bytes]:
+        events = self.events
+        return [events[i].encoded(with_prev) for i in idxs]
 
-    def blob(self, idxs: tuple[int, ...], with_prev: bool) -> bytes:
-        k = (idxs, with_prev)
+    def responses(self, w: Watcher, idxs: tuple[int, ...], fragment_limit: int) -> list[bytes]:
+        if w.fragment and len(idxs) > 1:
+            return responses(self.rev, self.encoded(idxs, w.prev_kv), True, fragment_limit)
+        k = (idxs, w.prev_kv)
         b = self._blobs.get(k)
         if b is None:
-            b = self._blobs[k] = events_blob(self.rev, [self.encoded(i, with_prev) for i in idxs])
-        return b
+            b = self._blobs[k] = events_blob(self.rev, self.encoded(idxs, w.prev_kv))
+        return [b]
 
 
-def split_fragments(rev: int, encoded: list[bytes], limit: int) -> list[bytes]:
-    """etcd's sendFragments: cut a response larger than `limit` into responses of whole
-    events, each under the limit (at least one event each), all but the last marked
-    `fragment`. A response under the limit, or of one event, is not split."""
-    if len(encoded) < 2 or sum(len(e) for e in encoded) < limit:
+def responses(rev: int, encoded: list[bytes], fragment: bool, limit: int) -> list[bytes]:
+    """The response(s) that carry `encoded` events at header revision `rev`: one, or,
+    for a watcher that asked for `fragment`, etcd's sendFragments: a response over
+    `limit` cut into responses of whole events, each under the limit (at least one
+    event each), all but the last marked `fragment`."""
+    if not fragment or len(encoded) < 2 or sum(len(e) for e in encoded) < limit:
         return [events_blob(rev, encoded)]
     out, cur, size = [], [], 0
     for e in encoded:
@@ -353,29 +186,45 @@ def split_fragments(rev: int, encoded: list[bytes], limit: int) -> list[bytes]:
     return [events_blob(rev, part, fragment=i < len(out) - 1) for i, part in enumerate(out)]
 
 
-HistoryReader = Callable[[int, int], Iterable[tuple[int, list[Event]]]]
+def select(match: Callable[[bytes], list[Watcher]], events: list[LoggedEvent],
+           rev: int) -> dict[Watcher, tuple[int, ...]]:
+    """etcd's newWatcherBatch: which watchers get which events of revision `rev` (the
+    watchers `match` finds for each key, past their filters and their minRev), in the
+    events' order. Shared by the live path and catch-up. O(E·log B + M)."""
+    if len(events) == 1:
+        ev = events[0]
+        bit = FILTER_NOPUT if ev.type == "PUT" else FILTER_NODELETE
+        return {w: (0,) for w in match(ev.key) if not w.filters & bit and w.min_rev <= rev}
+    per: dict[Watcher, list[int]] = {}
+    for i, ev in enumerate(events):
+        bit = FILTER_NOPUT if ev.type == "PUT" else FILTER_NODELETE
+        for w in match(ev.key):
+            if not w.filters & bit and w.min_rev <= rev:
+                idxs = per.get(w)
+                if idxs is None:
+                    per[w] = [i]
+                elif idxs[-1] != i:
+                    idxs.append(i)
+    return {w: tuple(idxs) for w, idxs in per.items()}
 
 
 class WatchCore:
-    """etcd's watchableStore without the store: synced / unsynced / victims.
+    """etcd's watchableStore without the store: synced / unsynced / victims, and every
+    client's watch stream.
 
     The shell calls `notify` after every write revision, `sync_watchers` and
-    `move_victims` when they have work, and hands in the compaction point. Delivered
-    responses are published to each sink at once; `woken` collects the owners to wake
-    (the shell rings their doorbells once per batch and clears it).
-
-    `owner_budget` bounds the bytes held for one owner (client) across its watchers:
-    the unwritten rest of responses its rings took in part. A response that would need
-    to be held while the owner is over budget is not started (the watcher waits as a
-    victim, nothing held), so an owner that never reads costs at most its budget plus
-    one response.
+    `move_victims` when they have work, and `compact` when the compaction point moves.
+    Delivered responses are published at once; `woken` collects the streams to wake
+    (the shell rings their clients' doorbells once per batch and clears it), `faulted`
+    the streams whose consumer damaged a ring (the shell disconnects them).
     """
 
     def __init__(self, *, max_request_bytes: int = 1536 * 1024,
                  max_response_bytes: int = 1 << 20,
                  max_watchers_per_sync: int | None = None,
                  batch_max_revs: int | None = None,
-                 owner_budget: int = 64 << 20):
+                 owner_budget: int = 64 << 20,
+                 max_watchers_per_client: int = 1 << 30):
         self.synced = WatcherGroup()
         self.unsynced: dict[Watcher, None] = {}  # insertion order = sync fairness
         self.victims: dict[Watcher, None] = {}
@@ -390,10 +239,10 @@ class WatchCore:
         self.max_watchers_per_sync = max_watchers_per_sync or MAX_WATCHERS_PER_SYNC
         self.batch_max_revs = batch_max_revs or WATCH_BATCH_MAX_REVS
         self.owner_budget = owner_budget
-        self.held: dict[object, int] = {}  # owner -> bytes waiting in its watchers' outboxes
-        self.woken: set = set()
-        self.faulted: set = set()  # owners whose ring raised on write: to disconnect
-        self.removed: list[Watcher] = []  # finished watchers whose bookkeeping may go
+        self.max_watchers_per_client = max_watchers_per_client
+        self.woken: set[WatchStream] = set()
+        self.faulted: set[WatchStream] = set()
+        self.removed: list[Watcher] = []  # finished: their ids and rings may be reused
         # Counters for metrics.
         self.events_delivered = 0
         self.victims_entered = 0
@@ -407,226 +256,223 @@ class WatchCore:
         if new is None:
             raise AssertionError(f"watcher {w.id}: no transition from {w.state} on {event}")
         old = w.state
-        if old == new:
+        if old is new:
             return
-        if old == SYNCED:
+        if old is S.SYNCED:
             self.synced.remove(w)
-        elif old == UNSYNCED:
+        elif old is S.UNSYNCED:
             del self.unsynced[w]
-        elif old == VICTIM:
+        elif old is S.VICTIM:
             del self.victims[w]
-        elif old == CANCELING:
+        elif old is S.CANCELING:
             del self.canceling[w]
         w.state = new
-        if new == SYNCED:
+        if new is S.SYNCED:
             self.synced.add(w)
-        elif new == UNSYNCED:
+        elif new is S.UNSYNCED:
             self.unsynced[w] = None
-        elif new == VICTIM:
+        elif new is S.VICTIM:
             self.victims[w] = None
             self.victims_entered += 1
-        elif new == CANCELING:
+        elif new is S.CANCELING:
             self.canceling[w] = None
-        elif new == REMOVED:
+        else:
             self.removed.append(w)
 
     # ------------------------------------------------------------ writing
 
-    def _hold(self, w: Watcher, payload: bytes, off: int) -> None:
-        """Keep `payload[off:]` for `w` until its ring has room (counted to its owner)."""
-        w.outbox.append([payload, off])
-        self.held[w.owner] = self.held.get(w.owner, 0) + len(payload) - off
-
-    def _unhold(self, w: Watcher, n: int) -> None:
-        left = self.held[w.owner] - n
-        if left:
-            self.held[w.owner] = left
-        else:
-            del self.held[w.owner]
-
-    def _write(self, w: Watcher, payload: bytes) -> bool:
-        """Write a control response (created, canceled, progress): written now if nothing
-        is pending and it fits, else kept in order behind what is pending (these are a
-        few dozen bytes and never dropped). True when it went out whole. O(len)."""
-        if w.outbox:
-            self._hold(w, payload, 0)
-            return False
-        sink = w.sink
-        try:
-            off = sink.write(payload, 0)
-        except RingCorrupt:  # the consumer corrupted its ring: the shell drops its owner
-            self.faulted.add(w.owner)
-            return False
-        if off:
-            sink.publish()
-            self.woken.add(w.owner)
-        if off == len(payload):
-            return True
-        self._hold(w, payload, off)
-        sink.producer_blocked = 1
-        return False
-
-    def _deliver(self, w: Watcher, blobs) -> bool | None:
-        """Write the responses of one revision (or one catch-up) to `w`, whose outbox is
-        empty. True: all went out. None: nothing went out and nothing is kept (its ring
-        is full, or its owner is over budget): the caller leaves `w` at that revision.
-        False: part went out and the rest waits in `w.outbox`. O(bytes)."""
-        sink = w.sink
-        wrote = False
-        for i, blob in enumerate(blobs):
-            n = len(blob)
-            if (not wrote and n > sink.max_chunk
-                    and self.held.get(w.owner, 0) + n > self.owner_budget
-                    and self.held.get(w.owner, 0)):
-                # Could only go out in part, and holding the rest would put the owner
-                # over its budget: wait for room instead (the log keeps the events).
-                sink.producer_blocked = 1
-                return None
-            try:
-                off = sink.write(blob, 0)
-            except RingCorrupt:
-                self.faulted.add(w.owner)
-                return None
-            if off == n:
-                wrote = True
-                continue
-            if off == 0 and not wrote:
-                sink.producer_blocked = 1
-                return None
-            self._hold(w, blob, off)
-            for rest in blobs[i + 1:]:
-                self._hold(w, rest, 0)
-            sink.producer_blocked = 1
-            wrote = True
-            break
-        sink.publish()
+    def _written(self, w: Watcher, before: int) -> None:
+        """Account what `w` holds now against its owner, and wake the owner."""
+        w.owner.held += w.out.held - before
         self.woken.add(w.owner)
-        return not w.outbox
+
+    def _write(self, w: Watcher, payload: bytes) -> None:
+        """A control response (created, canceled, progress): written now if it fits and
+        nothing is pending, else kept in order behind what is (a few dozen bytes,
+        never dropped). O(len)."""
+        out = w.out
+        before = out.held
+        try:
+            out.write(payload)
+            out.publish()
+        except RingCorrupt:  # the consumer damaged its ring: the shell drops its client
+            self.faulted.add(w.owner)
+            return
+        self._written(w, before)
+
+    def _deliver(self, w: Watcher, blobs: list[bytes]) -> bool | None:
+        """Write the responses of one revision (or one catch-up) to `w`, which holds
+        nothing. True: all went out. None: nothing went out and nothing is kept (its
+        ring is full, or holding the rest would put its owner over budget): the caller
+        leaves `w` at that revision, which the log keeps. False: part went out and the
+        rest is held. O(bytes)."""
+        out = w.out
+        owner = w.owner
+        first = blobs[0]
+        try:
+            if (len(first) > out.sink.max_chunk and owner.held
+                    and owner.held + len(first) > self.owner_budget):
+                # It could only go out in part, and holding the rest would put the owner
+                # over its budget: wait for room instead (the log keeps the events).
+                out.sink.producer_blocked = 1
+                return None
+            if out.try_write(first) == 0:
+                return None
+            for blob in blobs[1:]:  # the rest of a revision that started going out
+                out.write(blob)
+            out.publish()
+        except RingCorrupt:
+            self.faulted.add(owner)
+            return None
+        owner.held += out.held
+        self.woken.add(owner)
+        return not out.pending
 
     def _flush(self, w: Watcher) -> bool:
-        """Write what `w` has pending; True when nothing is left."""
-        sink = w.sink
-        box = w.outbox
-        wrote = False
-        while box:
-            item = box[0]
-            try:
-                off = sink.write(item[0], item[1])
-            except RingCorrupt:  # see _write
-                self.faulted.add(w.owner)
-                return False
-            if off != item[1]:
-                wrote = True
-                self._unhold(w, off - item[1])
-            if off < len(item[0]):
-                item[1] = off
-                break
-            box.popleft()
-        if wrote:
-            sink.publish()
-            self.woken.add(w.owner)
-        if box:
-            sink.producer_blocked = 1
+        """Write what `w` holds; True when nothing is left."""
+        out = w.out
+        before = out.held
+        try:
+            done = out.flush()
+        except RingCorrupt:
+            self.faulted.add(w.owner)
             return False
-        return True
+        if out.held != before:
+            self._written(w, before)
+        return done
 
     def _has_room(self, w: Watcher) -> bool:
         """Whether `w`'s ring is free enough to be worth a catch-up response."""
-        sink = w.sink
+        sink = w.out.sink
         return sink.free() >= sink.capacity * VICTIM_RESUME_FREE
 
-    # ------------------------------------------------------------ watch / cancel
+    # ------------------------------------------------------------ the watch stream
+
+    def create(self, stream: WatchStream, spec: WatchSpec, want_id: int, out: RingWriter,
+               tag) -> tuple[int, int, str]:
+        """etcd's watch-stream rules for a create, then the watch: (id, refusal, reason).
+
+        The range check first, then the id: 0 picks the next free one; any other is
+        taken as given unless in use (etcd: negative ids too). A refusal (an error code)
+        is etcd's created+canceled response, sent by the caller. Raises ProtocolError
+        for a ring already in use, TooManyWatchersError past the per-client cap.
+        O(log W)."""
+        old = stream.rings.get(tag)
+        if old is not None:
+            if old.state is not S.REMOVED:
+                raise ProtocolError("shmwatch: watch ring already in use")
+            self._forget(old)
+        if len(stream.watchers) >= self.max_watchers_per_client:
+            self.release_finished()
+            if len(stream.watchers) >= self.max_watchers_per_client:
+                raise TooManyWatchersError(
+                    f"shmwatch: this client already has {len(stream.watchers)} watches, the "
+                    f"broker's --max-watchers-per-client")
+        key, end = spec.key, spec.end
+        if end is not None and end != b"\0" and key >= end:
+            return 0, InvalidRangeError.code, InvalidRangeError.default_message
+        if want_id:
+            old = stream.watchers.get(want_id)
+            if old is not None and old.state is not S.REMOVED:
+                return want_id, DuplicateWatchIdError.code, DuplicateWatchIdError.default_message
+            if old is not None:
+                self._forget(old)
+            wid = want_id
+        else:
+            while stream.next_id in stream.watchers:
+                stream.next_id += 1
+            wid = stream.next_id
+            stream.next_id += 1
+        w = Watcher(wid, stream, key, end, out, prev_kv=spec.prev_kv, filters=spec.filters,
+                    progress_notify=spec.progress_notify, fragment=spec.fragment, tag=tag)
+        stream.watchers[wid] = w
+        stream.rings[tag] = w
+        self.add_watcher(w, spec.start_revision)
+        return wid, 0, ""
 
     def add_watcher(self, w: Watcher, start_rev: int) -> None:
-        """Create a watch: its `created` response first, then history or live events.
+        """Start a watcher: its `created` response first, then history or live events.
 
         O(log W) for the group insert."""
+        w.state = S.NEW
         self._write(w, encode_watch_control(W_CREATED, self.cur_rev))
         if start_rev == 0 or start_rev > self.cur_rev:
             w.min_rev = max(start_rev, self.cur_rev + 1)
-            w.state = SYNCED
-            self.synced.add(w)
+            self._move(w, "created_live")
         else:
             w.min_rev = start_rev
-            w.state = UNSYNCED
-            self.unsynced[w] = None
+            self._move(w, "created_past")
+
+    def cancel_id(self, stream: WatchStream, watch_id: int) -> None:
+        """The client cancels a watch by id; etcd ignores an unknown id (the watch may
+        have ended already)."""
+        w = stream.watchers.get(watch_id)
+        if w is not None:
+            self.cancel(w)
 
     def cancel(self, w: Watcher, *, reason: str = "", compact_rev: int = 0,
                header_rev: int | None = None) -> None:
-        """Cancel a watch: its final `canceled` response follows whatever it has pending."""
-        if w.state in (CANCELING, REMOVED):
+        """Cancel a watch: its final `canceled` response follows whatever it holds."""
+        if w.state in (S.CANCELING, S.REMOVED):
             return
         self._move(w, "cancel")
         rev = self.cur_rev if header_rev is None else header_rev
         self._write(w, encode_watch_control(W_CANCELED, rev, compact_rev, reason))
-        if not w.outbox:
+        if not w.out.pending:
             self._move(w, "delivered")
 
-    def drop(self, w: Watcher) -> None:
-        """Forget a watcher at once, sending nothing (its owner is gone)."""
-        if w.state == SYNCED:
-            self.synced.remove(w)
-        elif w.state == UNSYNCED:
-            self.unsynced.pop(w, None)
-        elif w.state == VICTIM:
-            self.victims.pop(w, None)
-        elif w.state == CANCELING:
-            self.canceling.pop(w, None)
-        w.state = REMOVED
-        if w.outbox:
-            self._unhold(w, sum(len(p) - off for p, off in w.outbox))
-            w.outbox.clear()
+    def drop_stream(self, stream: WatchStream) -> None:
+        """Its client is gone: drop every watcher at once, sending nothing."""
+        for w in list(stream.watchers.values()):
+            if w.state is not S.REMOVED:
+                stream.held -= w.out.drop()
+                self._move(w, "dropped")
+        self.woken.discard(stream)
+        self.faulted.discard(stream)
+        self.release_finished()
+
+    def release_finished(self) -> None:
+        """Forget finished watchers (their ids and rings may be reused). O(finished)."""
+        removed = self.removed
+        while removed:
+            self._forget(removed.pop())
+
+    def _forget(self, w: Watcher) -> None:
+        stream = w.owner
+        if stream.watchers.get(w.id) is w:
+            del stream.watchers[w.id]
+        if stream.rings.get(w.tag) is w:
+            del stream.rings[w.tag]
+        if w.out is not None:
+            w.out.sink.release()
+            w.out = None
+
+    def compact(self, rev: int) -> None:
+        """The compaction point moved to `rev` (a compaction, or the log wrapped)."""
+        self.compact_rev = max(self.compact_rev, rev)
 
     # ------------------------------------------------------------ live events
 
-    def notify(self, rev: int, events: list[Event], encoded: list[bytes] | None = None) -> None:
-        """Deliver one revision's events to the synced watchers they match.
-
-        `encoded`, if given, holds each event's encoding with its prev_kv (the shell made
-        them for the log). Runtime: O(E·log B + M·len) for E events and M matching
-        watchers; each event is encoded at most twice and each distinct response built
-        once."""
+    def notify(self, rev: int, events: list[LoggedEvent]) -> None:
+        """Deliver one revision's events to the synced watchers they match (etcd's
+        notify). O(E·log B + M·len) for E events and M matching watchers; each distinct
+        response is built once."""
         self.cur_rev = rev
-        if not self.synced._n:
+        if not self.synced:
             return
-        batch = RevisionBatch(rev, events, encoded)
-        if len(events) == 1:
-            ev = events[0]
-            ws = self.synced.match(ev.kv.key)
-            if not ws:
-                return
-            bit = FILTER_NOPUT if ev.type == "PUT" else FILTER_NODELETE
-            for w in ws:
-                if not w.filters & bit and w.min_rev <= rev:
-                    self._send_live(w, batch, (0,))
-            return
-        per: dict[Watcher, list[int]] = {}
-        for i, ev in enumerate(events):
-            bit = FILTER_NOPUT if ev.type == "PUT" else FILTER_NODELETE
-            for w in self.synced.match(ev.kv.key):
-                if not w.filters & bit and w.min_rev <= rev:
-                    idxs = per.get(w)
-                    if idxs is None:
-                        per[w] = [i]
-                    elif idxs[-1] != i:
-                        idxs.append(i)
-        for w, idxs in per.items():
-            self._send_live(w, batch, tuple(idxs))
+        batch = RevisionBatch(rev, events)
+        for w, idxs in select(self.synced.match, events, rev).items():
+            self._send_live(w, batch, idxs)
 
     def _send_live(self, w: Watcher, batch: RevisionBatch, idxs: tuple[int, ...]) -> None:
-        if w.fragment and len(idxs) > 1:
-            enc = [batch.encoded(i, w.prev_kv) for i in idxs]
-            blobs = split_fragments(batch.rev, enc, self.fragment_limit)
-        else:
-            blobs = (batch.blob(idxs, w.prev_kv),)
-        done = self._deliver(w, blobs)
+        done = self._deliver(w, batch.responses(w, idxs, self.fragment_limit))
         if done is not None:
             w.sent_since_tick = True
             self.events_delivered += len(idxs)
             if done:
                 return
         # Not taken whole: a victim. If nothing of this revision went out, the watcher
-        # still owes it (the log has it); else the rest waits in its outbox.
+        # still owes it (the log has it); else the rest is held.
         w.min_rev = batch.rev if done is None else batch.rev + 1
         self._move(w, "ring_full")
 
@@ -634,17 +480,16 @@ class WatchCore:
 
     def move_victims(self) -> int:
         """etcd's syncVictimsLoop step: every victim whose ring has room again (what it
-        had pending written, and `VICTIM_RESUME_FREE` of the ring free) moves on to
-        catch up from the log (or straight to synced if nothing happened meanwhile).
-
-        O(V) plus the bytes written. Returns how many victims were released."""
+        held written, and `VICTIM_RESUME_FREE` of the ring free) moves on to catch up
+        from the log (or straight to synced if nothing happened meanwhile); canceling
+        watchers deliver their final response. O(V) plus the bytes written. Returns
+        how many victims were released."""
         released = 0
         for w in list(self.victims):
-            if w.outbox:
-                if not self._flush(w):
-                    continue
+            if w.out.pending and not self._flush(w):
+                continue
             if not self._has_room(w):
-                w.sink.producer_blocked = 1
+                w.out.sink.producer_blocked = 1
                 continue
             released += 1
             if w.min_rev <= self.cur_rev:
@@ -660,26 +505,31 @@ class WatchCore:
     # ------------------------------------------------------------ catch-up
 
     def sync_watchers(self, read_history: HistoryReader) -> int:
-        """Catch up to `max_watchers_per_sync` unsynced watchers from the history.
+        """etcd's syncWatchers: catch up to `max_watchers_per_sync` unsynced watchers.
 
-        `read_history(lo, hi)` yields (rev, events) for lo <= rev <= hi. The history is
-        read once for the chosen watchers, from the smallest minRev; each watcher gets
-        its matching events of whole revisions in one response of at most
-        `batch_max_revs` revisions and `max_response_bytes` (etcd's moreRev: the
-        watcher stays unsynced for the rest); a response larger than the ring's free
-        space streams through, its unwritten rest held against the owner's budget.
-        While the owner already has bytes held, a response is cut to what the ring has
-        free instead (at least one revision), so at most one catch-up per owner is ever
-        held and its other watches keep moving. A
-        watcher whose ring is less than `VICTIM_RESUME_FREE` free waits as a victim;
-        one whose minRev fell below the compaction point is cancelled with
-        `compact_revision` (etcd: header revision 0). Returns how many watchers
-        became synced.
-        O(H·log B + bytes) for H events read.
-        """
-        if not self.unsynced:
+        `read_history(lo, hi)` yields (rev, events) for lo <= rev <= hi; it is read once
+        for the chosen watchers, from the smallest minRev. Each watcher gets its events
+        of whole revisions in one response of at most `batch_max_revs` revisions and
+        `max_response_bytes` (etcd's moreRev: it stays unsynced for the rest), or, while
+        its owner already holds bytes, no more than its ring has free (at least one
+        revision), so at most one catch-up per owner is ever held and its other watches
+        keep moving. Header revision: the current one. Returns how many watchers became
+        synced. O(H·log B + bytes) for H events read."""
+        group, limit, lo = self._choose()
+        if lo is None:
             return 0
-        chosen: list[Watcher] = []
+        hi = self.cur_rev
+        acc = self._gather(group, limit, read_history(lo, hi))
+        synced = 0
+        for w, (enc, more) in acc.items():
+            synced += self._catch_up(w, enc, more, hi)
+        return synced
+
+    def _choose(self) -> tuple[WatcherGroup, dict[Watcher, int], int | None]:
+        """The unsynced watchers this pass catches up, with their response size limits;
+        settles on the way those that need no history (caught up, compacted) or cannot
+        take any now (ring too full: victims)."""
+        chosen = []
         for w in self.unsynced:
             if len(chosen) >= self.max_watchers_per_sync:
                 break
@@ -692,49 +542,36 @@ class WatchCore:
                 self.compactions += 1
                 self._move(w, "compacted")
                 self._write(w, encode_watch_control(W_CANCELED, 0, self.compact_rev))
-                if not w.outbox:
+                if not w.out.pending:
                     self._move(w, "delivered")
-                continue
-            if w.min_rev > self.cur_rev:
+            elif w.min_rev > self.cur_rev:
                 self._move(w, "caught_up")
                 self._owe_progress(w)
-                continue
-            if not self._has_room(w) or self.held.get(w.owner, 0) >= self.owner_budget:
+            elif not self._has_room(w) or w.owner.held >= self.owner_budget:
                 # Wait as a victim: for room in its ring, or for its owner's held bytes
                 # to drain (nothing is built for it meanwhile).
-                w.sink.producer_blocked = 1
+                w.out.sink.producer_blocked = 1
                 self._move(w, "ring_full")
-                continue
-            # etcd-sized (up to batch_max_revs revisions and max_response_bytes), or,
-            # while its owner already has bytes held, no more than its ring has free:
-            # then it is written whole and nothing more is held for that owner, so a
-            # client's unread watches never starve the ones it reads.
-            limit[w] = (self.max_response_bytes if not self.held.get(w.owner)
-                        else w.sink.free() - RESPONSE_OVERHEAD)
-            group.add(w)
-            lo = w.min_rev if lo is None else min(lo, w.min_rev)
-        if lo is None:
-            return 0
-        hi = self.cur_rev
-        acc: dict[Watcher, list] = {w: [] for w in group}  # encoded events
-        size: dict[Watcher, int] = dict.fromkeys(acc, 0)
-        revs: dict[Watcher, int] = dict.fromkeys(acc, 0)
-        more: dict[Watcher, int] = {}  # watcher -> first revision not included
-        for rev, events in read_history(lo, hi):
+            else:
+                limit[w] = (self.max_response_bytes if not w.owner.held
+                            else w.out.room() - RESPONSE_OVERHEAD)
+                group.add(w)
+                lo = w.min_rev if lo is None else min(lo, w.min_rev)
+        return group, limit, lo
+
+    def _gather(self, group: WatcherGroup, limit: dict[Watcher, int],
+                history) -> dict[Watcher, tuple[list[bytes], int]]:
+        """Each watcher's catch-up events (encoded) and the first revision it still owes
+        after them (0: none). A watcher leaves `group` once its response is full."""
+        acc: dict[Watcher, list] = {w: [] for w in group}
+        size = dict.fromkeys(acc, 0)
+        revs = dict.fromkeys(acc, 0)
+        more: dict[Watcher, int] = {}
+        compact_rev = self.compact_rev
+        for rev, events in history:
             batch = RevisionBatch(rev, events)
-            per: dict[Watcher, list[int]] = {}
-            for i, ev in enumerate(events):
-                bit = FILTER_NOPUT if ev.type == "PUT" else FILTER_NODELETE
-                for w in group.match(ev.kv.key):
-                    if w.min_rev <= rev and not w.filters & bit:
-                        idxs = per.get(w)
-                        if idxs is None:
-                            per[w] = [i]
-                        elif idxs[-1] != i:
-                            idxs.append(i)
-            for w, idxs in per.items():
-                enc = [batch.encoded(i, w.prev_kv and events[i].kv.mod_revision - 1 >=
-                                     self.compact_rev) for i in idxs]
+            for w, idxs in select(group.match, events, rev).items():
+                enc = batch.encoded(idxs, w.prev_kv and rev - 1 >= compact_rev)
                 n = sum(len(e) for e in enc)
                 if acc[w] and (size[w] + n > limit[w] or revs[w] >= self.batch_max_revs):
                     more[w] = rev
@@ -745,84 +582,94 @@ class WatchCore:
                 revs[w] += 1
             if not group:
                 break
-        synced = 0
-        for w, enc in acc.items():
-            self.catchups += 1
-            done: bool | None = True
-            if enc:
-                if w.fragment:
-                    blobs = split_fragments(hi, enc, self.fragment_limit)
-                else:
-                    blobs = [events_blob(hi, enc)]
-                done = self._deliver(w, blobs)
-                if done is None:  # nothing went out: stay at min_rev, wait for room
-                    self._move(w, "ring_full")
-                    continue
-                self.events_delivered += len(enc)
-                w.sent_since_tick = True
-            w.min_rev = more.get(w, hi + 1)
-            if not done:
+        return {w: (enc, more.get(w, 0)) for w, enc in acc.items()}
+
+    def _catch_up(self, w: Watcher, enc: list[bytes], more: int, hi: int) -> int:
+        """Send `w` its catch-up response and move it on; 1 if it became synced."""
+        self.catchups += 1
+        done: bool | None = True
+        if enc:
+            done = self._deliver(w, responses(hi, enc, w.fragment, self.fragment_limit))
+            if done is None:  # nothing went out: stay at min_rev, wait for room
                 self._move(w, "ring_full")
-            elif w in more:
-                self._move(w, "more")
-                # Rotate to the back so others get their turn.
-                del self.unsynced[w]
-                self.unsynced[w] = None
-            else:
-                self._move(w, "caught_up")
-                self._owe_progress(w)
-                synced += 1
-        return synced
+                return 0
+            self.events_delivered += len(enc)
+            w.sent_since_tick = True
+        w.min_rev = more or hi + 1
+        if not done:
+            self._move(w, "ring_full")
+        elif more:
+            self._move(w, "more")
+            del self.unsynced[w]  # to the back, so the others get their turn
+            self.unsynced[w] = None
+        else:
+            self._move(w, "caught_up")
+            self._owe_progress(w)
+            return 1
+        return 0
 
     # ------------------------------------------------------------ progress
 
-    def request_progress(self, watchers: Iterable[Watcher]) -> None:
+    def request_progress(self, stream: WatchStream) -> None:
         """Answer a progress request (etcd 3.4: watch_id -1, header = current revision)
-        on each of these watchers; one still catching up gets it once synced, so a
-        progress response never claims a revision whose events it has not delivered."""
-        for w in watchers:
-            if w.state == SYNCED and not w.outbox:
+        on each of the stream's watchers; one still catching up gets it once synced, so
+        a progress response never claims a revision whose events it has not delivered."""
+        for w in stream.watchers.values():
+            if w.state is S.SYNCED and not w.out.pending:
                 self._write(w, encode_watch_control(W_PROGRESS, self.cur_rev))
-            elif w.state in (UNSYNCED, VICTIM):
-                w.progress_pending = 1
+            elif w.state in (S.UNSYNCED, S.VICTIM):
+                w.progress_pending = True
 
     def _owe_progress(self, w: Watcher) -> None:
         if w.progress_pending:
-            w.progress_pending = 0
+            w.progress_pending = False
             self._write(w, encode_watch_control(W_PROGRESS, self.cur_rev))
 
-    def progress_tick(self, watchers: Iterable[Watcher]) -> None:
+    def progress_tick(self, streams: Iterable[WatchStream]) -> None:
         """etcd's progress_notify ticker: a synced watcher that asked for it and received
         no events since the last tick gets an empty response at the current revision."""
-        for w in watchers:
-            if w.progress_notify and w.state == SYNCED and not w.outbox and not w.sent_since_tick:
-                self._write(w, encode_watch_control(W_PROGRESS_NOTIFY, self.cur_rev))
-            w.sent_since_tick = False
+        for stream in streams:
+            for w in stream.watchers.values():
+                if (w.progress_notify and w.state is S.SYNCED and not w.out.pending
+                        and not w.sent_since_tick):
+                    self._write(w, encode_watch_control(W_PROGRESS_NOTIFY, self.cur_rev))
+                w.sent_since_tick = False
 
     # ------------------------------------------------------------ introspection
 
     def pending_events(self) -> int:
         """Responses held for victims (the unwritten rest of ones their rings took in part)."""
-        return sum(len(w.outbox) for w in self.victims)
+        return sum(len(w.out.pending) for w in self.victims)
+
+    def states(self) -> dict[str, int]:
+        """How many watchers are in each live state."""
+        return {"synced": len(self.synced), "unsynced": len(self.unsynced),
+                "victim": len(self.victims), "canceling": len(self.canceling)}
+
+    def lag(self, w: Watcher) -> int:
+        """Revisions `w` is behind (0 for a synced watcher)."""
+        return 0 if w.state is S.SYNCED else max(0, self.cur_rev - w.min_rev + 1)
 
     def _check(self) -> None:
+        """Every invariant of the groups, the states and the held-bytes accounting."""
         self.synced._check()
-        for w in self.synced:
-            assert w.state == SYNCED and not w.outbox, w
-        for w in self.unsynced:
-            assert w.state == UNSYNCED and not w.outbox, w
-        for w in self.victims:
-            assert w.state == VICTIM, w
-        for w in self.canceling:
-            assert w.state == CANCELING and w.outbox, w
-        groups = [set(self.synced), set(self.unsynced), set(self.victims), set(self.canceling)]
+        members = {S.SYNCED: set(self.synced), S.UNSYNCED: set(self.unsynced),
+                   S.VICTIM: set(self.victims), S.CANCELING: set(self.canceling)}
+        for state, ws in members.items():
+            for w in ws:
+                assert w.state is state, w
+                if state in (S.SYNCED, S.UNSYNCED):
+                    assert not w.out.pending, w
+                if state is S.CANCELING:
+                    assert w.out.pending, w
+        groups = list(members.values())
         for i, a in enumerate(groups):
             for b in groups[i + 1:]:
                 assert not (a & b)
-        held: dict[object, int] = {}
-        for g in groups:
-            for w in g:
-                n = sum(len(p) - off for p, off in w.outbox)
-                if n:
-                    held[w.owner] = held.get(w.owner, 0) + n
-        assert held == self.held, (held, self.held)
+        held: dict[WatchStream, int] = {}
+        for ws in groups:
+            for w in ws:
+                assert w.out.held == sum(len(p) - off for p, off in w.out.pending), w
+                held[w.owner] = held.get(w.owner, 0) + w.out.held
+        for stream, n in held.items():
+            assert stream.held == n, (stream, stream.held, n)

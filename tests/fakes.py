@@ -44,6 +44,9 @@ class FakeRing:
     def free(self) -> int:
         return self.capacity - self.used
 
+    def release(self) -> None:
+        """Nothing to release (a real ring releases its views of shared memory)."""
+
     def publish(self) -> None:
         self.records.extend(self.unpublished)
         self.unpublished.clear()

@@ -57,12 +57,11 @@ def unsquat(entries: list[str]) -> None:
 
 @contextmanager
 def broker_in_thread(**options):
-    """A `broker.server.Broker` serving from a thread of this process, so that a test can
+    """A `broker.Broker` serving from a thread of this process, so that a test can
     patch what the broker calls (os.posix_fallocate, new_token). Yields the Broker."""
     import broker
-    from broker import server
 
-    b = server.Broker(server.BrokerConfig(name=broker.unique_name(), **options))
+    b = broker.Broker(broker.BrokerConfig(name=broker.unique_name(), **options))
     t = threading.Thread(target=b.serve_forever, daemon=True)
     t.start()
     try:

@@ -516,10 +516,10 @@ def test_two_brokers_starting_at_once_leave_one_serving(monkeypatch):
     visible before its lock was taken: the rival removed the first one's ctl as stale
     and started, then the first one failed on the doorbell name and its _unlink_all()
     unlinked the rival's ctl and bell: a broker no client could find."""
-    from broker import server
+    from broker import registry, server
 
     name = broker.unique_name()
-    real_try_lock = server.try_lock
+    real_try_lock = registry.try_lock
     second: list = []
 
     def try_lock_after_a_rival_started(fd, byte):
@@ -530,11 +530,11 @@ def test_two_brokers_starting_at_once_leave_one_serving(monkeypatch):
                 second.append(exc)
         return real_try_lock(fd, byte)
 
-    monkeypatch.setattr(server, "try_lock", try_lock_after_a_rival_started)
+    monkeypatch.setattr(registry, "try_lock", try_lock_after_a_rival_started)
     first = serving = None
     try:
         try:
-            first = server.Broker(server.BrokerConfig(name=name, log_bytes=1 << 20))
+            first = server.Broker(broker.BrokerConfig(name=name, log_bytes=1 << 20))
         except Exception:  # noqa: BLE001 - losing the race cleanly is fine
             first = None
         monkeypatch.undo()

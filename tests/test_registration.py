@@ -22,7 +22,7 @@ import sys
 import pytest
 
 import clientlib
-from broker import server
+from broker import registry
 from clientlib.client import _label_bytes, default_label
 from shm import layout as L
 from shm.lock import try_lock, unlock
@@ -144,8 +144,8 @@ def test_taken_client_name_is_retried_under_a_fresh_one(monkeypatch, caplog):
             os.close(os.open(os.path.join("/dev/shm", squatted[0]), os.O_CREAT | os.O_EXCL))
             whose = "owner "
         tokens = iter([taken])
-        real = server.new_token
-        monkeypatch.setattr(server, "new_token", lambda: next(tokens, None) or real())
+        real = registry.new_token
+        monkeypatch.setattr(registry, "new_token", lambda: next(tokens, None) or real())
         try:
             with caplog.at_level(logging.WARNING, logger="shmwatch.broker"):
                 with clientlib.connect(name, timeout=10) as c:
@@ -168,7 +168,7 @@ def test_names_that_always_clash_fail_the_registration_at_once(monkeypatch):
         entry = f"shmwatch.{name}.{L.client_part(0, 1, 7)}"
         os.close(os.open(os.path.join("/dev/shm", entry), os.O_CREAT | os.O_EXCL, 0o600))
         try:
-            monkeypatch.setattr(server, "new_token", lambda: 7)
+            monkeypatch.setattr(registry, "new_token", lambda: 7)
             with pytest.raises(clientlib.ShmwatchError) as info:
                 clientlib.connect(name, timeout=60)
             assert type(info.value) is clientlib.ShmwatchError, repr(info.value)

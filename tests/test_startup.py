@@ -24,7 +24,7 @@ import broker
 import clientlib
 from broker import sizing
 from broker.admin import broker_info
-from broker.server import BrokerConfig
+from broker.config import BrokerConfig
 from tests import fault_workers as fw
 from tests.mp_workers import wait_for
 

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import random
+import weakref
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from broker import watch as W
-from broker.watch import IntervalIndex, Watcher, WatchCore, WatcherGroup, split_fragments
-from shmwatch.wire.protocol import FILTER_NODELETE, FILTER_NOPUT
+from broker.outbox import RingWriter
+from broker.watch import WatchCore, WatchStream, responses
+from broker.watcher_group import IntervalIndex, Watcher, WatcherGroup
+from shmwatch.wire.protocol import FILTER_NODELETE, FILTER_NOPUT, WatchSpec, log_record
 from shmwatch.wire.types import Event, KeyValue
 from tests.fakes import FakeRing
 
@@ -45,16 +48,30 @@ class History:
     def read(self, lo: int, hi: int):
         for rev, evs in self.log:
             if lo <= rev <= hi:
-                yield rev, evs
+                yield rev, log_record(evs)[1]
+
+
+_STREAMS: "weakref.WeakKeyDictionary[WatchCore, WatchStream]" = weakref.WeakKeyDictionary()
+
+
+def stream_of(core: WatchCore) -> WatchStream:
+    """The one client stream a test's watchers share (the owner of their held bytes)."""
+    stream = _STREAMS.get(core)
+    if stream is None:
+        stream = _STREAMS[core] = WatchStream("client")
+    return stream
 
 
 def make(core: WatchCore, wid: int, key: bytes, end: bytes | None = None, *, start: int = 0,
-         cap: int = 1 << 16, **kw) -> tuple[Watcher, FakeRing]:
+         cap: int = 1 << 16, prev_kv: bool = False, filters: int = 0,
+         progress_notify: bool = False, fragment: bool = False) -> tuple[Watcher, FakeRing]:
     ring = FakeRing(cap)
-    w = Watcher(wid, "owner", key, end, ring, **kw)
-    core.add_watcher(w, start)
+    stream = stream_of(core)
+    spec = WatchSpec(key, end, start, prev_kv, filters, progress_notify, fragment)
+    got, refused, _ = core.create(stream, spec, wid, RingWriter(ring), ("ring", wid))
+    assert not refused and got == wid
     core._check()
-    return w, ring
+    return stream.watchers[wid], ring
 
 
 def revs_of(responses) -> list[int]:
@@ -63,7 +80,7 @@ def revs_of(responses) -> list[int]:
 
 def commit(core: WatchCore, hist: History, step) -> None:
     rev, evs = step
-    core.notify(rev, evs)
+    core.notify(rev, log_record(evs)[1])
     core._check()
 
 
@@ -134,7 +151,7 @@ def test_victim_then_unsynced_then_synced_without_loss():
     for _ in range(30):
         commit(core, h, h.put(b"k", value=b"x" * 20))
     # A victim holds nothing: the revision its ring refused stays in the log.
-    assert slow.state == W.VICTIM and not slow.outbox and core.held == {}
+    assert slow.state == W.VICTIM and not slow.out.pending and stream_of(core).held == 0
     assert core.victims_entered == 1
     victim_at = slow.min_rev
     # While a victim: no work for it, nothing more delivered, fast watcher unaffected.
@@ -170,7 +187,7 @@ def test_victim_resumes_only_once_half_its_ring_is_free():
     data, more = ring.records.popleft()
     ring.used -= len(data) + 8
     core.move_victims()
-    assert w.state == W.VICTIM and w.sink.producer_blocked
+    assert w.state == W.VICTIM and w.out.sink.producer_blocked
     ring.read_all()
     core.move_victims()
     assert w.state == W.UNSYNCED
@@ -191,9 +208,9 @@ def test_owner_over_budget_waits_instead_of_holding_more():
     # The first watcher's ring took the start of the big response, the rest is held;
     # the second would exceed the owner's budget: nothing started, nothing held.
     assert a.state == b.state == W.VICTIM
-    holder, waiter = (a, b) if a.outbox else (b, a)
-    assert holder.outbox and not waiter.outbox and waiter.min_rev == h.rev
-    assert core.held == {"owner": sum(len(p) - off for p, off in holder.outbox)}
+    holder, waiter = (a, b) if a.out.pending else (b, a)
+    assert holder.out.pending and not waiter.out.pending and waiter.min_rev == h.rev
+    assert stream_of(core).held == holder.out.held > 0
     outs = {0: [], 1: []}
     for _ in range(400):
         outs[0] += ra.read_all()
@@ -201,7 +218,7 @@ def test_owner_over_budget_waits_instead_of_holding_more():
         core.move_victims()
         core.sync_watchers(h.read)
         core._check()
-        assert core.held.get("owner", 0) <= 1000 + 4000
+        assert stream_of(core).held <= 1000 + 4000
         if a.state == W.SYNCED and b.state == W.SYNCED:
             break
     outs[0] += ra.read_all()
@@ -344,7 +361,7 @@ def test_progress_request_waits_for_catch_up():
     core.cur_rev = h.rev
     synced, sring = make(core, 0, b"a")
     behind, bring = make(core, 1, b"a", start=1)
-    core.request_progress([synced, behind])
+    core.request_progress(stream_of(core))
     s = sring.read_all()
     assert s[-1].watch_id == -1 and s[-1].revision == 4 and s[-1].is_progress_notify
     assert [r.created for r in bring.read_all()] == [True]
@@ -358,20 +375,21 @@ def test_progress_notify_tick_only_without_events():
     a, ra = make(core, 0, b"a", progress_notify=True)
     b, rb = make(core, 1, b"b", progress_notify=True)
     commit(core, h, h.put(b"a"))
-    core.progress_tick([a, b])
+    core.progress_tick([stream_of(core)])
     assert [r.is_progress_notify for r in ra.read_all()[1:]] == [False]
     out = rb.read_all(1)[1:]
     assert len(out) == 1 and out[0].watch_id == 1 and out[0].revision == 2
-    core.progress_tick([a, b])
+    core.progress_tick([stream_of(core)])
     assert len(ra.read_all()) == 1
 
 
 def test_fragments_split_like_etcd():
     enc = [b"x" * 100] * 5
-    blobs = split_fragments(9, enc, 250)
+    blobs = responses(9, enc, True, 250)
     assert len(blobs) == 3  # 2 + 2 + 1 events, each under the limit
-    assert len(split_fragments(9, enc, 10_000)) == 1
-    assert len(split_fragments(9, [b"x" * 1000], 10)) == 1  # one event is never split
+    assert len(responses(9, enc, True, 10_000)) == 1
+    assert len(responses(9, [b"x" * 1000], True, 10)) == 1  # one event is never split
+    assert len(responses(9, enc, False, 250)) == 1  # no fragment asked: never split
 
 
 def test_fragments_start_above_max_request_bytes_plus_grpc_overhead():
@@ -397,10 +415,36 @@ def test_fragmenting_watcher_gets_fragments(monkeypatch):
 
 def test_transitions_table_rejects_unknown_moves():
     core = WatchCore()
-    w = Watcher(0, "o", b"a", None, FakeRing())
-    core.add_watcher(w, 0)
+    w, _ = make(core, 0, b"a")
     with pytest.raises(AssertionError):
         core._move(w, "caught_up")
+
+
+def test_every_state_change_goes_through_the_table(monkeypatch):
+    """Created, victim, caught up, cancelled, dropped: each change of `state` is a row of
+    TRANSITIONS (the table is the whole life cycle)."""
+    seen = []
+    real = WatchCore._move
+
+    def spy(self, w, event):
+        seen.append((w.state, event))
+        real(self, w, event)
+
+    monkeypatch.setattr(WatchCore, "_move", spy)
+    core, h = WatchCore(), History()
+    live, ring = make(core, 0, b"k", cap=256)
+    for _ in range(30):
+        commit(core, h, h.put(b"k"))
+    ring.read_all()
+    core.move_victims()
+    core.sync_watchers(h.read)
+    past, _ = make(core, 1, b"k", start=2)
+    core.cancel(live)
+    core.drop_stream(stream_of(core))
+    assert all(key in W.TRANSITIONS for key in seen), seen
+    assert {e for _, e in seen} >= {"created_live", "created_past", "ring_full", "room_behind",
+                                     "cancel", "dropped"}
+    assert live.state == past.state == W.REMOVED
 
 
 # ------------------------------------------------------------------ matching structures

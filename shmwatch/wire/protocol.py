@@ -9,11 +9,20 @@ watch id is implied by the ring: ``[kind, header_revision, compact_revision,
 cancel_reason, fragment, events]`` with events last, so that the broker can build a
 response by concatenating event encodings it made once per revision.
 
-Every decoder here bounds what it accepts (`max_buffer_size`, shape checks) and raises
+Every message has its encoder and its decoder here, side by side, and nothing else
+builds or takes apart a message: requests are built by the `*_request` functions and
+read back by `parse_request`; replies are `encode_reply`/`decode_reply` with a body
+codec per request; watch responses `encode_watch_control`/`events_blob` and
+`decode_watch_response`; revision-log records `log_record`/`read_log_record`.
+
+Every decoder bounds what it accepts (`max_buffer_size`, shape checks) and raises
 `ProtocolError` on anything malformed: bytes from shared memory are never trusted.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import msgpack
 
@@ -78,6 +87,152 @@ def unpackb(data, max_size: int = 64 << 20):
         return msgpack.unpackb(data, raw=False, use_list=True, strict_map_key=True)
     except Exception as exc:  # msgpack raises several unrelated types
         raise ProtocolError(f"shmwatch: undecodable message: {exc}") from None
+
+
+# ---------------------------------------------------------------- requests
+#
+# A request is ``[op, req_id, *args]``. The builders below leave req_id 0: the sender
+# numbers each request as it writes it (`number`).
+
+NIL = b"\xc0"  # msgpack nil
+
+
+class WatchSpec(NamedTuple):
+    """What a watch asks for (etcd's WatchCreateRequest, minus the id)."""
+
+    key: bytes
+    end: bytes | None  # None: one key; b"\0": every key >= key; else [key, end)
+    start_revision: int = 0
+    prev_kv: bool = False
+    filters: int = 0  # FILTER_* bits
+    progress_notify: bool = False
+    fragment: bool = False
+
+
+class KvRequest(NamedTuple):
+    req_id: int
+    op: object  # PutOp | RangeOp | DeleteOp | TxnOp
+    raw: list  # the op as it came on the wire (the WAL keeps it as is)
+
+
+class CompactRequest(NamedTuple):
+    req_id: int
+    revision: int
+
+
+class WatchCreateRequest(NamedTuple):
+    req_id: int
+    arena: int
+    ring: int
+    spec: WatchSpec
+    watch_id: int  # 0: pick one
+
+
+class WatchCancelRequest(NamedTuple):
+    req_id: int
+    watch_id: int
+
+
+class ProgressRequest(NamedTuple):
+    req_id: int
+
+
+class ArenaRequest(NamedTuple):
+    req_id: int
+
+
+class ByeRequest(NamedTuple):
+    req_id: int
+
+
+def kv_request(op) -> list:
+    return [OP_KV, 0, encode_op(op)]
+
+
+def put_request(key: bytes, value: bytes, prev_kv: bool, ignore_value: bool) -> list:
+    """`kv_request(PutOp(...))` without building the PutOp (the put path is hot)."""
+    return [OP_KV, 0, [K_PUT, key, value, prev_kv, ignore_value]]
+
+
+def compact_request(revision: int) -> list:
+    return [OP_COMPACT, 0, int(revision)]
+
+
+def watch_create_request(arena: int, ring: int, spec: WatchSpec, watch_id: int) -> list:
+    return [OP_WATCH_CREATE, 0, arena, ring, *spec, watch_id]
+
+
+def watch_cancel_request(watch_id: int) -> list:
+    return [OP_WATCH_CANCEL, 0, watch_id]
+
+
+def progress_request() -> list:
+    return [OP_PROGRESS, 0]
+
+
+def arena_request() -> list:
+    return [OP_ARENA, 0]
+
+
+def bye_request() -> list:
+    return [OP_BYE, 0]
+
+
+def number(request: list, req_id: int) -> bytes:
+    """The request's bytes, numbered `req_id`."""
+    request[1] = req_id
+    return packb(request)
+
+
+_INT64 = range(-(1 << 63), 1 << 63)
+
+
+def _parse_watch_create(rid: int, args: list) -> WatchCreateRequest:
+    try:
+        (arena, ring, key, end, start_rev, prev_kv, filters, progress_notify, fragment,
+         want_id) = args
+    except ValueError:
+        raise ProtocolError("shmwatch: malformed watch request") from None
+    if type(arena) is not int or type(ring) is not int:
+        raise ProtocolError("shmwatch: watch ring out of range")
+    spec = WatchSpec(_bytes(key, "watch key"), _opt_bytes(end, "watch range end"),
+                     _int(start_rev, "start_revision"), bool(prev_kv),
+                     _int(filters, "filters") & (FILTER_NOPUT | FILTER_NODELETE),
+                     bool(progress_notify), bool(fragment))
+    if type(want_id) is not int or want_id not in _INT64:
+        raise ProtocolError("shmwatch: malformed watch id")
+    return WatchCreateRequest(rid, arena, ring, spec, want_id)
+
+
+def parse_request(data: bytes, max_size: int):
+    """A request's bytes as one of the *Request tuples above; ProtocolError (with what
+    `peek_id` can tell of its id, in `.req_id`) on anything malformed."""
+    msg = unpackb(data, max_size=max_size)
+    if not isinstance(msg, list) or len(msg) < 2 or type(msg[1]) is not int:
+        raise ProtocolError("shmwatch: malformed request")
+    op, rid, args = msg[0], msg[1], msg[2:]
+    try:
+        if op == OP_KV and len(args) == 1:
+            return KvRequest(rid, decode_op(args[0]), args[0])
+        if op == OP_COMPACT and len(args) == 1:
+            return CompactRequest(rid, _int(args[0], "compact revision"))
+        if op == OP_WATCH_CREATE:
+            return _parse_watch_create(rid, args)
+        if op == OP_WATCH_CANCEL and len(args) == 1:
+            return WatchCancelRequest(rid, _int(args[0], "watch id"))
+        if not args:
+            if op == OP_PROGRESS:
+                return ProgressRequest(rid)
+            if op == OP_ARENA:
+                return ArenaRequest(rid)
+            if op == OP_BYE:
+                return ByeRequest(rid)
+    except ProtocolError as exc:
+        exc.req_id = rid
+        raise
+    exc = ProtocolError(f"shmwatch: unknown or malformed request op {op!r}")
+    exc.req_id = rid
+    raise exc
 
 
 # ---------------------------------------------------------------- encoding of ops
@@ -255,6 +410,45 @@ def peek_id(head: bytes, index: int) -> int:
         return 0
 
 
+def watch_created_body(watch_id: int, revision: int, reason: str = "", code: int = 0) -> list:
+    """The reply to a watch create: the id, the revision it was created at, and for a
+    refusal (code != 0, an error code) etcd's cancel reason."""
+    return [watch_id, revision, reason, code]
+
+
+def decode_watch_created(body) -> tuple[int, int, str, int]:
+    try:
+        wid, rev, reason, code = body
+        if type(wid) is int and type(rev) is int and type(reason) is str and type(code) is int:
+            return wid, rev, reason, code
+    except (TypeError, ValueError):
+        pass
+    raise ProtocolError("shmwatch: malformed watch-create reply")
+
+
+def arena_body(index: int, name: str) -> list:
+    """The reply to an arena request: its number and its segment's name."""
+    return [index, name]
+
+
+def decode_arena(body) -> tuple[int, str]:
+    try:
+        index, name = body
+        if type(index) is int and type(name) is str:
+            return index, name
+    except (TypeError, ValueError):
+        pass
+    raise ProtocolError("shmwatch: malformed arena reply")
+
+
+def decode_put_response(body) -> PutResponse:
+    """The put path's reply body (see `encode_response`), checked like the others."""
+    resp = decode_response(body)
+    if type(resp) is not PutResponse:
+        raise ProtocolError("shmwatch: malformed put response")
+    return resp
+
+
 def encode_reply(req_id: int, body) -> bytes:
     return packb([req_id, 0, body])
 
@@ -336,3 +530,46 @@ def encode_event(ev: Event, with_prev: bool) -> bytes:
     if with_prev or ev.prev_kv is None:
         return _packer.pack(ev)
     return _packer.pack((ev.type, ev.kv, None))
+
+
+# ---------------------------------------------------------------- revision-log records
+
+
+class LoggedEvent(NamedTuple):
+    """One event as the revision log keeps it: what matching needs (`type`, `key`) and
+    its encoding in two pieces, so that a watch response is built by concatenation:
+    `head + prev` with its prev_kv, `head + NIL` without (no decoding, no re-encoding)."""
+
+    type: str  # "PUT" | "DELETE"
+    key: bytes
+    head: bytes  # the event's encoding up to its prev_kv: array header, type, kv
+    prev: bytes  # the prev_kv's encoding (NIL if none)
+
+    def encoded(self, with_prev: bool) -> bytes:
+        return self.head + (self.prev if with_prev else NIL)
+
+
+def log_record(events: Sequence[Event]) -> tuple[bytes, list[LoggedEvent]]:
+    """A revision's events as a log record, and as `LoggedEvent`s. O(size): one pack
+    per event's kv and prev_kv, one for the record."""
+    pack = _packer.pack
+    logged = []
+    for ev in events:
+        head = b"\x93" + pack(ev.type) + pack(ev.kv)
+        logged.append(LoggedEvent(ev.type, ev.kv.key, head,
+                                  NIL if ev.prev_kv is None else pack(ev.prev_kv)))
+    return pack(logged), logged
+
+
+def read_log_record(payload: bytes) -> list[LoggedEvent]:
+    """A record written by `log_record`; ProtocolError if it is not one (the log is in
+    shared memory: anyone of the same uid could have written it)."""
+    try:
+        out = [LoggedEvent(*e) for e in msgpack.unpackb(payload, raw=False, use_list=False)]
+    except Exception:  # msgpack's several error types, or a wrong shape
+        raise ProtocolError("shmwatch: undecodable revision-log record") from None
+    for e in out:
+        if (e.type not in _EV_TYPES or type(e.key) is not bytes or type(e.head) is not bytes
+                or type(e.prev) is not bytes):
+            raise ProtocolError("shmwatch: malformed revision-log record")
+    return out
