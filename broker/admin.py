@@ -82,7 +82,8 @@ def broker_info(name: str) -> dict:
                       if w[L.slot_word(s, L.SLOT_STATE)] == L.SLOT_READY)
         info = {"name": name, "pid": w[L.CTL_PID], "state": state,
                 "revision": w[L.CTL_REVISION], "compact_revision": w[L.CTL_COMPACT_REV],
-                "clients": clients, "heartbeat_ns": w[L.CTL_HEARTBEAT_NS]}
+                "clients": clients, "heartbeat_ns": w[L.CTL_HEARTBEAT_NS],
+                "cluster_id": w[L.CTL_CLUSTER_ID]}
         del w
         return info
     finally:
