@@ -189,7 +189,10 @@ def test_get_flags(pair):
                  ["", "--from-key", "--limit=-1"], ["a", "--rev=2"], ["a", "--rev", "-3"],
                  ["a", "--hex"], ["", "--from-key", "--hex", "--keys-only"],
                  ["a", "--consistency=s"], ["a", "--consistency", "l"], ["missing"],
-                 ["a", "c", "extra"], ["--prefix", "a"], ["a", "--limit=0x1"]):
+                 ["a", "c", "extra"], ["--prefix", "a"],
+                 # pflag reads ints in base 0
+                 ["", "--from-key", "--limit=0x1"], ["", "--from-key", "--limit=0b1"],
+                 ["", "--from-key", "--limit=1_0"], ["a", "--rev=0o3"], ["a", "--rev=03"]):
         p.same("get", *args)
         if "--print-value-only" not in args:  # (that flag is refused with json: see below)
             p.same("get", *args, "-w", "json")
@@ -328,6 +331,8 @@ TXN_CASES = [
     # CRLF, spaces around everything, a back-quoted key, trailing text after a compare
     b'  val(`key1`)\t=\t"one" trailing words  \r\n\r\n'
     b'pu "q k" "a\\tb\\x41\\u00e9\\101"\r\ng "q k"\r\nd "q"\r\n  \r\n\r\n',
+    # an unpaired double quote is skipped by argify: the value is `a`
+    b'\nput uq "a\nget uq\n\n\n',
     # 'p' is a prefix of put only
     b"\np k v\n\n\n",
     # single-quoted words (etcdctl 3.4 cuts them short, but not with 3 words of one letter)
@@ -440,11 +445,11 @@ class Stream:
             assert self.proc.poll() is None, f"ended: {self.proc.stderr.read()!r}"
             time.sleep(0.02)
 
-    def interrupt(self) -> tuple[bytes, int]:
+    def interrupt(self) -> tuple[bytes, bytes, int]:
         self.proc.send_signal(signal.SIGINT)
         rc = self.proc.wait(20)
         self.t.join(20)
-        return self.data, rc
+        return self.data, self.proc.stderr.read(), rc
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -473,12 +478,13 @@ def test_watch_live_then_ctrl_c(pair, fmt):
         for s in streams:
             s.wait_events(5)
         time.sleep(0.2)  # nothing more may come
-        (want, want_rc), (got, got_rc) = [s.interrupt() for s in streams]
+        (want, want_err, want_rc), (got, got_err, got_rc) = [s.interrupt() for s in streams]
     finally:
         for s in streams:
             s.close()
     assert normalise(got) == normalise(want)
     assert want_rc == got_rc == -signal.SIGINT
+    assert want_err == got_err == b""
     assert b"\xef\xbf\xbd" not in got
 
 
