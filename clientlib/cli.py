@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from shm import layout as L
+from shm.errors import ShmError
 
 from . import errors
 from .cli_args import (
@@ -78,13 +79,15 @@ class GetRequest:
     descend: bool = False
 
     def wire_op(self) -> RangeOp:
+        """What to ask the broker: for a sorted read, every kv of the range, values too."""
         if self.sort_field is None:
             return self.op
         return self.op._replace(limit=0, keys_only=False)
 
     def finish(self, r: RangeResponse) -> RangeResponse:
         """The response etcd would give: sorted (stable: ties keep key order, as Go's
-        sort does for the 12 or fewer items it insertion-sorts), cut to `limit`."""
+        sort does for the 12 or fewer items it insertion-sorts), cut to `limit`.
+        O(n log n) in the size of the range."""
         if self.sort_field is None:
             return r
         field = self.sort_field
@@ -119,10 +122,10 @@ def build_put(values: dict, args: list[str], read_stdin: Callable[[], bytes]) ->
     return op_put(arg_bytes(args[0]), value, values["prev-kv"], values["ignore-value"])
 
 
-def _range(key: str, args: list[str], prefix: bool, from_key: bool) -> tuple[bytes, bytes | None]:
-    """etcdctl's key and range end: an empty key with --prefix or --from-key means
-    every key (it becomes "\\0" with --from-key)."""
-    k = arg_bytes(key)
+def _range(args: list[str], prefix: bool, from_key: bool) -> tuple[bytes, bytes | None]:
+    """etcdctl's key and range end from `KEY [RANGE_END]`: an empty key with --prefix
+    or --from-key means every key (it becomes "\\0"); an empty range end, one key."""
+    k = arg_bytes(args[0])
     if prefix:
         return resolve_range(k, None, True)
     if from_key:
@@ -149,7 +152,7 @@ def build_get(values: dict, args: list[str]) -> GetRequest:
     target = values["sort-by"].upper() or "KEY"
     if target not in SORT_TARGETS:
         raise CliError(EXIT_BAD_FEATURE, f"bad sort target {values['sort-by']}")
-    key, end = _range(args[0], args, values["prefix"], values["from-key"])
+    key, end = _range(args, values["prefix"], values["from-key"])
     op = RangeOp(key, end, max(0, values["rev"]), max(0, values["limit"]),
                  values["keys-only"], values.get("count-only", False))
     # clientv3 drops ASCEND on KEY (the natural order); etcd sorts any other target
@@ -170,7 +173,7 @@ def build_del(values: dict, args: list[str]) -> DeleteOp:
     if len(args) > 1 and (values["prefix"] or values["from-key"]):
         raise CliError(EXIT_BAD_ARGS, "too many arguments, only accept one argument when "
                        "`--prefix` or `--from-key` is set")
-    key, end = _range(args[0], args, values["prefix"], values["from-key"])
+    key, end = _range(args, values["prefix"], values["from-key"])
     return op_delete(key, end, prev_kv=values["prev-kv"])
 
 
@@ -463,7 +466,10 @@ def broker_status(name: str) -> dict:
     if info["state"] != "alive":
         why = "is not running" if info["state"] == "absent" else f"is {info['state']}"
         raise CliError(EXIT_ERROR, f"shmwatch: broker {name!r} {why}")
-    stats = read_stats(name)
+    try:
+        stats = read_stats(name)
+    except (ShmError, TimeoutError) as exc:  # a broker still starting, or just gone
+        raise CliError(EXIT_ERROR, f"shmwatch: broker {name!r} has no stats to read ({exc})") from None
     try:
         ver = version("shmwatch")
     except PackageNotFoundError:

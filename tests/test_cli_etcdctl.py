@@ -189,7 +189,7 @@ def test_get_flags(pair):
                  ["", "--from-key", "--limit=-1"], ["a", "--rev=2"], ["a", "--rev", "-3"],
                  ["a", "--hex"], ["", "--from-key", "--hex", "--keys-only"],
                  ["a", "--consistency=s"], ["a", "--consistency", "l"], ["missing"],
-                 ["a", "c", "extra"], ["--prefix", "a"],
+                 ["a", "c", "extra"], ["c", "a"], ["a", ""], ["--prefix", "a"],
                  # pflag reads ints in base 0
                  ["", "--from-key", "--limit=0x1"], ["", "--from-key", "--limit=0b1"],
                  ["", "--from-key", "--limit=1_0"], ["a", "--rev=0o3"], ["a", "--rev=03"]):
