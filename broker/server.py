@@ -13,6 +13,7 @@ when idle. Housekeeping (registrations, liveness, heartbeat) runs between batche
 
 from __future__ import annotations
 
+import grp
 import itertools
 import logging
 import os
@@ -20,7 +21,8 @@ import secrets
 import signal
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from typing import Callable
 
 import msgpack
 import psutil
@@ -42,19 +44,23 @@ from clientlib.protocol import (
     encode_error,
     encode_reply,
     encode_response,
+    peek_id,
     unpackb,
 )
 from clientlib.types import Event, KeyValue
 from shm import layout as L
 from shm.doorbell import Doorbell
-from shm.errors import RingCorrupt, SegmentExists
+from shm.errors import LogRecordCorrupt, MessageTooLarge, RingCorrupt, SegmentExists, ShmNoSpace
 from shm.lock import is_locked, try_lock
 from shm.revlog import RevLog, revlog_bytes
-from shm.ring import Ring, ring_bytes
-from shm.segment import Segment, new_boot_id, shm_name
+from shm.ring import MIN_CAPACITY, Ring, check_capacity, ring_bytes
+from shm.segment import SHM_DIR, Segment, new_boot_id, shm_name
 
 from .admin import broker_info, cleanup_stale
+from .errors import BrokerStartError
 from .mvcc import MVCCStore, events_at_compact_rev
+from .sizing import Sizing, budget, check_start, no_space_message, plan, shm_free
+from .sizing import start_bytes as start_bytes_for
 from .wal import KIND_COMPACT, KIND_KV, DataDir
 from .watch import Watcher, WatchCore
 
@@ -71,17 +77,23 @@ IDLE_SLEEP_MAX_S = 0.1
 # clients): a request arriving within ~50 us is served without a semaphore wake-up
 # (~30 us each way, PERF-ANCHORS.md), which is what keeps a synchronous put fast.
 BROKER_SPIN = 100
+REQUEST_ENVELOPE = 1024  # bytes of a request beyond its payload (op, ids, msgpack framing)
 
 
 @dataclass
 class BrokerConfig:
-    """Broker options; defaults follow etcd where etcd has one (documented in README)."""
+    """Broker options; defaults follow etcd where etcd has one (documented in README).
+
+    Sizes left as None are chosen from the free space of /dev/shm (`broker.sizing`)
+    when the config is made; `sizing` records what they were sized from. Bad values
+    raise ValueError naming the command-line option.
+    """
 
     name: str
-    log_bytes: int = 64 << 20
-    watch_ring_bytes: int = 256 << 10
-    request_ring_bytes: int = 1 << 20
-    response_ring_bytes: int = 1 << 20
+    log_bytes: int | None = None  # None: a quarter of /dev/shm's free space, <= 64 MiB
+    watch_ring_bytes: int | None = None  # None: 256 KiB, less on a small /dev/shm
+    request_ring_bytes: int | None = None  # None: 1 MiB, less on a small /dev/shm
+    response_ring_bytes: int | None = None  # None: 1 MiB, less on a small /dev/shm
     max_request_bytes: int = 1536 * 1024  # etcd --max-request-bytes
     max_clients: int = 256
     rings_per_arena: int = 32
@@ -92,10 +104,57 @@ class BrokerConfig:
     fsync: str = "always"  # always | batch | never (see broker/wal.py)
     snapshot_every: int = 100_000  # WAL records between snapshots
     group: str | None = None  # share with this group (give --mode 660 too)
+    # Memory a client can make the broker hold (README, "Broker options"):
+    max_response_bytes: int = 64 << 20  # largest reply (a range); larger -> typed error
+    max_client_backlog_bytes: int = 64 << 20  # watch responses held for one client
+    max_watchers_per_client: int = 1000  # each watch is a ring in /dev/shm
+    shm_budget: int | None = None  # assume /dev/shm has this much free (None: measure)
+    sizing: Sizing = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        shm_name(self.name, "ctl")  # ValueError for a bad name, before anything exists
+        for opt, value in (("--max-clients", self.max_clients),
+                           ("--rings-per-arena", self.rings_per_arena),
+                           ("--max-request-bytes", self.max_request_bytes),
+                           ("--max-watchers-per-sync", self.max_watchers_per_sync),
+                           ("--snapshot-every", self.snapshot_every)):
+            if value < 1:
+                raise ValueError(f"{opt} must be at least 1, got {value}")
+        if self.group is not None and not str(self.group).isdigit():
+            try:
+                grp.getgrnam(self.group)
+            except KeyError:
+                raise ValueError(f"--group: no group named {self.group!r}") from None
+        if self.shm_budget is not None and self.shm_budget < 0:
+            raise ValueError(f"--shm-budget must be a size, got {self.shm_budget}")
+        free, source = budget(self.shm_budget)
+        self.sizing = sized = plan(
+            free, source, rings_per_arena=self.rings_per_arena, log_bytes=self.log_bytes,
+            request_ring_bytes=self.request_ring_bytes,
+            response_ring_bytes=self.response_ring_bytes,
+            watch_ring_bytes=self.watch_ring_bytes)
+        for attr in ("log_bytes", "request_ring_bytes", "response_ring_bytes",
+                     "watch_ring_bytes"):
+            value = getattr(sized, attr)
+            option = "--" + attr.replace("_", "-")
+            try:
+                check_capacity(value, option)
+            except ValueError:
+                raise ValueError(f"{option} {value}: a size must be a multiple of 8 and at "
+                                 f"least {MIN_CAPACITY} bytes") from None
+            setattr(self, attr, value)
 
 
-class BrokerRunning(RuntimeError):
+class BrokerRunning(BrokerStartError):
     """A live broker already holds this name."""
+
+
+class HistoryDamaged(Exception):
+    """A catch-up pass met a damaged revision-log record (already contained)."""
+
+    def __init__(self, rev: int):
+        super().__init__(rev)
+        self.rev = rev
 
 
 class ClientConn:
@@ -116,6 +175,7 @@ class ClientConn:
         self.rings_in_use: dict[tuple[int, int], Watcher] = {}
         self.next_watch_id = 0
         self.backlog: deque[list] = deque()  # replies that did not fit the response ring
+        self.reply_bytes = 0  # bytes of replies held for it (this batch's and backlog)
         self.requests = 0
 
     def __repr__(self) -> str:
@@ -132,15 +192,16 @@ class Broker:
         self.mvcc = MVCCStore()
         self.core = WatchCore(
             max_request_bytes=cfg.max_request_bytes,
-            # etcd sends a catch-up as one response per 1000 revisions whatever its size;
-            # the ring streams a response larger than itself in chunks. This bound only
-            # caps the broker's memory for one watcher's catch-up.
-            max_response_bytes=64 << 20,
+            # A catch-up response is also bounded by the free space of the watcher's
+            # ring (see WatchCore.sync_watchers); this caps it for huge rings.
+            max_response_bytes=cfg.max_response_bytes,
             max_watchers_per_sync=cfg.max_watchers_per_sync,
+            owner_budget=cfg.max_client_backlog_bytes,
         )
         self.clients: dict[int, ClientConn] = {}
         self._stopping = False
         self.writes = 0
+        self.log_damage = 0  # times the revision log's shared memory was found damaged
         self.started = time.time()
         self._held: list[tuple[ClientConn, bytes]] = []  # replies waiting for the commit
         self._pending: list[tuple] = []  # (rev, events, encoded) not yet notified
@@ -209,6 +270,8 @@ class Broker:
             w[L.CTL_RESPONSE_RING] = cfg.response_ring_bytes
             w[L.CTL_WATCH_RING] = cfg.watch_ring_bytes
             w[L.CTL_RINGS_PER_ARENA] = cfg.rings_per_arena
+            w[L.CTL_MAX_RESPONSE_BYTES] = cfg.max_response_bytes
+            w[L.CTL_MAX_WATCHERS] = cfg.max_watchers_per_client
             w[L.CTL_CLUSTER_ID] = self.cluster_id
             w[L.CTL_HEARTBEAT_NS] = time.time_ns()
             w[L.CTL_REVISION] = self.mvcc.rev
@@ -269,9 +332,14 @@ class Broker:
 
     def _snapshot(self) -> None:
         self._commit_batch()
-        lo = self.log.oldest_rev
-        entries = [list(self._oversized)] if self._oversized else []
-        entries += [[rev, payload] for rev, payload in self.log.read_from(lo)] if lo else []
+        while True:
+            lo = self.log.oldest_rev
+            entries = [list(self._oversized)] if self._oversized else []
+            try:
+                entries += [[rev, payload] for rev, payload in self.log.read_from(lo)] if lo else []
+                break
+            except LogRecordCorrupt as exc:
+                self._log_damaged(exc.rev, str(exc))
         self.wal.snapshot({"mvcc": self.mvcc.snapshot(), "log": entries})
 
     def close(self) -> None:
@@ -307,15 +375,23 @@ class Broker:
         words = self.words
         try:
             while not self._stopping:
+                # A client freed room in a ring we were blocked on (a victim's, or its
+                # response ring holding a backlog): taken once per pass, before the
+                # drain, so a hint raised meanwhile is seen next pass, never lost.
+                hint = words[L.CTL_SPACE_HINT]
+                if hint:
+                    words[L.CTL_SPACE_HINT] = 0
                 worked = self._drain_requests()
                 now = time.monotonic()
                 if core.victims or core.canceling:
-                    if words[L.CTL_SPACE_HINT] or now >= next_victims:
-                        words[L.CTL_SPACE_HINT] = 0
+                    if hint or now >= next_victims:
                         core.move_victims()
                         next_victims = now + VICTIM_RETRY_S
                 if core.unsynced:
-                    core.sync_watchers(self._read_history)
+                    try:
+                        core.sync_watchers(self._read_history)
+                    except HistoryDamaged:
+                        pass  # contained; the next pass cancels who needed it
                     worked = True
                 if core.faulted:
                     self._drop_faulted()
@@ -359,8 +435,19 @@ class Broker:
                 continue
             req = c.req
             for _ in range(REQUESTS_PER_CLIENT_PASS):
+                if c.reply_bytes >= c.resp.capacity:
+                    # Its replies already fill its response ring: it is not reading
+                    # them. Leave its requests in its ring (backpressure) rather than
+                    # hold more: at most a ring's worth plus one reply is ever held.
+                    break
                 try:
                     data = req.read()
+                except MessageTooLarge as exc:
+                    # A client that ignored --max-request-bytes: the message was dropped
+                    # as it streamed in (never buffered); the client gets etcd's error.
+                    worked = True
+                    self._reply(c, encode_error(peek_id(exc.head, 1), errors.RequestTooLargeError()))
+                    continue
                 except RingCorrupt as exc:
                     log.warning("client %s wrote a corrupt record (%s): disconnecting", c, exc)
                     self._reclaim(c)
@@ -410,6 +497,9 @@ class Broker:
                     continue
                 if off != len(data):
                     c.backlog.append([data, off])
+                    c.resp.producer_blocked = 1  # the client hints when it made room
+                else:
+                    c.reply_bytes -= len(data)
                 touched.add(c)
             self._held.clear()
             woken = self.core.woken
@@ -424,6 +514,7 @@ class Broker:
 
     def _reply(self, c: ClientConn, data: bytes) -> None:
         self._held.append((c, data))
+        c.reply_bytes += len(data)
 
     def _flush_backlog(self, c: ClientConn) -> bool:
         while c.backlog:
@@ -436,8 +527,10 @@ class Broker:
                 return False
             if off < len(item[0]):
                 item[1] = off
+                c.resp.producer_blocked = 1
                 break
             c.backlog.popleft()
+            c.reply_bytes -= len(item[0])
         c.resp.publish()
         self.core.woken.add(c)
         return not c.backlog
@@ -450,16 +543,22 @@ class Broker:
                 # etcd compares the encoded request with --max-request-bytes; ours is
                 # the msgpack request (within a few bytes of etcd's protobuf).
                 # Read the id without decoding the (oversized) body.
-                req_id = _peek_req_id(data)
+                req_id = peek_id(data, 1)
                 raise errors.RequestTooLargeError()
-            msg = unpackb(data, max_size=self.cfg.max_request_bytes + 1024)
+            msg = unpackb(data, max_size=self.cfg.max_request_bytes + REQUEST_ENVELOPE)
             if not isinstance(msg, list) or len(msg) < 2 or not isinstance(msg[1], int):
                 raise errors.ProtocolError("shmwatch: malformed request")
             op, req_id = msg[0], msg[1]
             if op == OP_KV:
                 if len(msg) != 3:
                     raise errors.ProtocolError("shmwatch: malformed request")
-                self._reply(c, encode_reply(req_id, self._apply(decode_op(msg[2]), msg[2])))
+                rev = self.mvcc.rev
+                data = encode_reply(req_id, self._apply(decode_op(msg[2]), msg[2]))
+                if len(data) > self.cfg.max_response_bytes:
+                    raise errors.ResponseTooLargeError.for_reply(
+                        len(data), self.cfg.max_response_bytes,
+                        self.mvcc.rev if self.mvcc.rev != rev else 0)
+                self._reply(c, data)
                 return True
             # Anything else sees the store as committed and notified so far.
             self._commit_batch()
@@ -524,8 +623,8 @@ class Broker:
     def _compact_to(self, rev: int) -> None:
         if rev > self.mvcc.compact_rev:
             self.mvcc.compact(rev)
-            self.core.compact_rev = self.mvcc.compact_rev
-            self.words[L.CTL_COMPACT_REV] = self.core.compact_rev
+            self.core.compact_rev = max(self.core.compact_rev, self.mvcc.compact_rev)
+            self.words[L.CTL_COMPACT_REV] = self.mvcc.compact_rev
 
     def _compact(self, msg) -> list:
         if len(msg) != 3 or not isinstance(msg[2], int):
@@ -544,22 +643,56 @@ class Broker:
         return resp
 
     def _read_history(self, lo: int, hi: int):
+        """Yield (rev, events) of the log for lo <= rev <= hi (the core's history
+        reader). A record damaged in shared memory raises `HistoryDamaged` after the
+        damage was contained (`_log_damaged`)."""
         compact_rev = self.mvcc.compact_rev
         records = self.log.read_from(lo, hi)
         if self._oversized is not None and lo <= self._oversized[0] <= hi:
             records = itertools.chain([self._oversized], records)
-        for rev, payload in records:
-            events = [
-                Event(t, KeyValue(*kv), KeyValue(*prev) if prev is not None else None)
-                for t, kv, prev in msgpack.unpackb(payload, raw=False)
-            ]
-            if rev == compact_rev:
-                events = events_at_compact_rev(events)
-            yield rev, events
+        rev = lo
+        try:
+            for rev, payload in records:
+                events = [
+                    Event(t, KeyValue(*kv), KeyValue(*prev) if prev is not None else None)
+                    for t, kv, prev in msgpack.unpackb(payload, raw=False)
+                ]
+                if rev == compact_rev:
+                    events = events_at_compact_rev(events)
+                yield rev, events
+        except LogRecordCorrupt as exc:
+            self._log_damaged(exc.rev, str(exc))
+            raise HistoryDamaged(exc.rev) from None
+        except (ValueError, TypeError, msgpack.UnpackException) as exc:
+            # A record with a valid CRC but not our encoding: written by someone else.
+            self._log_damaged(rev, f"revision log: undecodable record for revision {rev}: {exc}")
+            raise HistoryDamaged(rev) from None
+
+    def _log_damaged(self, rev: int, what: str) -> None:
+        """Someone wrote into the revision log's shared memory and damaged revision
+        `rev`. Contain it: history up to and including `rev` is treated as compacted
+        (watchers that still need it get etcd's compaction cancel; reads below it get
+        the compacted error); the store itself, in this process, is intact; nothing
+        newer is touched. Logged loudly; the broker keeps serving."""
+        log.error("%s: shared memory of the revision log was overwritten by another "
+                  "process; history up to revision %d is dropped (treated as compacted)",
+                  what, rev)
+        self.log_damage += 1
+        self.log.truncate_before(rev + 1)
+        if self._oversized is not None and self._oversized[0] <= rev:
+            self._oversized = None
+        self._compact_to(min(rev + 1, self.mvcc.rev))
+        # The watch core's compaction point may pass the store's by one (damage in the
+        # newest record): a watcher that needs `rev` must be cancelled, never skip it.
+        self.core.compact_rev = max(self.core.compact_rev, rev + 1)
 
     # ------------------------------------------------------------ watches
 
     def _watch_create(self, c: ClientConn, msg) -> list:
+        """etcd's watch-stream rules for a create: the range check, then the id (0 picks
+        the next free one; any other int64, negative ones included, is taken as given
+        unless in use). Reply `[watch_id, revision, cancel_reason, refusal_code]`, where
+        a refusal (code != 0) is etcd's created+canceled response with that reason."""
         try:
             (_, _, arena, idx, key, end, start_rev, prev_kv, filters, progress_notify,
              fragment, want_id) = msg
@@ -568,24 +701,33 @@ class Broker:
         if not (isinstance(arena, int) and 0 <= arena < len(c.arenas)
                 and isinstance(idx, int) and 0 <= idx < self.cfg.rings_per_arena):
             raise errors.ProtocolError("shmwatch: watch ring out of range")
+        if not isinstance(key, bytes) or not (end is None or isinstance(end, bytes)):
+            raise errors.ProtocolError("shmwatch: malformed watch key")
+        if (not isinstance(want_id, int) or not isinstance(start_rev, int)
+                or not -(1 << 63) <= want_id < 1 << 63):
+            raise errors.ProtocolError("shmwatch: malformed watch request")
         old = c.rings_in_use.get((arena, idx))
         if old is not None:
             if old.state != "removed":
                 raise errors.ProtocolError("shmwatch: watch ring already in use")
             self._forget_watcher(c, old)
-        if not isinstance(key, bytes) or not (end is None or isinstance(end, bytes)):
-            raise errors.ProtocolError("shmwatch: malformed watch key")
-        if not isinstance(want_id, int) or not isinstance(start_rev, int):
-            raise errors.ProtocolError("shmwatch: malformed watch request")
+        if len(c.watchers) >= self.cfg.max_watchers_per_client:
+            self._release_finished_watchers()
+            if len(c.watchers) >= self.cfg.max_watchers_per_client:
+                raise errors.TooManyWatchersError(
+                    f"shmwatch: this client already has {len(c.watchers)} watches, the "
+                    f"broker's --max-watchers-per-client")
         rev = self.mvcc.rev
         if end is not None and end != b"\0" and key >= end:
-            return [-1, rev, errors.InvalidRangeError.default_message]
+            return [0, rev, errors.InvalidRangeError.default_message,
+                    errors.InvalidRangeError.code]
         if want_id:
             old = c.watchers.get(want_id)
             if old is not None and old.state == "removed":
                 self._forget_watcher(c, old)
             elif old is not None:
-                return [-1, rev, errors.DuplicateWatchIdError.default_message]
+                return [want_id, rev, errors.DuplicateWatchIdError.default_message,
+                        errors.DuplicateWatchIdError.code]
             wid = want_id
         else:
             while c.next_watch_id in c.watchers:
@@ -594,7 +736,10 @@ class Broker:
             c.next_watch_id += 1
         ring_size = ring_bytes(self.cfg.watch_ring_bytes)
         buf = c.arenas[arena].payload[idx * ring_size:(idx + 1) * ring_size]
-        sink = Ring(buf, init=False)
+        try:
+            sink = Ring(buf, init=False)
+        except RingCorrupt as exc:
+            raise errors.ProtocolError(f"shmwatch: watch ring header damaged: {exc}") from None
         w = Watcher(wid, c, key, end, sink, prev_kv=bool(prev_kv),
                     filters=int(filters) & (FILTER_NOPUT | FILTER_NODELETE),
                     progress_notify=bool(progress_notify), fragment=bool(fragment))
@@ -602,7 +747,7 @@ class Broker:
         c.watchers[wid] = w
         c.rings_in_use[(arena, idx)] = w
         self.core.add_watcher(w, start_rev)
-        return [wid, rev, ""]
+        return [wid, rev, "", 0]
 
     def _watch_cancel(self, c: ClientConn, msg) -> None:
         if len(msg) != 3 or not isinstance(msg[2], int):
@@ -686,6 +831,7 @@ class Broker:
             "pending_events": core.pending_events(),
             "victims_entered": core.victims_entered, "catchups": core.catchups,
             "compactions": core.compactions,
+            "log_damage": self.log_damage,
             "clients": clients,
             "top_watchers": [
                 {"lag": lag, "fill": round(fill, 4), "pid": pid, "watch_id": wid,
@@ -761,7 +907,10 @@ class Broker:
                              kind=L.KIND_CLIENT, boot_id=self.boot_id, mode=self.cfg.mode)
         try:
             p = seg.payload
-            req = Ring(p[L.CLIENT_HEADER:L.CLIENT_HEADER + req_size], init=True)
+            # A request streamed in chunks is bounded by --max-request-bytes (plus the
+            # envelope), not by the ring's default: a client cannot make us buffer more.
+            req = Ring(p[L.CLIENT_HEADER:L.CLIENT_HEADER + req_size], init=True,
+                       max_message=self.cfg.max_request_bytes + REQUEST_ENVELOPE)
             resp = Ring(p[L.CLIENT_HEADER + req_size:L.CLIENT_HEADER + req_size + resp_size],
                         init=True)
             bell = Doorbell.create(self._name(part + ".bell"),
@@ -805,29 +954,40 @@ class Broker:
             self.words[L.slot_word(c.slot, L.SLOT_STATE)] = L.SLOT_FREE
 
 
-def _peek_req_id(data: bytes) -> int:
+def start_bytes(cfg: BrokerConfig) -> int:
+    """What the broker takes in /dev/shm before any client connects."""
+    return start_bytes_for(cfg.log_bytes, cfg.max_clients, STATS_BYTES)
+
+
+def run(cfg: BrokerConfig, on_ready: Callable[[Broker], None] | None = None) -> None:
+    """Run a broker in this process until SIGINT/SIGTERM; unlink everything on the way out.
+
+    Raises `BrokerStartError` (nothing created, or all of it removed again) if it cannot
+    start: the name is in use, or /dev/shm has no room (checked before creating anything
+    against the free space `cfg.sizing` assumed, and again when creating). Once it
+    accepts clients it calls `on_ready(broker)` (`python -m broker` prints its ready line)."""
+    reason = check_start(cfg.sizing, start_bytes(cfg))
+    if reason:
+        raise BrokerStartError(reason)
     try:
-        u = msgpack.Unpacker(max_buffer_size=len(data))
-        u.feed(data[:64])
-        u.read_array_header()
-        u.skip()
-        rid = u.unpack()
-        return rid if isinstance(rid, int) else 0
-    except Exception:
-        return 0
-
-
-def run(cfg: BrokerConfig, ready_fd: int | None = None) -> None:
-    """Run a broker in this process until SIGINT/SIGTERM; unlink everything on the way out."""
-    b = Broker(cfg)
+        b = Broker(cfg)
+    except ShmNoSpace:
+        # Less room than the budget assumed (or another process took it meanwhile):
+        # report the space there really is.
+        measured = replace(cfg.sizing, free=shm_free(), source=SHM_DIR)
+        raise BrokerStartError(no_space_message(measured, start_bytes(cfg))) from None
     signal.signal(signal.SIGTERM, b.stop)
     signal.signal(signal.SIGINT, b.stop)
-    if ready_fd is not None:
-        os.write(ready_fd, b"ready\n")
-        os.close(ready_fd)
+    if on_ready is not None:
+        try:
+            on_ready(b)
+        except BaseException:
+            b.close()
+            raise
     b.serve_forever()
 
 
 def unique_name(prefix: str = "b") -> str:
+    """A broker name no other broker uses: `prefix`, this process's pid, random hex."""
     return f"{prefix}{os.getpid()}x{secrets.token_hex(4)}"
 

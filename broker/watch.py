@@ -10,19 +10,33 @@ Life cycle (etcd's names; `TRANSITIONS` below is the whole table):
 
     created (start_revision 0 or in the future) -> SYNCED
     created (start_revision in the past)        -> UNSYNCED
-    SYNCED   --ring cannot take a revision-->      VICTIM   (keeps that batch, minRev = rev+1)
-    VICTIM   --pending batch delivered-->          UNSYNCED (or SYNCED if nothing happened since)
+    SYNCED   --ring cannot take a revision-->      VICTIM   (minRev = that revision)
+    VICTIM   --ring has room again-->              UNSYNCED (or SYNCED if nothing happened since)
     UNSYNCED --caught up from the log-->           SYNCED
     UNSYNCED --more history remains-->             UNSYNCED (etcd's moreRev)
-    UNSYNCED --ring cannot take the catch-up-->    VICTIM
+    UNSYNCED --ring too full for a catch-up-->     VICTIM
     UNSYNCED --minRev below the compaction-->      CANCELING (compact_revision response)
     any      --cancel-->                           CANCELING
     CANCELING --final response delivered-->        (removed)
 
+Where etcd's victim keeps the batch its channel refused, ours keeps nothing: the
+revision log already holds that batch, so a victim just remembers the revision it
+missed (minRev) and catches up from the log once its ring has room again. The only
+bytes ever held for a watcher are the rest of a response its ring took in part (a
+response larger than the ring's free space streams through in chunks), bounded per
+client by `owner_budget`. So the backlog of a slow reader lives in the log, never in
+the broker's or the client's memory, and comes back in etcd-sized catch-up responses
+(up to 1,000 revisions each).
+
+"Room again" is `VICTIM_RESUME_FREE` of the ring free: the hysteresis that turns a
+slow reader's backlog into a few large catch-up responses instead of many one-revision
+ones. The consumer signals it (`producer_blocked` + the shell's space hint) once it
+has drained that far; the shell also retries victims on a timer.
+
 Guarantees kept here: per watcher, responses are in revision order, without gaps or
 duplicates, and the events of one revision are never split across responses (unless
 the watcher asked for etcd's `fragment`). A victim costs nothing per write: it is not in
-the synced group, holds at most one pending response, and catches up from the log.
+the synced group and holds at most the unwritten rest of one response.
 """
 
 from __future__ import annotations
@@ -33,9 +47,12 @@ from typing import Protocol
 
 from sortedcontainers import SortedList
 
+from shm.errors import RingCorrupt
+
 from clientlib.protocol import (
     FILTER_NODELETE,
     FILTER_NOPUT,
+    RESUME_FREE_FRACTION,
     W_CANCELED,
     W_CREATED,
     W_PROGRESS,
@@ -55,8 +72,8 @@ REMOVED = "removed"
 TRANSITIONS: dict[tuple[str, str], str] = {
     (SYNCED, "ring_full"): VICTIM,
     (SYNCED, "cancel"): CANCELING,
-    (VICTIM, "delivered_behind"): UNSYNCED,
-    (VICTIM, "delivered_current"): SYNCED,
+    (VICTIM, "room_behind"): UNSYNCED,
+    (VICTIM, "room_current"): SYNCED,
     (VICTIM, "cancel"): CANCELING,
     (UNSYNCED, "caught_up"): SYNCED,
     (UNSYNCED, "more"): UNSYNCED,
@@ -70,16 +87,30 @@ TRANSITIONS: dict[tuple[str, str], str] = {
 # etcd's tunables, as module values so tests can shrink them.
 MAX_WATCHERS_PER_SYNC = 512  # etcd: maxWatchersPerSync
 WATCH_BATCH_MAX_REVS = 1000  # etcd: watchBatchMaxRevs
+GRPC_OVERHEAD_BYTES = 512 * 1024  # etcd v3rpc: grpcOverheadBytes
+# Bytes of a catch-up response beyond its events' encodings (header, array framing).
+RESPONSE_OVERHEAD = 32
+# A victim resumes (and an unsynced watcher is caught up) only when at least this
+# fraction of its ring is free. Shared with clientlib, whose reader raises the space
+# hint at the same point (protocol.RESUME_FREE_FRACTION).
+VICTIM_RESUME_FREE = RESUME_FREE_FRACTION
 
 
 class Sink(Protocol):
-    """Where a watcher's responses go: an SPSC ring's producer side."""
+    """Where a watcher's responses go: an SPSC ring's producer side.
+
+    `write` writes a message of at most `max_chunk` bytes whole or not at all, and
+    streams a longer one in chunks as room allows (see shm.ring.Ring.write)."""
 
     producer_blocked: int
+    capacity: int
+    max_chunk: int
 
     def write(self, payload: bytes, offset: int = 0) -> int: ...
 
     def publish(self) -> None: ...
+
+    def free(self) -> int: ...
 
 
 class Watcher:
@@ -332,12 +363,19 @@ class WatchCore:
     `move_victims` when they have work, and hands in the compaction point. Delivered
     responses are published to each sink at once; `woken` collects the owners to wake
     (the shell rings their doorbells once per batch and clears it).
+
+    `owner_budget` bounds the bytes held for one owner (client) across its watchers:
+    the unwritten rest of responses its rings took in part. A response that would need
+    to be held while the owner is over budget is not started (the watcher waits as a
+    victim, nothing held), so an owner that never reads costs at most its budget plus
+    one response.
     """
 
     def __init__(self, *, max_request_bytes: int = 1536 * 1024,
                  max_response_bytes: int = 1 << 20,
                  max_watchers_per_sync: int | None = None,
-                 batch_max_revs: int | None = None):
+                 batch_max_revs: int | None = None,
+                 owner_budget: int = 64 << 20):
         self.synced = WatcherGroup()
         self.unsynced: dict[Watcher, None] = {}  # insertion order = sync fairness
         self.victims: dict[Watcher, None] = {}
@@ -345,9 +383,14 @@ class WatchCore:
         self.cur_rev = 1
         self.compact_rev = 0
         self.max_request_bytes = max_request_bytes
+        # etcd's watch server fragments above --max-request-bytes plus gRPC's overhead
+        # allowance (v3rpc: maxRequestBytes + grpcOverheadBytes), not at the limit itself.
+        self.fragment_limit = max_request_bytes + GRPC_OVERHEAD_BYTES
         self.max_response_bytes = max_response_bytes
         self.max_watchers_per_sync = max_watchers_per_sync or MAX_WATCHERS_PER_SYNC
         self.batch_max_revs = batch_max_revs or WATCH_BATCH_MAX_REVS
+        self.owner_budget = owner_budget
+        self.held: dict[object, int] = {}  # owner -> bytes waiting in its watchers' outboxes
         self.woken: set = set()
         self.faulted: set = set()  # owners whose ring raised on write: to disconnect
         self.removed: list[Watcher] = []  # finished watchers whose bookkeeping may go
@@ -387,17 +430,31 @@ class WatchCore:
         elif new == REMOVED:
             self.removed.append(w)
 
-    def _write(self, w: Watcher, payload: bytes) -> bool:
-        """Queue `payload` for `w`: written now if nothing is pending and it fits.
+    # ------------------------------------------------------------ writing
 
-        Returns True when the whole payload went out. O(len(payload))."""
+    def _hold(self, w: Watcher, payload: bytes, off: int) -> None:
+        """Keep `payload[off:]` for `w` until its ring has room (counted to its owner)."""
+        w.outbox.append([payload, off])
+        self.held[w.owner] = self.held.get(w.owner, 0) + len(payload) - off
+
+    def _unhold(self, w: Watcher, n: int) -> None:
+        left = self.held[w.owner] - n
+        if left:
+            self.held[w.owner] = left
+        else:
+            del self.held[w.owner]
+
+    def _write(self, w: Watcher, payload: bytes) -> bool:
+        """Write a control response (created, canceled, progress): written now if nothing
+        is pending and it fits, else kept in order behind what is pending (these are a
+        few dozen bytes and never dropped). True when it went out whole. O(len)."""
         if w.outbox:
-            w.outbox.append([payload, 0])
+            self._hold(w, payload, 0)
             return False
         sink = w.sink
         try:
             off = sink.write(payload, 0)
-        except Exception:  # the consumer corrupted its ring: the shell drops its owner
+        except RingCorrupt:  # the consumer corrupted its ring: the shell drops its owner
             self.faulted.add(w.owner)
             return False
         if off:
@@ -405,9 +462,46 @@ class WatchCore:
             self.woken.add(w.owner)
         if off == len(payload):
             return True
-        w.outbox.append([payload, off])
+        self._hold(w, payload, off)
         sink.producer_blocked = 1
         return False
+
+    def _deliver(self, w: Watcher, blobs) -> bool | None:
+        """Write the responses of one revision (or one catch-up) to `w`, whose outbox is
+        empty. True: all went out. None: nothing went out and nothing is kept (its ring
+        is full, or its owner is over budget): the caller leaves `w` at that revision.
+        False: part went out and the rest waits in `w.outbox`. O(bytes)."""
+        sink = w.sink
+        wrote = False
+        for i, blob in enumerate(blobs):
+            n = len(blob)
+            if (not wrote and n > sink.max_chunk
+                    and self.held.get(w.owner, 0) + n > self.owner_budget
+                    and self.held.get(w.owner, 0)):
+                # Could only go out in part, and holding the rest would put the owner
+                # over its budget: wait for room instead (the log keeps the events).
+                sink.producer_blocked = 1
+                return None
+            try:
+                off = sink.write(blob, 0)
+            except RingCorrupt:
+                self.faulted.add(w.owner)
+                return None
+            if off == n:
+                wrote = True
+                continue
+            if off == 0 and not wrote:
+                sink.producer_blocked = 1
+                return None
+            self._hold(w, blob, off)
+            for rest in blobs[i + 1:]:
+                self._hold(w, rest, 0)
+            sink.producer_blocked = 1
+            wrote = True
+            break
+        sink.publish()
+        self.woken.add(w.owner)
+        return not w.outbox
 
     def _flush(self, w: Watcher) -> bool:
         """Write what `w` has pending; True when nothing is left."""
@@ -418,11 +512,12 @@ class WatchCore:
             item = box[0]
             try:
                 off = sink.write(item[0], item[1])
-            except Exception:  # see _write
+            except RingCorrupt:  # see _write
                 self.faulted.add(w.owner)
                 return False
             if off != item[1]:
                 wrote = True
+                self._unhold(w, off - item[1])
             if off < len(item[0]):
                 item[1] = off
                 break
@@ -434,6 +529,11 @@ class WatchCore:
             sink.producer_blocked = 1
             return False
         return True
+
+    def _has_room(self, w: Watcher) -> bool:
+        """Whether `w`'s ring is free enough to be worth a catch-up response."""
+        sink = w.sink
+        return sink.free() >= sink.capacity * VICTIM_RESUME_FREE
 
     # ------------------------------------------------------------ watch / cancel
 
@@ -473,7 +573,9 @@ class WatchCore:
         elif w.state == CANCELING:
             self.canceling.pop(w, None)
         w.state = REMOVED
-        w.outbox.clear()
+        if w.outbox:
+            self._unhold(w, sum(len(p) - off for p, off in w.outbox))
+            w.outbox.clear()
 
     # ------------------------------------------------------------ live events
 
@@ -512,35 +614,43 @@ class WatchCore:
             self._send_live(w, batch, tuple(idxs))
 
     def _send_live(self, w: Watcher, batch: RevisionBatch, idxs: tuple[int, ...]) -> None:
-        w.sent_since_tick = True
-        self.events_delivered += len(idxs)
         if w.fragment and len(idxs) > 1:
             enc = [batch.encoded(i, w.prev_kv) for i in idxs]
-            blobs = split_fragments(batch.rev, enc, self.max_request_bytes)
+            blobs = split_fragments(batch.rev, enc, self.fragment_limit)
         else:
             blobs = (batch.blob(idxs, w.prev_kv),)
-        ok = True
-        for b in blobs:
-            ok = self._write(w, b) and ok
-        if not ok:
-            w.min_rev = batch.rev + 1
-            self._move(w, "ring_full")
+        done = self._deliver(w, blobs)
+        if done is not None:
+            w.sent_since_tick = True
+            self.events_delivered += len(idxs)
+            if done:
+                return
+        # Not taken whole: a victim. If nothing of this revision went out, the watcher
+        # still owes it (the log has it); else the rest waits in its outbox.
+        w.min_rev = batch.rev if done is None else batch.rev + 1
+        self._move(w, "ring_full")
 
     # ------------------------------------------------------------ victims
 
     def move_victims(self) -> int:
-        """Retry every victim's pending responses (etcd's syncVictimsLoop step).
+        """etcd's syncVictimsLoop step: every victim whose ring has room again (what it
+        had pending written, and `VICTIM_RESUME_FREE` of the ring free) moves on to
+        catch up from the log (or straight to synced if nothing happened meanwhile).
 
         O(V) plus the bytes written. Returns how many victims were released."""
         released = 0
         for w in list(self.victims):
-            if not self._flush(w):
+            if w.outbox:
+                if not self._flush(w):
+                    continue
+            if not self._has_room(w):
+                w.sink.producer_blocked = 1
                 continue
             released += 1
             if w.min_rev <= self.cur_rev:
-                self._move(w, "delivered_behind")
+                self._move(w, "room_behind")
             else:
-                self._move(w, "delivered_current")
+                self._move(w, "room_current")
                 self._owe_progress(w)
         for w in list(self.canceling):
             if self._flush(w):
@@ -554,11 +664,18 @@ class WatchCore:
 
         `read_history(lo, hi)` yields (rev, events) for lo <= rev <= hi. The history is
         read once for the chosen watchers, from the smallest minRev; each watcher gets
-        its matching events of whole revisions, in responses of at most
-        `max_response_bytes` and `batch_max_revs` revisions (etcd's moreRev: the
-        watcher stays unsynced for the rest). A watcher whose minRev fell below the
-        compaction point is cancelled with `compact_revision` (etcd: header revision 0).
-        Returns how many watchers became synced. O(H·log B + bytes) for H events read.
+        its matching events of whole revisions in one response of at most
+        `batch_max_revs` revisions and `max_response_bytes` (etcd's moreRev: the
+        watcher stays unsynced for the rest); a response larger than the ring's free
+        space streams through, its unwritten rest held against the owner's budget.
+        While the owner already has bytes held, a response is cut to what the ring has
+        free instead (at least one revision), so at most one catch-up per owner is ever
+        held and its other watches keep moving. A
+        watcher whose ring is less than `VICTIM_RESUME_FREE` free waits as a victim;
+        one whose minRev fell below the compaction point is cancelled with
+        `compact_revision` (etcd: header revision 0). Returns how many watchers
+        became synced.
+        O(H·log B + bytes) for H events read.
         """
         if not self.unsynced:
             return 0
@@ -568,6 +685,7 @@ class WatchCore:
                 break
             chosen.append(w)
         group = WatcherGroup()
+        limit: dict[Watcher, int] = {}
         lo = None
         for w in chosen:
             if w.min_rev < self.compact_rev:
@@ -581,6 +699,18 @@ class WatchCore:
                 self._move(w, "caught_up")
                 self._owe_progress(w)
                 continue
+            if not self._has_room(w) or self.held.get(w.owner, 0) >= self.owner_budget:
+                # Wait as a victim: for room in its ring, or for its owner's held bytes
+                # to drain (nothing is built for it meanwhile).
+                w.sink.producer_blocked = 1
+                self._move(w, "ring_full")
+                continue
+            # etcd-sized (up to batch_max_revs revisions and max_response_bytes), or,
+            # while its owner already has bytes held, no more than its ring has free:
+            # then it is written whole and nothing more is held for that owner, so a
+            # client's unread watches never starve the ones it reads.
+            limit[w] = (self.max_response_bytes if not self.held.get(w.owner)
+                        else w.sink.free() - RESPONSE_OVERHEAD)
             group.add(w)
             lo = w.min_rev if lo is None else min(lo, w.min_rev)
         if lo is None:
@@ -596,7 +726,7 @@ class WatchCore:
             for i, ev in enumerate(events):
                 bit = FILTER_NOPUT if ev.type == "PUT" else FILTER_NODELETE
                 for w in group.match(ev.kv.key):
-                    if w.min_rev <= rev and w not in more and not w.filters & bit:
+                    if w.min_rev <= rev and not w.filters & bit:
                         idxs = per.get(w)
                         if idxs is None:
                             per[w] = [i]
@@ -606,8 +736,7 @@ class WatchCore:
                 enc = [batch.encoded(i, w.prev_kv and events[i].kv.mod_revision - 1 >=
                                      self.compact_rev) for i in idxs]
                 n = sum(len(e) for e in enc)
-                if acc[w] and (size[w] + n > self.max_response_bytes
-                               or revs[w] >= self.batch_max_revs):
+                if acc[w] and (size[w] + n > limit[w] or revs[w] >= self.batch_max_revs):
                     more[w] = rev
                     group.remove(w)
                     continue
@@ -619,33 +748,30 @@ class WatchCore:
         synced = 0
         for w, enc in acc.items():
             self.catchups += 1
-            ok = True
+            done: bool | None = True
             if enc:
-                self.events_delivered += len(enc)
-                w.sent_since_tick = True
                 if w.fragment:
-                    blobs = split_fragments(hi, enc, self.max_request_bytes)
+                    blobs = split_fragments(hi, enc, self.fragment_limit)
                 else:
                     blobs = [events_blob(hi, enc)]
-                for b in blobs:
-                    ok = self._write(w, b) and ok
-            if w in more:
-                w.min_rev = more[w]
-                if ok:
-                    self._move(w, "more")
-                    # Rotate to the back so others get their turn.
-                    del self.unsynced[w]
-                    self.unsynced[w] = None
-                else:
+                done = self._deliver(w, blobs)
+                if done is None:  # nothing went out: stay at min_rev, wait for room
                     self._move(w, "ring_full")
-                continue
-            w.min_rev = hi + 1
-            if ok:
+                    continue
+                self.events_delivered += len(enc)
+                w.sent_since_tick = True
+            w.min_rev = more.get(w, hi + 1)
+            if not done:
+                self._move(w, "ring_full")
+            elif w in more:
+                self._move(w, "more")
+                # Rotate to the back so others get their turn.
+                del self.unsynced[w]
+                self.unsynced[w] = None
+            else:
                 self._move(w, "caught_up")
                 self._owe_progress(w)
                 synced += 1
-            else:
-                self._move(w, "ring_full")
         return synced
 
     # ------------------------------------------------------------ progress
@@ -676,6 +802,7 @@ class WatchCore:
     # ------------------------------------------------------------ introspection
 
     def pending_events(self) -> int:
+        """Responses held for victims (the unwritten rest of ones their rings took in part)."""
         return sum(len(w.outbox) for w in self.victims)
 
     def _check(self) -> None:
@@ -685,10 +812,17 @@ class WatchCore:
         for w in self.unsynced:
             assert w.state == UNSYNCED and not w.outbox, w
         for w in self.victims:
-            assert w.state == VICTIM and w.outbox, w
+            assert w.state == VICTIM, w
         for w in self.canceling:
             assert w.state == CANCELING and w.outbox, w
         groups = [set(self.synced), set(self.unsynced), set(self.victims), set(self.canceling)]
         for i, a in enumerate(groups):
             for b in groups[i + 1:]:
                 assert not (a & b)
+        held: dict[object, int] = {}
+        for g in groups:
+            for w in g:
+                n = sum(len(p) - off for p, off in w.outbox)
+                if n:
+                    held[w.owner] = held.get(w.owner, 0) + n
+        assert held == self.held, (held, self.held)

@@ -9,19 +9,25 @@
 Semantics are etcd v3's: see the README and `clientlib.types`.
 """
 
+# The one place the version is written: pyproject.toml reads it from here.
+__version__ = "0.1.0"
+
 from .client import Client, Watch, connect
 from .errors import (
     BrokerUnavailable,
+    ClientClosed,
     CompactedError,
     DuplicateKeyError,
     DuplicateWatchIdError,
     EmptyKeyError,
     FutureRevisionError,
+    InheritedWatchError,
     InvalidRangeError,
     KeyNotFoundError,
     PermissionDenied,
     ProtocolError,
     RequestTooLargeError,
+    ResponseTooLargeError,
     ShmwatchError,
     Timeout,
     TooManyClientsError,
@@ -58,12 +64,12 @@ from .types import (
 
 __all__ = [
     "Client", "Watch", "connect",
-    "BrokerUnavailable", "CompactedError", "DuplicateKeyError", "DuplicateWatchIdError",
-    "EmptyKeyError", "FutureRevisionError", "InvalidRangeError", "KeyNotFoundError",
-    "PermissionDenied",
-    "ProtocolError", "RequestTooLargeError", "ShmwatchError", "Timeout", "TooManyClientsError",
-    "TooManyOpsError", "TooManyWatchersError",
-    "ValueProvidedError", "WatchClosed",
+    "BrokerUnavailable", "ClientClosed", "CompactedError", "DuplicateKeyError",
+    "DuplicateWatchIdError", "EmptyKeyError", "FutureRevisionError", "InheritedWatchError",
+    "InvalidRangeError", "KeyNotFoundError", "PermissionDenied", "ProtocolError",
+    "RequestTooLargeError", "ResponseTooLargeError", "ShmwatchError", "Timeout",
+    "TooManyClientsError", "TooManyOpsError", "TooManyWatchersError", "ValueProvidedError",
+    "WatchClosed",
     "Compare", "compare_create", "compare_lease", "compare_mod", "compare_value",
     "compare_version", "op_delete", "op_get", "op_put", "op_txn", "prefix_range_end",
     "DELETE", "PUT", "CompactResponse", "DeleteRangeResponse", "Event", "KeyValue",

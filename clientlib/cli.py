@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from shm import layout as L
 from shm.errors import ShmError
 
-from . import errors
+from . import __version__, errors
 from .cli_args import (
     EXIT_BAD_ARGS,
     EXIT_BAD_FEATURE,
@@ -458,8 +458,6 @@ STATUS_HEADER = ["name", "pid", "version", "revision", "compact revision", "log 
 def broker_status(name: str) -> dict:
     """etcdctl `endpoint status`'s Status for a broker, read from its control segment and
     published stats: no request reaches the broker."""
-    from importlib.metadata import PackageNotFoundError, version
-
     from broker.admin import broker_info, read_stats
 
     info = broker_info(name)
@@ -470,12 +468,9 @@ def broker_status(name: str) -> dict:
         stats = read_stats(name)
     except (ShmError, TimeoutError) as exc:  # a broker still starting, or just gone
         raise CliError(EXIT_ERROR, f"shmwatch: broker {name!r} has no stats to read ({exc})") from None
-    try:
-        ver = version("shmwatch")
-    except PackageNotFoundError:
-        ver = "unknown"
     log = stats["log"]
-    return {"name": name, "pid": info["pid"], "version": ver, "cluster_id": info["cluster_id"],
+    return {"name": name, "pid": info["pid"], "version": __version__,
+            "cluster_id": info["cluster_id"],
             "revision": info["revision"], "compact_revision": info["compact_revision"],
             "log_used": log["used"], "log_capacity": log["capacity"],
             "log_revisions": log["count"], "clients": info["clients"],
@@ -527,15 +522,10 @@ def cmd_status(argv: list[str]) -> int:
 
 
 def cmd_serve(a) -> int:
-    import logging
+    """`shmwatch serve`: run a broker (see `python -m broker --help`)."""
+    from broker.__main__ import serve
 
-    from broker.__main__ import config_from_args
-    from broker.server import run
-
-    logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING,
-                        format="%(asctime)s broker %(levelname)s %(message)s")
-    run(config_from_args(a))
-    return 0
+    return serve(a, "shmwatch serve")
 
 
 def cmd_cleanup(a) -> int:
@@ -573,11 +563,11 @@ def build_parser():
     from broker.__main__ import add_broker_options
 
     p = argparse.ArgumentParser(prog="shmwatch", description="etcd v3 watch over shared memory")
+    p.add_argument("--version", action="version", version=f"shmwatch {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    s = sub.add_parser("serve", help="run a broker in the foreground")
+    s = sub.add_parser("serve", help="run a broker (in the foreground unless --detach)")
     add_broker_options(s)
-    s.add_argument("-v", "--verbose", action="store_true")
 
     for name, cmd in CLIENT_COMMANDS.items():
         if name != "compact":

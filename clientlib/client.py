@@ -3,8 +3,21 @@
 A `Client` is one registered client of the broker (etcd: one gRPC connection with one
 watch stream). It owns a request ring, a response ring and one ring per watch, all in
 shared memory the broker created for it, plus a doorbell the broker rings when it
-wrote something while the client slept. A `Client` is safe to share between threads;
-it must not be used across fork().
+wrote something while the client slept. A `Client` is safe to share between threads.
+
+Fork safety (as redis-py's connection pools): a `Client` inherited through fork() —
+multiprocessing's fork start method, Pool, gunicorn or celery prefork workers — attaches
+again as a new client (its own slot and rings) on its first call in the child; the
+parent's client is untouched, and nothing the child does reaches the parent's rings.
+At fork, the child drops its copy of the parent's slot lock (so a dead parent is seen
+dead even while children live) and gets fresh locks (so a lock another parent thread
+held mid-call cannot deadlock it). A `Watch` belongs to the process that created it: in
+a forked child it raises `InheritedWatchError`.
+
+Watch responses are taken out of the watch's ring only as the application asks for
+them (one response of read-ahead), so a slow reader's ring fills, the broker turns it
+into a victim, and the backlog stays in the broker's revision log, coming back in
+catch-up responses of many revisions: client memory per watch is one response.
 
 Every blocking call has a timeout, and notices a dead broker within one wait slice
 (50 ms) through the broker's kernel-held lock: it then raises `BrokerUnavailable`.
@@ -15,6 +28,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 
@@ -22,7 +36,13 @@ import psutil
 
 from shm import layout as L
 from shm.doorbell import Doorbell
-from shm.errors import LayoutMismatch, SegmentNotFound, ShmPermissionError
+from shm.errors import (
+    LayoutMismatch,
+    MessageTooLarge,
+    RingCorrupt,
+    SegmentNotFound,
+    ShmPermissionError,
+)
 from shm.lock import is_locked, try_lock, unlock
 from shm.ring import Ring, ring_bytes
 from shm.segment import Segment, shm_name
@@ -51,12 +71,14 @@ from .protocol import (
     OP_WATCH_CANCEL,
     OP_WATCH_CREATE,
     K_PUT,
+    RESUME_FREE_FRACTION,
     W_CANCELED,
     decode_reply,
     decode_response,
     decode_watch_response,
     encode_op,
     packb,
+    peek_id,
 )
 from .types import (
     CompactResponse,
@@ -71,6 +93,27 @@ from .types import (
 WAIT_SLICE_S = 0.05  # a dead broker is noticed within this
 SPIN = 200  # ready() checks before sleeping on the doorbell: ~50 us of spinning
 DEFAULT_TIMEOUT = 5.0
+REPLY_ENVELOPE = 64 << 10  # bytes of a reply beyond the broker's --max-response-bytes
+# A watch response is bounded by the broker (a catch-up by its ring's free space or one
+# revision); a revision with prev_kv can exceed --max-response-bytes, so the reader's
+# bound is gRPC's own default message limit (math.MaxInt32).
+MAX_WATCH_RESPONSE = (1 << 31) - 1
+INT64 = range(-(1 << 63), 1 << 63)
+
+# Fork safety: bumped in every child right after fork(); clients and watches compare it
+# with the value they were made under (cheaper than os.getpid() on every call).
+_fork_generation = 0
+_live_clients: "weakref.WeakSet[Client]" = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    global _fork_generation
+    _fork_generation += 1
+    for c in list(_live_clients):
+        c._forked()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 _FILTERS = {"noput": FILTER_NOPUT, "nodelete": FILTER_NODELETE,
             "NOPUT": FILTER_NOPUT, "NODELETE": FILTER_NODELETE}
@@ -102,6 +145,10 @@ class Client:
         self._ctl: Segment | None = None
         self.generation = 0  # bumped by every reconnect()
         self._user_closed = False
+        self._lock_fd = -1  # our own descriptor of the ctl file, holding our slot lock
+        self._broken: errors.ShmwatchError | None = None
+        self._fork_gen = _fork_generation
+        _live_clients.add(self)
         deadline = time.monotonic() + timeout
         try:
             self._attach(deadline)
@@ -157,12 +204,16 @@ class Client:
         req_size = ring_bytes(words[L.CTL_REQUEST_RING])
         resp_size = ring_bytes(words[L.CTL_RESPONSE_RING])
         self._req = Ring(p[L.CLIENT_HEADER:L.CLIENT_HEADER + req_size])
-        self._resp = Ring(p[L.CLIENT_HEADER + req_size:L.CLIENT_HEADER + req_size + resp_size])
+        self._resp = Ring(p[L.CLIENT_HEADER + req_size:L.CLIENT_HEADER + req_size + resp_size],
+                          max_message=words[L.CTL_MAX_RESPONSE_BYTES] + REPLY_ENVELOPE)
         self._bell = Doorbell.open(shm_name(self.name, part + ".bell"),
                                    p[L.CLIENT_SLEEPING:L.CLIENT_SLEEPING + 4])
 
     def _claim_slot(self, words) -> int:
-        fd = self._ctl.fd
+        # The slot lock lives on a descriptor of its own (a new open file description
+        # of the same file, never mapped), so that after fork() the child can close its
+        # copy and no mmap's internal dup keeps the parent's lock alive.
+        fd = self._lock_fd = os.open(f"/proc/self/fd/{self._ctl.fd}", os.O_RDWR)
         me = psutil.Process()
         for slot in range(words[L.CTL_MAX_CLIENTS]):
             if words[L.slot_word(slot, L.SLOT_STATE)] != L.SLOT_FREE:
@@ -181,8 +232,15 @@ class Client:
         raise errors.TooManyClientsError()
 
     def close(self) -> None:
-        """Leave the broker: it drops this client's watches and unlinks its rings."""
+        """Leave the broker: it drops this client's watches and unlinks its rings.
+
+        Idempotent. Later calls raise `ClientClosed`. In a forked child that never used
+        an inherited client, this only drops the child's copy (the parent's client is
+        untouched)."""
         self._user_closed = True
+        if self._fork_gen != _fork_generation:
+            self._drop_inherited()
+            return
         if self._closed:
             return
         self._closed = True
@@ -225,18 +283,75 @@ class Client:
         if self._seg is not None:
             self._seg.close()
         self._words = None
-        if self._ctl is not None:
+        if self._lock_fd >= 0:
             slot = getattr(self, "_slot", None)
-            if slot is not None and self._ctl.fd >= 0:
-                # mmap holds its own descriptor of the file, so closing ours would not
-                # drop the OFD lock while any view lives: drop it explicitly.
+            if slot is not None:
                 try:
-                    unlock(self._ctl.fd, L.slot_lock_byte(slot))
+                    unlock(self._lock_fd, L.slot_lock_byte(slot))
                 except OSError:
                     pass
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+        if self._ctl is not None:
             self._slot = self._gen = None
             self._ctl.close()
         self._closed = True
+
+    # ------------------------------------------------------------ fork safety
+
+    def _forked(self) -> None:
+        """In a child right after fork() (one thread): drop the child's copy of the
+        parent's slot lock, and replace every lock (another thread of the parent may
+        have held one mid-call). Touches no shared memory."""
+        if self._lock_fd >= 0:
+            try:
+                os.close(self._lock_fd)
+            except OSError:
+                pass
+            self._lock_fd = -1
+        self._cond = threading.Condition(threading.RLock())
+        self._send_lock = threading.Lock()
+        self._sleeper = False
+
+    def _drop_inherited(self) -> None:
+        """Forget the parent's client in this child: unmap our copies of its segments
+        and close our semaphore handles; send nothing, unlock nothing, unlink nothing."""
+        for w in self._watches.values():
+            if w._ring is not None:
+                w._ring.release()
+                w._ring = None
+        self._watches.clear()
+        self._replies.clear()
+        self._abandoned.clear()
+        self._free_rings.clear()
+        self._slot = None  # the slot (and its lock) is the parent's
+        self._release()
+        self._seg = self._bell = self._ctl = None
+        self._broker_bell = None
+        self._fork_gen = _fork_generation
+
+    def _own(self) -> None:
+        """Make sure this client belongs to this process: in a forked child, attach as
+        a new client on first use (the parent's stays as it was)."""
+        if self._fork_gen == _fork_generation:
+            return
+        with self._send_lock, self._cond:
+            if self._fork_gen == _fork_generation:
+                return  # another thread of this child did it
+            user_closed = self._user_closed
+            self._drop_inherited()
+            if user_closed:
+                return  # closed in the parent: stays closed (ClientClosed)
+            self._closed = False
+            self._broken = None
+            try:
+                self._attach(time.monotonic() + self.timeout)
+            except BaseException:
+                self._release()
+                self._seg = self._bell = self._ctl = None
+                self._broker_bell = None
+                raise
+            self.generation += 1
 
     def reconnect(self, timeout: float | None = None, *, _generation: int | None = None) -> None:
         """Attach again to a broker of the same name after the old one went away.
@@ -306,7 +421,9 @@ class Client:
 
     def _check_alive(self) -> None:
         if self._closed:
-            raise errors.BrokerUnavailable("shmwatch: client is closed")
+            if self._user_closed:
+                raise errors.ClientClosed()
+            raise errors.BrokerUnavailable("shmwatch: client is not attached")
         if not self._broker_alive():
             raise errors.BrokerUnavailable(f"shmwatch: broker {self.name!r} is gone")
         words = self._words
@@ -352,36 +469,43 @@ class Client:
         """Pipeline requests: write them all, wake the broker once, wait for every reply.
 
         Replies come back in request order (the broker serves a client's ring in order),
-        so waiting for the last one waits for all. Errors are returned, not raised."""
+        so waiting for the last one waits for all. Errors are returned, not raised: a
+        request too large to send gets `RequestTooLargeError` in its place and the
+        others are still sent."""
+        self._own()
         if self._closed:
-            raise errors.BrokerUnavailable("shmwatch: client is closed")
+            self._check_alive()
+        if self._broken is not None:
+            raise self._broken
         deadline = self._deadline(timeout)
         rids = []
+        out: list = [None] * len(msgs)
         with self._send_lock:
-            for msg in msgs:
+            for i, msg in enumerate(msgs):
                 rid = msg[1] = self._req_id + 1
                 data = packb(msg)
                 if len(data) > self.max_request_bytes:
-                    if rids:
-                        break  # send what came before; this one fails below
-                    raise errors.RequestTooLargeError()
+                    out[i] = errors.RequestTooLargeError()
+                    continue
                 self._req_id = rid
                 self._send(data, deadline, flush=False)
-                rids.append(rid)
-            self._req.publish()
-            self._broker_bell.ring()
-        last = rids[-1]
+                rids.append((i, rid))
+            if rids:
+                self._req.publish()
+                self._broker_bell.ring()
+        if not rids:
+            return out
+        last = rids[-1][1]
         if not self._wait(lambda: last in self._replies, self._resp_readable, deadline):
             with self._cond:
                 if last not in self._replies:
-                    self._abandoned.update(r for r in rids if r not in self._replies)
-                    for r in rids:
+                    self._abandoned.update(r for _, r in rids if r not in self._replies)
+                    for _, r in rids:
                         self._replies.pop(r, None)
                     raise errors.Timeout("shmwatch: no reply from the broker within the timeout")
         with self._cond:
-            out = [self._replies.pop(r) for r in rids]
-        if len(rids) < len(msgs):
-            out += [errors.RequestTooLargeError()] * (len(msgs) - len(rids))
+            for i, r in rids:
+                out[i] = self._replies.pop(r)
         return out
 
     def _resp_readable(self) -> bool:
@@ -394,8 +518,26 @@ class Client:
         if resp is None:
             return
         while True:
-            data = resp.read()
+            try:
+                data = resp.read()
+            except MessageTooLarge as exc:
+                # The broker bounds replies by --max-response-bytes, which bounds this
+                # read too: reaching this means a reply over it. Its caller gets a typed
+                # error; the ring is still in step.
+                rid = peek_id(exc.head, 0)
+                if rid and rid not in self._abandoned:
+                    self._replies[rid] = errors.ResponseTooLargeError(
+                        f"shmwatch: reply of {exc.size} bytes exceeds this client's limit")
+                self._abandoned.discard(rid)
+                continue
+            except RingCorrupt as exc:
+                self._broken = errors.ProtocolError(
+                    f"shmwatch: this client's response ring is damaged ({exc}); "
+                    f"reconnect() to attach again")
+                raise self._broken from None
             if data is None:
+                if resp.producer_blocked:
+                    self._space_freed(resp)  # the broker holds replies for us: room now
                 return
             rid, result = decode_reply(data)
             if not rid:
@@ -442,6 +584,12 @@ class Client:
         self._words[L.CTL_SPACE_HINT] = 1
         self._broker_bell.ring()
 
+    def _room_made(self, ring: Ring) -> None:
+        """After reading from a watch ring: if the broker is waiting for room in it and
+        the reader has freed the share the broker resumes at, say so (once)."""
+        if ring.producer_blocked and ring.used() <= ring.capacity * RESUME_FREE_FRACTION:
+            self._space_freed(ring)
+
     # ------------------------------------------------------------ KV
 
     def _kv(self, op, timeout: float | None):
@@ -461,20 +609,35 @@ class Client:
                  timeout: float | None = None) -> list[PutResponse]:
         """Pipelined puts: the same as `put(k, v)` for each (k, v) in order — each its own
         request and revision, as etcd would apply them — but written to the ring in one
-        go with one wake-up of the broker. Raises the first error after all were tried."""
+        go with one wake-up of the broker.
+
+        Every item is tried, in order, whatever happens to the others (an item too
+        large to send, or refused by the broker, does not stop the ones after it from
+        being applied). If any failed, raises the first failure's error type with a
+        message naming the item, and with `.index` (that item's position) and
+        `.results` (one `PutResponse` or error per item) set."""
         msgs = [[OP_KV, 0, encode_op(op_put(k, v, prev_kv))] for k, v in items]
         if not msgs:
             return []
-        out = []
-        first_error = None
-        for body in self._call_many(msgs, timeout):
+        out: list = []
+        first: int | None = None
+        for i, body in enumerate(self._call_many(msgs, timeout)):
             if isinstance(body, errors.ShmwatchError):
-                first_error = first_error or body
+                if first is None:
+                    first = i
                 out.append(body)
             else:
                 out.append(decode_response(body))
-        if first_error is not None:
-            raise first_error
+        if first is not None:
+            err = out[first]
+            failed = sum(isinstance(r, errors.ShmwatchError) for r in out)
+            exc = type(err)(f"put_many: item {first} of {len(out)} failed ({failed} failed "
+                            f"in all; the others were applied): {err.message}")
+            for name, value in err.wire_fields().items():
+                setattr(exc, name, value)
+            exc.index = first
+            exc.results = out
+            raise exc
         return out
 
     def get(self, key, range_end=None, prefix: bool = False, revision: int = 0,
@@ -511,22 +674,29 @@ class Client:
               resume: bool = False, timeout: float | None = None) -> "Watch":
         """etcd Watch on one key, a range, a prefix or every key >= key.
 
-        Returns a `Watch` whose first response is the `created` one. A refused watch
-        (key >= range_end, duplicate watch_id) yields created+canceled with etcd's reason.
+        Returns a `Watch` whose first response is the `created` one. `watch_id` 0 or
+        None picks the next free id; any other int64 (negative ones too, as etcd) is
+        used as given. A refused watch (key >= range_end, a watch_id in use) yields
+        etcd's created+canceled response with its reason, then iterating it raises the
+        refusal (`InvalidRangeError`, `DuplicateWatchIdError`).
         With `resume=True` the watch survives a broker restart (see `reconnect()`).
+        The watch belongs to this process (see the module docstring on fork).
         """
+        self._own()
         k, end = resolve_range(key, range_end, prefix)
         bits = 0
         for f in filters:
             if f not in _FILTERS:
                 raise ValueError(f"unknown watch filter {f!r} (noput, nodelete)")
             bits |= _FILTERS[f]
+        want = int(watch_id or 0)
+        if want not in INT64:
+            raise ValueError(f"watch_id must be an int64, got {watch_id}")
         spec = [k, end, int(start_revision), bool(prev_kv), bits, bool(progress_notify),
                 bool(fragment)]
-        wid, rev, reason, ring_slot, ring = self._create_watch(spec, int(watch_id or 0), timeout)
-        if wid < 0:
-            err = (errors.DuplicateWatchIdError(reason) if "duplicate" in reason
-                   else errors.InvalidRangeError(reason))
+        wid, rev, reason, code, ring_slot, ring = self._create_watch(spec, want, timeout)
+        if code:
+            err = errors.error_from_code(code, reason)
             return Watch(self, -1, None, None, refused=(rev, reason, err))
         w = Watch(self, wid, ring_slot, ring, spec=spec, resume=resume)
         with self._cond:
@@ -536,17 +706,25 @@ class Client:
     def _create_watch(self, spec: list, want_id: int, timeout: float | None):
         ring_slot = self._take_ring(timeout)
         try:
-            wid, rev, reason = self._call(
+            reply = self._call(
                 [OP_WATCH_CREATE, 0, ring_slot[0], ring_slot[1], *spec, want_id], timeout)
+            try:
+                wid, rev, reason, code = reply
+                if not (type(wid) is int and type(rev) is int and type(reason) is str
+                        and type(code) is int):
+                    raise TypeError
+            except (TypeError, ValueError):
+                raise errors.ProtocolError("shmwatch: malformed watch-create reply") from None
         except BaseException:
             self._free_rings.append(ring_slot)
             raise
-        if wid < 0:
+        if code:
             self._free_rings.append(ring_slot)
-            return wid, rev, reason, None, None
+            return wid, rev, reason, code, None, None
         a, i = ring_slot
         rs = self._watch_ring_size
-        return wid, rev, reason, ring_slot, Ring(self._arenas[a].payload[i * rs:(i + 1) * rs])
+        ring = Ring(self._arenas[a].payload[i * rs:(i + 1) * rs], max_message=MAX_WATCH_RESPONSE)
+        return wid, rev, reason, 0, ring_slot, ring
 
     def _take_ring(self, timeout: float | None) -> tuple[int, int]:
         with self._cond:
@@ -575,9 +753,19 @@ class Client:
 class Watch:
     """A stream of `WatchResponse`s for one watch: iterate it, or `get()` / `get_nowait()`.
 
-    Iteration ends after the final `canceled` response (yours, a compaction's, or the
-    broker's). After that, `get()` raises: `CompactedError` if the watch was compacted,
-    the refusal's error for a refused watch, else `WatchClosed`.
+    Responses are taken from the watch's ring one at a time as you ask for them, so a
+    slow reader leaves its backlog with the broker (see the module docstring).
+
+    How a stream ends (trio-style, a distinct outcome for each way):
+    - you cancelled it (`cancel()`, or leaving its `with` block): the final `canceled`
+      response is delivered, then iteration stops cleanly (`get()` raises `WatchClosed`);
+    - refused at creation: the created+canceled response, then iteration raises the
+      refusal (`InvalidRangeError`, `DuplicateWatchIdError`);
+    - compacted: the `canceled` response with `compact_revision`, then iteration raises
+      `CompactedError` (its `compact_revision` set);
+    - cancelled by the broker for another reason: `WatchClosed` with the reason;
+    - the broker is gone (and the watch does not resume): `BrokerUnavailable`;
+    - used in a forked child: `InheritedWatchError`.
     """
 
     def __init__(self, client: Client, watch_id: int, ring_slot, ring: Ring | None,
@@ -586,13 +774,15 @@ class Watch:
         self.watch_id = watch_id
         self._ring_slot = ring_slot
         self._ring = ring
-        self._buf: deque[WatchResponse] = deque()
+        self._buf: deque[WatchResponse] = deque()  # read-ahead: at most one response
         self._final = False  # the canceled response is in _buf or was returned
         self._error: errors.ShmwatchError | None = None
+        self._clean_end = False  # ended by our own cancel(): iteration stops cleanly
         self._spec = spec
         self._resume = resume
         self._next_rev = spec[2] if spec else 0  # where a resumed watch starts
         self._skip_created = False
+        self._fork_gen = _fork_generation
         if refused is not None:
             rev, reason, err = refused
             self._buf.append(WatchResponse(watch_id=-1, revision=rev, created=True,
@@ -600,49 +790,69 @@ class Watch:
             self._final = True
             self._error = err
 
+    def _mine(self) -> None:
+        if self._fork_gen != _fork_generation:
+            raise errors.InheritedWatchError(
+                f"shmwatch: watch {self.watch_id} was created by another process before "
+                f"fork(); it belongs to that process: create a new watch in this one")
+
     def _pull(self) -> bool:
-        """Move what the ring holds into the buffer (client lock held). True if any."""
+        """Have the next response ready (client lock held): when the read-ahead buffer
+        is empty, take at most one response from the ring. True if one is ready."""
+        if self._buf:
+            return True
         ring = self._ring
-        if ring is not None and not self._final:
-            while True:
+        if ring is None or self._final:
+            return False
+        c = self._client
+        while True:
+            try:
                 data = ring.read()
-                if data is None:
-                    break
-                kind, resp = decode_watch_response(data, self.watch_id)
-                if resp.events:
-                    self._next_rev = resp.events[-1].kv.mod_revision + 1
-                elif resp.created:
-                    if self._skip_created:
-                        self._skip_created = False
-                        continue  # a resumed watch's re-creation is invisible
-                    if not self._next_rev:
-                        self._next_rev = resp.revision + 1
-                elif not resp.canceled and resp.revision >= self._next_rev:
-                    self._next_rev = resp.revision + 1  # progress: nothing before it is owed
-                self._buf.append(resp)
-                if kind == W_CANCELED:
-                    self._final = True
-                    if resp.compact_revision:
-                        self._error = errors.CompactedError()
-                    else:
-                        self._error = errors.WatchClosed(
-                            "shmwatch: watch canceled" + (f": {resp.cancel_reason}"
-                                                          if resp.cancel_reason else ""))
-                    self._ring = None
-                    if ring.producer_blocked:
-                        self._client._space_freed(ring)
-                    self._client._watch_closed(self)
-                    return True
-            if ring.producer_blocked:
-                self._client._space_freed(ring)
-        return bool(self._buf)
+            except (RingCorrupt, MessageTooLarge) as exc:
+                self._ring = None
+                self._final = True
+                self._error = errors.ProtocolError(
+                    f"shmwatch: the ring of watch {self.watch_id} is damaged: {exc}")
+                raise self._error from None
+            if data is None:
+                c._room_made(ring)
+                return False
+            kind, resp = decode_watch_response(data, self.watch_id)
+            if resp.events:
+                self._next_rev = resp.events[-1].kv.mod_revision + 1
+            elif resp.created:
+                if self._skip_created:
+                    self._skip_created = False
+                    continue  # a resumed watch's re-creation is invisible
+                if not self._next_rev:
+                    self._next_rev = resp.revision + 1
+            elif not resp.canceled and resp.revision >= self._next_rev:
+                self._next_rev = resp.revision + 1  # progress: nothing before it is owed
+            self._buf.append(resp)
+            if kind == W_CANCELED:
+                self._final = True
+                if resp.compact_revision:
+                    self._error = errors.CompactedError(compact_revision=resp.compact_revision)
+                elif not self._clean_end:
+                    self._error = errors.WatchClosed(
+                        "shmwatch: watch canceled by the broker"
+                        + (f": {resp.cancel_reason}" if resp.cancel_reason else ""))
+                self._ring = None
+                if ring.producer_blocked:
+                    c._space_freed(ring)
+                c._watch_closed(self)
+            else:
+                c._room_made(ring)
+            return True
 
     def _ready(self) -> bool:
         r = self._ring
         return bool(self._buf) or (r is not None and r.readable())
 
     def get_nowait(self) -> WatchResponse | None:
-        """The next response if one is here, else None. Raises once the watch is over."""
+        """The next response if one is here, else None. Raises once the watch is over
+        (see the class docstring for which error). O(size of one response)."""
+        self._mine()
         with self._client._cond:
             if self._pull():
                 return self._buf.popleft()
@@ -651,7 +861,9 @@ class Watch:
 
     def get(self, timeout: float | None = None) -> WatchResponse:
         """The next response, waiting up to `timeout` seconds (None: forever, while the
-        broker lives). Raises `Timeout`, `BrokerUnavailable`, or the watch's end error."""
+        broker lives). Raises `Timeout`, `BrokerUnavailable`, or the watch's end error
+        (see the class docstring)."""
+        self._mine()
         c = self._client
         deadline = None if timeout is None else time.monotonic() + timeout
         with c._cond:
@@ -690,8 +902,8 @@ class Watch:
         c = self._client
         spec = list(self._spec)
         spec[2] = self._next_rev
-        wid, rev, reason, ring_slot, ring = c._create_watch(spec, self.watch_id, timeout)
-        if wid < 0:
+        wid, rev, reason, code, ring_slot, ring = c._create_watch(spec, self.watch_id, timeout)
+        if code:
             self._lost()
             return
         self.watch_id = wid
@@ -711,29 +923,51 @@ class Watch:
     def __next__(self) -> WatchResponse:
         try:
             return self.get()
-        except (errors.WatchClosed, errors.CompactedError, errors.InvalidRangeError,
-                errors.DuplicateWatchIdError):
-            raise StopIteration from None
+        except errors.WatchClosed:
+            if self._clean_end and self._final and not self._buf:
+                raise StopIteration from None
+            raise
 
     @property
     def canceled(self) -> bool:
+        """True once the watch is over: its final `canceled` response has arrived (or
+        the broker is gone), so no response after those already queued will come."""
         return self._final
 
     def cancel(self, timeout: float | None = None) -> None:
         """Cancel the watch. Responses already sent stay readable, then the `canceled`
-        response, then iteration ends."""
+        response, then iteration ends cleanly."""
+        self._mine()
         if self._final:
             return
+        self._clean_end = True
         c = self._client
         c._call([OP_WATCH_CANCEL, 0, self.watch_id], timeout)
         deadline = c._deadline(timeout)
-        if not c._wait(lambda: (self._pull() or True) and self._final, self._ready, deadline):
+        if not c._wait(lambda: self._final or (self._drain_to_end() and self._final),
+                       self._ready, deadline):
             raise errors.Timeout("shmwatch: cancel not confirmed within the timeout")
+
+    def _drain_to_end(self) -> bool:
+        """While cancelling (lock held): read responses until the final one, keeping
+        them readable (the cancel's own wait may read past the one-response read-ahead:
+        the stream is over, so what it holds is bounded by what was already sent)."""
+        ring = self._ring
+        while ring is not None and not self._final:
+            buf, self._buf = self._buf, deque()
+            got = self._pull()
+            self._buf = buf + self._buf
+            if not got:
+                break
+            ring = self._ring
+        return True
 
     def __enter__(self) -> "Watch":
         return self
 
     def __exit__(self, *exc) -> None:
+        if self._fork_gen != _fork_generation:
+            return  # the parent's watch: nothing to do here
         if not self._final and not self._client._closed:
             try:
                 self.cancel()

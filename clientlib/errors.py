@@ -12,12 +12,19 @@ class ShmwatchError(Exception):
 
     code = 1
     default_message = "shmwatch: error"
+    #: integer attributes that travel with the error on the wire (see `wire_fields`)
+    fields: tuple[str, ...] = ()
 
     def __init__(self, message: str | None = None):
         super().__init__(message or self.default_message)
 
+    def wire_fields(self) -> dict[str, int]:
+        """The error's extra integer attributes, for the wire."""
+        return {f: getattr(self, f, 0) for f in self.fields}
+
     @property
     def message(self) -> str:
+        """The error's text (etcd's where etcd has one)."""
         return str(self.args[0]) if self.args else self.default_message
 
 
@@ -43,16 +50,30 @@ class Timeout(ShmwatchError, TimeoutError):
 
 
 class CompactedError(ShmwatchError):
+    """The revision asked for is older than the compaction point (a read at a past
+    revision, or a watch that needs history the log no longer holds). `compact_revision`
+    is that point when known (a watch's compaction cancel carries it; etcd's range
+    error does not, so there it is 0)."""
+
     code = 10
     default_message = "etcdserver: mvcc: required revision has been compacted"
+    fields = ("compact_revision",)
+
+    def __init__(self, message: str | None = None, compact_revision: int = 0):
+        super().__init__(message)
+        self.compact_revision = compact_revision
 
 
 class FutureRevisionError(ShmwatchError):
+    """A read at a revision the store has not reached yet."""
+
     code = 11
     default_message = "etcdserver: mvcc: required revision is a future revision"
 
 
 class EmptyKeyError(ShmwatchError):
+    """A request without a key (etcd requires one, even for a range)."""
+
     code = 12
     default_message = "etcdserver: key is not provided"
 
@@ -79,11 +100,15 @@ class DuplicateKeyError(ShmwatchError):
 
 
 class TooManyOpsError(ShmwatchError):
+    """A txn with more operations than etcd allows (--max-txn-ops, 128)."""
+
     code = 16
     default_message = "etcdserver: too many operations in txn request"
 
 
 class RequestTooLargeError(ShmwatchError):
+    """A request larger than the broker's --max-request-bytes (1.5 MiB by default)."""
+
     code = 17
     default_message = "etcdserver: request is too large"
 
@@ -96,6 +121,8 @@ class InvalidRangeError(ShmwatchError):
 
 
 class DuplicateWatchIdError(ShmwatchError):
+    """A watch asked for a watch_id this client already uses."""
+
     code = 19
     default_message = "mvcc: duplicate watch ID provided on the WatchStream"
 
@@ -108,13 +135,55 @@ class ProtocolError(ShmwatchError):
 
 
 class TooManyWatchersError(ShmwatchError):
+    """This client has as many watches open as the broker allows."""
+
     code = 21
     default_message = "shmwatch: too many watchers for this client"
 
 
 class TooManyClientsError(ShmwatchError):
+    """Every client slot of the broker (--max-clients) is taken."""
+
     code = 22
     default_message = "shmwatch: every client slot of the broker is taken"
+
+
+class ResponseTooLargeError(ShmwatchError):
+    """A reply larger than the broker's --max-response-bytes (a range over too much
+    data). `revision` is non-zero when the request changed the store anyway (a txn that
+    wrote and also read too much): it was applied at that revision."""
+
+    code = 25
+    default_message = "shmwatch: response is too large"
+    fields = ("revision",)
+
+    def __init__(self, message: str | None = None, revision: int = 0):
+        super().__init__(message)
+        self.revision = revision
+
+    @classmethod
+    def for_reply(cls, size: int, limit: int, applied_rev: int) -> "ResponseTooLargeError":
+        applied = (f"; the request changed the store: it was applied at revision {applied_rev}"
+                   if applied_rev else "")
+        return cls(f"shmwatch: response of {size} bytes exceeds the broker's "
+                   f"--max-response-bytes {limit} (use limit, keys_only, count_only or a "
+                   f"narrower range){applied}", applied_rev)
+
+
+class InheritedWatchError(ShmwatchError):
+    """A `Watch` used in a process forked after it was created: it belongs to the
+    process that created it (whose ring it reads). Create a new watch in this process."""
+
+    code = 26
+    default_message = "shmwatch: this watch was created in another process before fork()"
+
+
+class ClientClosed(ShmwatchError):
+    """The client was closed by `close()` (or its `with` block ended): you closed it.
+    (Not a `BrokerUnavailable`: the broker may be fine; reconnecting would not help.)"""
+
+    code = 27
+    default_message = "shmwatch: client is closed"
 
 
 class WatchClosed(ShmwatchError):
@@ -145,10 +214,20 @@ ERRORS_BY_CODE: dict[int, type[ShmwatchError]] = {
         TooManyWatchersError,
         TooManyClientsError,
         WatchClosed,
+        ResponseTooLargeError,
+        InheritedWatchError,
+        ClientClosed,
     )
 }
 
 
-def error_from_code(code: int, message: str | None) -> ShmwatchError:
-    """Rebuild the typed error the broker reported."""
-    return ERRORS_BY_CODE.get(code, ShmwatchError)(message)
+def error_from_code(code: int, message: str | None,
+                    fields: dict | None = None) -> ShmwatchError:
+    """Rebuild the typed error the broker reported (with its wire fields, if any)."""
+    exc = ERRORS_BY_CODE.get(code, ShmwatchError)(message)
+    if fields:
+        for name in exc.fields:
+            value = fields.get(name)
+            if type(value) is int:
+                setattr(exc, name, value)
+    return exc

@@ -62,6 +62,8 @@ class Compare(NamedTuple):
 
 
 class PutOp(NamedTuple):
+    """etcd's PutRequest inside a txn; build it with `op_put`."""
+
     key: bytes
     value: bytes = b""
     prev_kv: bool = False
@@ -69,6 +71,8 @@ class PutOp(NamedTuple):
 
 
 class RangeOp(NamedTuple):
+    """etcd's RangeRequest inside a txn; build it with `op_get`."""
+
     key: bytes
     range_end: bytes | None = None
     revision: int = 0
@@ -78,12 +82,16 @@ class RangeOp(NamedTuple):
 
 
 class DeleteOp(NamedTuple):
+    """etcd's DeleteRangeRequest inside a txn; build it with `op_delete`."""
+
     key: bytes
     range_end: bytes | None = None
     prev_kv: bool = False
 
 
 class TxnOp(NamedTuple):
+    """etcd's TxnRequest nested in a txn; build it with `op_txn`."""
+
     compare: tuple
     success: tuple
     failure: tuple
@@ -100,39 +108,49 @@ def _compare(target: str, key, op: str, value, range_end=None) -> Compare:
 
 
 def compare_value(key, op: str, value, range_end=None) -> Compare:
+    """clientv3's `Compare(Value(key), op, value)`: the value of `key` (or of every key
+    in [key, range_end)) compared with `value`; `op` is "=", "!=", ">" or "<"."""
     return _compare("VALUE", key, op, to_bytes(value, "value"), range_end)
 
 
 def compare_version(key, op: str, version: int, range_end=None) -> Compare:
+    """clientv3's `Compare(Version(key), op, version)`: 0 for a key that does not exist."""
     return _compare("VERSION", key, op, int(version), range_end)
 
 
 def compare_create(key, op: str, revision: int, range_end=None) -> Compare:
+    """clientv3's `Compare(CreateRevision(key), op, revision)`: 0 for a missing key."""
     return _compare("CREATE", key, op, int(revision), range_end)
 
 
 def compare_mod(key, op: str, revision: int, range_end=None) -> Compare:
+    """clientv3's `Compare(ModRevision(key), op, revision)`: 0 for a missing key."""
     return _compare("MOD", key, op, int(revision), range_end)
 
 
 def compare_lease(key, op: str, lease: int, range_end=None) -> Compare:
+    """clientv3's `Compare(LeaseValue(key), op, lease)`: the key's lease id (0: none)."""
     return _compare("LEASE", key, op, int(lease), range_end)
 
 
 def op_put(key, value=b"", prev_kv: bool = False, ignore_value: bool = False) -> PutOp:
+    """A put inside a txn (clientv3's `OpPut`); the arguments are `Client.put`'s."""
     return PutOp(to_bytes(key), to_bytes(value, "value"), bool(prev_kv), bool(ignore_value))
 
 
 def op_get(key, range_end=None, prefix: bool = False, revision: int = 0, limit: int = 0,
            keys_only: bool = False, count_only: bool = False) -> RangeOp:
+    """A range read inside a txn (clientv3's `OpGet`); the arguments are `Client.get`'s."""
     k, end = resolve_range(key, range_end, prefix)
     return RangeOp(k, end, int(revision), int(limit), bool(keys_only), bool(count_only))
 
 
 def op_delete(key, range_end=None, prefix: bool = False, prev_kv: bool = False) -> DeleteOp:
+    """A delete inside a txn (clientv3's `OpDelete`); the arguments are `Client.delete`'s."""
     k, end = resolve_range(key, range_end, prefix)
     return DeleteOp(k, end, bool(prev_kv))
 
 
 def op_txn(compare=(), success=(), failure=()) -> TxnOp:
+    """A txn nested in a txn (clientv3's `OpTxn`): its ops share the outer revision."""
     return TxnOp(tuple(compare), tuple(success), tuple(failure))

@@ -46,6 +46,10 @@ W_CANCELED = 2
 W_PROGRESS = 3  # answer to a progress request: watch_id -1 (etcd 3.4)
 W_PROGRESS_NOTIFY = 4  # periodic progress_notify: the watcher's own id
 
+# A watcher ring's consumer tells the broker it has room again (the space hint) once
+# this fraction of the ring is free; the broker resumes a victim at the same point.
+RESUME_FREE_FRACTION = 0.5
+
 # Watch filters as bits.
 FILTER_NOPUT = 1
 FILTER_NODELETE = 2
@@ -228,8 +232,27 @@ def decode_reply(data: bytes):
         raise ProtocolError("shmwatch: malformed reply")
     req_id, status, body = msg
     if status:
-        return req_id, error_from_code(status, body if isinstance(body, str) else None)
+        fields = None
+        if isinstance(body, list) and len(body) == 2 and isinstance(body[1], dict):
+            body, fields = body
+        return req_id, error_from_code(status, body if isinstance(body, str) else None, fields)
     return req_id, body
+
+
+def peek_id(head: bytes, index: int) -> int:
+    """Element `index` of a msgpack array message, read from its first bytes only (the
+    request id of a request, index 1, or of a reply, index 0); 0 if unreadable. Used
+    for messages too large to decode, so their sender still gets its typed error."""
+    try:
+        u = msgpack.Unpacker(max_buffer_size=max(len(head), 1))
+        u.feed(head[:64])
+        u.read_array_header()
+        for _ in range(index):
+            u.skip()
+        rid = u.unpack()
+        return rid if type(rid) is int else 0
+    except Exception:  # any malformed prefix: the id is simply unknown
+        return 0
 
 
 def encode_reply(req_id: int, body) -> bytes:
@@ -237,7 +260,10 @@ def encode_reply(req_id: int, body) -> bytes:
 
 
 def encode_error(req_id: int, exc) -> bytes:
-    return packb([req_id, exc.code, exc.message])
+    """An error reply: `[req_id, code, message]`, or `[req_id, code, [message, fields]]`
+    for an error with wire fields (e.g. the revision a too-large reply was applied at)."""
+    fields = exc.wire_fields()
+    return packb([req_id, exc.code, [exc.message, fields] if fields else exc.message])
 
 
 # ---------------------------------------------------------------- watch responses

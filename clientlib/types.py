@@ -39,12 +39,18 @@ class Event(NamedTuple):
 
 @dataclass(slots=True)
 class PutResponse:
+    """etcd's PutResponse: the revision of the put, and the previous KeyValue when
+    asked for with prev_kv=True (None if the key did not exist)."""
+
     revision: int
     prev_kv: KeyValue | None = None
 
 
 @dataclass(slots=True)
 class RangeResponse:
+    """etcd's RangeResponse: the store's revision, the KeyValues found (in key order,
+    at most `limit`), how many keys the range holds, and whether `limit` cut some."""
+
     revision: int
     kvs: list[KeyValue] = field(default_factory=list)
     count: int = 0
@@ -53,6 +59,9 @@ class RangeResponse:
 
 @dataclass(slots=True)
 class DeleteRangeResponse:
+    """etcd's DeleteRangeResponse: the revision, how many keys were deleted, and their
+    KeyValues when asked for with prev_kv=True."""
+
     revision: int
     deleted: int = 0
     prev_kvs: list[KeyValue] = field(default_factory=list)
@@ -60,6 +69,9 @@ class DeleteRangeResponse:
 
 @dataclass(slots=True)
 class TxnResponse:
+    """etcd's TxnResponse: the revision, whether every compare held, and one response
+    per op of the branch that ran (PutResponse, RangeResponse, ... in op order)."""
+
     revision: int
     succeeded: bool
     responses: list = field(default_factory=list)
@@ -67,6 +79,8 @@ class TxnResponse:
 
 @dataclass(slots=True)
 class CompactResponse:
+    """etcd's CompactionResponse: the store's revision when it compacted."""
+
     revision: int
 
 

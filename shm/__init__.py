@@ -4,6 +4,8 @@ revision-log ring. This package knows nothing of keys, watches or msgpack."""
 from .doorbell import Doorbell
 from .errors import (
     LayoutMismatch,
+    LogRecordCorrupt,
+    MessageTooLarge,
     RingCorrupt,
     RingFull,
     SegmentExists,
@@ -42,6 +44,8 @@ __all__ = [
     "RING_HEADER",
     "Doorbell",
     "LayoutMismatch",
+    "LogRecordCorrupt",
+    "MessageTooLarge",
     "RevLog",
     "Ring",
     "RingCorrupt",

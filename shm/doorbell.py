@@ -36,6 +36,16 @@ if TYPE_CHECKING:
 _fence_lock = threading.Lock()
 
 
+def _renew_fence_lock() -> None:
+    # A thread of the parent may hold the lock at the instant of fork(): the child's
+    # copy would stay locked forever. It guards nothing shared, so a fresh one is right.
+    global _fence_lock
+    _fence_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_renew_fence_lock)
+
+
 def _fence() -> None:
     # An uncontended lock acquire/release runs locked read-modify-write instructions
     # (sem_trywait / sem_post in CPython's lock), a full memory barrier on x86.

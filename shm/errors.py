@@ -33,6 +33,29 @@ class RingCorrupt(ShmError):
     """
 
 
+class LogRecordCorrupt(RingCorrupt):
+    """A retained record of the revision log failed its checks when read back: someone
+    wrote into the log's shared memory. `rev` is the damaged record's revision."""
+
+    def __init__(self, message: str, rev: int):
+        super().__init__(message)
+        self.rev = rev
+
+
+class MessageTooLarge(ShmError):
+    """A consumer read a whole message longer than its `max_message`: it was consumed
+    and dropped chunk by chunk, and the ring is still in step (not corruption: the
+    peer sent something too big). `head` holds its first bytes (enough to read a
+    request id), `size` its length."""
+
+    HEAD = 64
+
+    def __init__(self, head: bytes, size: int, limit: int):
+        super().__init__(f"message of {size} bytes exceeds max_message {limit}")
+        self.head = head
+        self.size = size
+
+
 class RingFull(ShmError):
     """A ring has no room, where a caller documents that as an error (not `Ring.write`,
     which returns the unchanged offset instead)."""

@@ -32,7 +32,9 @@ CTL_BROKER_SLEEPING = 12  # u32 flag word of the broker's doorbell (low half)
 CTL_SPACE_HINT = 13  # a consumer freed space in a ring the broker was blocked on
 CTL_REVISION = 14  # the store's current revision (for tools)
 CTL_COMPACT_REV = 15  # the store's compaction revision (for tools)
-CTL_WORDS = 16
+CTL_MAX_RESPONSE_BYTES = 16  # the largest reply the broker sends (clients bound reads by it)
+CTL_MAX_WATCHERS = 17  # watches one client may hold
+CTL_WORDS = 24  # words 18..23 reserved
 CTL_SLOTS_OFFSET = CTL_WORDS * 8
 
 CTL_STATE_STARTING = 0

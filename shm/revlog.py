@@ -32,7 +32,7 @@ import zlib
 from bisect import bisect_left
 from collections.abc import Iterator
 
-from .errors import RingCorrupt
+from .errors import LogRecordCorrupt, RingCorrupt
 from .ring import check_capacity
 
 REVLOG_HEADER = 64
@@ -289,15 +289,20 @@ class RevLog:
         return len(self._revs) - self._first
 
     def _payload(self, i: int) -> bytes:
+        """The payload of index entry `i`, checked against the index and its CRC
+        (shared memory may have been written by anyone: `LogRecordCorrupt`)."""
         cap = self.capacity
         pos = self._pos[i] % cap
         v = self._dq[(pos >> 3) + 1]
         n = v & 0xFFFFFFFF
-        if pos + RECORD_HEADER + n > cap or self._dq[pos >> 3] != self._revs[i]:
-            raise RingCorrupt(f"revision log: bad record for revision {self._revs[i]}")
+        rev = self._revs[i]
+        nxt = self._pos[i + 1] if i + 1 < len(self._pos) else self._head
+        if (pos + RECORD_HEADER + n > cap or self._dq[pos >> 3] != rev
+                or self._pos[i] + RECORD_HEADER + n > nxt):
+            raise LogRecordCorrupt(f"revision log: bad record for revision {rev}", rev)
         payload = self._data[pos + RECORD_HEADER:pos + RECORD_HEADER + n].tobytes()
         if _crc32(payload) != v >> 32:
-            raise RingCorrupt(f"revision log: CRC mismatch in revision {self._revs[i]}")
+            raise LogRecordCorrupt(f"revision log: CRC mismatch in revision {rev}", rev)
         return payload
 
     def get(self, rev: int) -> bytes | None:

@@ -21,7 +21,8 @@ Layout (native byte order; every offset a multiple of 8)::
 A message longer than `max_chunk` (capacity // 4 rounded down to 8, minus the 8-byte
 record header) is streamed as several chunks, so messages of any size pass through a
 ring while the consumer drains it; the consumer reassembles them (bounded by
-`max_message`). A message that fits one chunk is written whole or not at all.
+`max_message`: a longer message is dropped as it streams and reported by
+`MessageTooLarge`). A message that fits one chunk is written whole or not at all.
 
 Memory ordering: the producer stores the record (chunk, then its length/CRC word), and
 only then stores `head`; the consumer loads `head`, then the record, and stores `tail`
@@ -44,7 +45,7 @@ from __future__ import annotations
 
 import zlib
 
-from .errors import RingCorrupt, RingFull
+from .errors import MessageTooLarge, RingCorrupt, RingFull
 
 RING_HEADER = 192
 HEAD_OFFSET = 0
@@ -109,6 +110,7 @@ class Ring:
         "_max_single",
         "_partial",
         "_published",
+        "_skip",
         "_tail",
         "_tail_seen",
         "capacity",
@@ -154,6 +156,7 @@ class Ring:
         self._tail_seen = tail     # producer: last tail read from shared memory
         self._tail = tail          # consumer: local tail (== shared tail between reads)
         self._partial: bytearray | None = None  # consumer: message being reassembled
+        self._skip: list | None = None  # consumer: [first bytes, size] of one being dropped
 
     def release(self) -> None:
         """Release the memoryviews this ring holds on the segment (before Segment.close)."""
@@ -273,14 +276,17 @@ class Ring:
 
         Reassembles chunked messages (the partial one is kept in this object across
         calls) and publishes the tail after each record consumed, so a streaming
-        producer can continue. Raises `RingCorrupt` on a bad record. Cost: O(len) (one
-        copy, one CRC pass), one shared load of head, one store of tail.
+        producer can continue. Raises `RingCorrupt` on a bad record. A message longer
+        than `max_message` is consumed and dropped chunk by chunk (never buffered) and
+        reported by `MessageTooLarge` when its last chunk is read; the ring stays
+        usable. Cost: O(len) (one copy, one CRC pass), one shared load of head, one
+        store of tail.
         """
         t = self._tail
         h = self._hq[0]
         if h == t:
             return None
-        if self._partial is None:
+        if self._partial is None and self._skip is None:
             pos = t % self.capacity
             v = self._dq[pos >> 3]
             n = v & 0xFFFFFFFF
@@ -330,19 +336,34 @@ class Ring:
             if _crc32(chunk) != v >> 32:
                 raise RingCorrupt(f"CRC mismatch in record at {t} (length {n})")
             t += rec
+            skip = self._skip
+            if skip is not None:  # the rest of a message over max_message: drop it
+                skip[1] += n
+                self._hq[8] = self._tail = t
+                if not more:
+                    self._skip = None
+                    raise MessageTooLarge(skip[0], skip[1], self.max_message)
+                continue
             partial = self._partial
             if partial is None:
                 if not more:
                     if n > self.max_message:
-                        raise RingCorrupt(
-                            f"message of {n} bytes exceeds max_message {self.max_message}")
+                        self._hq[8] = self._tail = t
+                        raise MessageTooLarge(chunk[:MessageTooLarge.HEAD], n, self.max_message)
                     self._hq[8] = self._tail = t
                     return chunk
                 partial = self._partial = bytearray()
             if len(partial) + n > self.max_message:
+                # Too long: from here on its chunks are consumed and dropped as they
+                # arrive (memory stays bounded), and the message is reported whole.
+                self._skip = [bytes((partial + chunk)[:MessageTooLarge.HEAD]),
+                              len(partial) + n]
                 self._partial = None
-                raise RingCorrupt(
-                    f"reassembled message exceeds max_message {self.max_message}")
+                self._hq[8] = self._tail = t
+                if not more:
+                    skip, self._skip = self._skip, None
+                    raise MessageTooLarge(skip[0], skip[1], self.max_message)
+                continue
             partial += chunk
             self._hq[8] = self._tail = t
             if not more:
@@ -415,6 +436,7 @@ class Ring:
         if self._partial is not None:
             assert self._tail == tail, (self._tail, tail)
             assert len(self._partial) <= self.max_message
+            assert self._skip is None
         # producer side (a consumer-only object has a stale, smaller _head)
         end = head
         if self._head >= head:

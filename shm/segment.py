@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from typing_extensions import Self
 
 MAGIC = b"SHMWATCH"
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 HEADER_SIZE = 64
 SHM_DIR = "/dev/shm"
 

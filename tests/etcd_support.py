@@ -131,9 +131,11 @@ def _ready(port: int) -> bool:
         return False
 
 
-def start_etcd(binary: str, startup_timeout: float = 15.0, name: str = "diff") -> EtcdServer:
+def start_etcd(binary: str, startup_timeout: float = 15.0,
+               extra_args: tuple[str, ...] = (), name: str = "diff") -> EtcdServer:
     """Start one fresh single-member etcd on loopback; retry on a lost port race.
-    `name` is the member's name (member list shows it)."""
+    `extra_args` are added to etcd's command line (e.g. --max-request-bytes); `name` is
+    the member's name (member list shows it)."""
     last = ""
     for _attempt in range(3):
         data_dir = tempfile.mkdtemp(prefix="shmwatch-etcd-")
@@ -159,6 +161,7 @@ def start_etcd(binary: str, startup_timeout: float = 15.0, name: str = "diff") -
             "--logger", "zap",
             "--log-level", "error",
             "--log-outputs", "stderr",
+            *extra_args,
         ]
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(

@@ -16,6 +16,7 @@ class FakeRing:
     def __init__(self, capacity: int = 1 << 16):
         self.capacity = capacity
         self.chunk = max(16, capacity // 4)
+        self.max_chunk = self.chunk - 8
         self.used = 0
         self.records: deque[tuple[bytes, bool]] = deque()  # (data, more), published
         self.unpublished: list[tuple[bytes, bool]] = []
@@ -39,6 +40,9 @@ class FakeRing:
             self.unpublished.append((bytes(payload[offset:offset + part]), offset + part < n))
             offset += part
         return offset
+
+    def free(self) -> int:
+        return self.capacity - self.used
 
     def publish(self) -> None:
         self.records.extend(self.unpublished)

@@ -16,7 +16,6 @@ import signal
 import subprocess
 import sys
 import threading
-from importlib.metadata import version
 from pathlib import Path
 
 import pytest
@@ -372,11 +371,12 @@ def test_status(broker_proc):
         assert out == [{"Endpoint": name, "Status": {
             "header": {"cluster_id": c._words[11], "member_id": c._words[11] ^ 0x53484D57,
                        "revision": 4},
-            "version": version("shmwatch"), "dbSize": shm, "pid": broker_proc.pid, "compactRevision": 3,
+            "version": clientlib.__version__, "dbSize": shm, "pid": broker_proc.pid, "compactRevision": 3,
             "logUsed": stats["log"]["used"], "logCapacity": stats["log"]["capacity"],
             "logRevisions": 2, "clients": 1, "watchers": 1}}]
         fill = f"{humanize_bytes(stats['log']['used'])} / {humanize_bytes(stats['log']['capacity'])}"
-        row = [name, str(broker_proc.pid), version("shmwatch"), "4", "3", fill, "1", "1", humanize_bytes(shm)]
+        row = [name, str(broker_proc.pid), clientlib.__version__, "4", "3", fill, "1", "1",
+               humanize_bytes(shm)]
         assert run("status", "--name", name).stdout == ", ".join(row) + "\n"
         table = run("status", "--name", name, "-w", "table").stdout.splitlines()
         assert [c.strip() for c in table[1].strip("|").split("|")] == [

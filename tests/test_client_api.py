@@ -113,8 +113,13 @@ def test_invalid_range_watch_is_refused_then_raises(client):
         w.get(1)
     assert str(exc.value) == "mvcc: watcher range is empty"
     assert w.canceled
-    # Iterating a refused watch yields the refusal, then ends.
-    assert [x.canceled for x in client.watch("z", "z")] == [True]
+    # Iterating a refused watch yields the refusal response, then raises the refusal
+    # (never a silent end).
+    seen = []
+    with pytest.raises(clientlib.InvalidRangeError):
+        for x in client.watch("z", "z"):
+            seen.append(x.canceled)
+    assert seen == [True]
 
 
 def test_duplicate_watch_id_is_refused_then_raises(client):
@@ -170,7 +175,7 @@ def test_context_managers_release_everything(broker_proc):
             with pytest.raises(clientlib.WatchClosed):
                 w.get(1)
             assert shm_entries(name) > base  # its rings and arena exist while connected
-        with pytest.raises(clientlib.BrokerUnavailable, match="closed"):
+        with pytest.raises(clientlib.ClientClosed):
             c.put("cm", "2")
         c.close()  # idempotent
         wait_for(lambda: shm_entries(name) == base, 10, "the closed client's rings to go")
@@ -412,6 +417,6 @@ def test_close_while_other_threads_are_blocked_in_get(broker_proc, tmp_path):
     res = load(out)
     assert res["stuck"] == 0, "a get() stayed blocked after close()"
     # A closed client ends every blocked call with a clear error, never a crash or hang.
-    assert sorted(res["outcome"]) == ["BrokerUnavailable"] * 2, res
+    assert sorted(res["outcome"]) == ["ClientClosed"] * 2, res
     wait_for(lambda: p.pid not in client_pids(broker_proc.name), 10,
              "the broker to forget the client")

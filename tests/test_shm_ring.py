@@ -17,6 +17,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from shm import (
     RING_HEADER,
     Doorbell,
+    MessageTooLarge,
     Ring,
     RingCorrupt,
     RingFull,
@@ -571,8 +572,40 @@ def test_max_message_bounds_reassembly():
     consumer = Ring(buf, max_message=3000)
     ok = msg_bytes(5, 3000)
     assert roundtrip(producer, ok, consumer) == ok
-    with pytest.raises(RingCorrupt, match="max_message"):
-        roundtrip(producer, msg_bytes(6, 3001), consumer)
+    big = msg_bytes(6, 3001)
+    with pytest.raises(MessageTooLarge, match="max_message") as exc:
+        roundtrip(producer, big, consumer)
+    assert exc.value.size == 3001 and exc.value.head == big[:MessageTooLarge.HEAD]
+    # Dropped without being buffered, and the ring is still in step.
+    assert consumer._partial is None and consumer._skip is None
+    assert roundtrip(producer, ok, consumer) == ok
+
+
+def test_message_over_max_message_is_dropped_as_it_streams():
+    """A message far larger than max_message streams through a small ring while the
+    consumer drops its chunks: the consumer never holds more than max_message."""
+    buf = memoryview(bytearray(ring_bytes(4096)))
+    producer = Ring(buf, init=True)
+    consumer = Ring(buf, max_message=3000)
+    big = msg_bytes(7, 100_000)
+    off = 0
+    raised = None
+    while off < len(big):
+        off = producer.write(big, off)
+        producer.publish()
+        try:
+            assert consumer.read() is None
+        except MessageTooLarge as exc:
+            raised = exc
+        held = len(consumer._partial or b"")
+        assert held <= 3000
+    if raised is None:
+        with pytest.raises(MessageTooLarge) as info:
+            consumer.read()
+        raised = info.value
+    assert raised.size == len(big)
+    ok = msg_bytes(8, 100)
+    assert roundtrip(producer, ok, consumer) == ok
 
 
 def test_max_message_bounds_single_record():
@@ -583,8 +616,9 @@ def test_max_message_bounds_single_record():
     producer.write(b"z" * 101)
     producer.publish()
     assert consumer.read() == b"y" * 100
-    with pytest.raises(RingCorrupt, match="max_message"):
+    with pytest.raises(MessageTooLarge, match="max_message"):
         consumer.read()
+    assert consumer.read() is None  # consumed: the ring is in step
 
 
 def test_bad_tail_from_consumer_is_detected_by_producer():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import multiprocessing as mp
 import os
 import shlex
 import shutil
@@ -89,7 +90,8 @@ def test_once_json_reports_known_activity(capsys):
     assert view["watchers"] == {"total": 3, "synced": 2, "unsynced": 0, "victim": 1,
                                 "canceling": 0}
     assert view["victims_entered"] >= 1
-    assert view["pending_events"] >= 1
+    # A victim holds nothing in the broker: its backlog stays in the revision log.
+    assert view["pending_events"] == 0
 
     (me,) = [r for r in view["clients"] if r["pid"] == os.getpid()]
     assert len(view["clients"]) == 1
@@ -114,6 +116,10 @@ def test_once_json_measures_rates_over_the_interval(broker_proc, client, capsys)
         with clientlib.connect(broker_proc.name, timeout=10) as c2:
             while not stop.is_set():
                 c2.put(b"k", b"v")
+                # Read as we write: a watcher that never reads fills its ring and, as a
+                # victim, gets no events (within the interval on a small /dev/shm's rings).
+                while w.get_nowait() is not None:
+                    pass
 
     t = threading.Thread(target=writer)
     t.start()
@@ -209,6 +215,127 @@ def test_formatting_helpers():
     assert [top.client_state(c) for c in (
         {"victims": 1, "max_lag": 5}, {"victims": 0, "max_lag": 5},
         {"victims": 0, "max_lag": 0})] == ["victim", "lagging", "ok"]
+
+
+# =============================================================================== rows
+
+
+def _client(slot, pid, *, lag=0, fill=0.0, victims=0, requests=0, label=None, cmd=None):
+    row = {"slot": slot, "pid": pid, "create_time_us": 0, "watchers": 1,
+           "requests": requests, "worst_fill": fill, "max_lag": lag, "victims": victims,
+           "alive": True, "name": "python3", "cmdline": cmd, "cpu_percent": 1.0,
+           "rss_bytes": 1 << 20, "requests_per_s": 0.0}
+    if label is not None:
+        row["label"] = label
+    row["state"] = top.client_state(row)
+    return row
+
+
+def _rows(view: dict, width: int = 160) -> list[str]:
+    """The client rows of the rendered screen, as text, without the victim marker."""
+    console = Console(width=width, record=True, file=io.StringIO())
+    console.print(top.render(view, width=width))
+    pids = {str(c["pid"]) for c in view["clients"]}
+    lines = [ln.strip().removeprefix("!") for ln in console.export_text().splitlines()]
+    return [ln for ln in lines if len(ln.split()) > 1 and ln.split()[0] in pids]
+
+
+def test_rows_show_the_label_else_the_command_line():
+    view = {"name": "x", "pid": 1, "clients": [
+        _client(0, 101, label="writer-1", cmd="/usr/bin/python3 -B -c from multiprocessing"),
+        _client(1, 102, label="watcher-late-3 (replacement of watcher-fast-2)"),
+        _client(2, 103, cmd="/usr/bin/python3 worker.py --fast"),
+        _client(3, 104, label=""),  # an empty label names nothing: the command line does
+    ]}
+    view["clients"][3]["cmdline"] = "/opt/bin/tool --x"
+    rows = {ln.split()[0]: ln for ln in _rows(view)}
+    assert rows["101"].split()[1] == "writer-1" and "multiprocessing" not in rows["101"]
+    assert "watcher-late-3 (replacement of watcher-fast-2)" in rows["102"]
+    assert "python3 worker.py --fast" in rows["103"] and "/usr/bin" not in rows["103"]
+    assert "tool --x" in rows["104"]
+
+
+def test_rows_whose_sort_figures_tie_keep_their_order():
+    """Between refreshes the broker may list clients in another order and their fill,
+    CPU and request figures move: rows tied on the sort column stay in pid order."""
+    def clients(fills, order):
+        rows = [_client(slot, pid, fill=f, requests=f * 100)
+                for slot, (pid, f) in enumerate(zip((30, 10, 20, 40), fills))]
+        rows.append(_client(9, 50, lag=7, victims=1))  # the one lagging: always first
+        return [rows[i] for i in order]
+
+    first = clients((0.1, 0.5, 0.3, 0.0), (0, 1, 2, 3, 4))
+    second = clients((0.4, 0.0, 0.2, 0.6), (4, 3, 2, 1, 0))
+    for snapshot in (first, second):
+        assert [c["pid"] for c in top.sort_clients(snapshot, "lag")] == [50, 10, 20, 30, 40]
+        assert [ln.split()[0] for ln in _rows({"clients": snapshot})] == \
+            ["50", "10", "20", "30", "40"]
+        # every column: equal figures fall back to pid order
+        for col in top.SORTS:
+            tied = [dict(c, cpu_percent=2.0, rss_bytes=1, worst_fill=0.0, max_lag=0,
+                         victims=0, watchers=3, requests_per_s=5.0) for c in snapshot]
+            assert [c["pid"] for c in top.sort_clients(tied, col)] == [10, 20, 30, 40, 50]
+    # and a real difference still sorts: the fullest ring first
+    assert [c["pid"] for c in top.sort_clients(second, "fill")][:2] == [40, 30]
+    watchers = [{"pid": p, "watch_id": w, "lag": lag, "fill": f}
+                for p, w, lag, f in ((9, 2, 5, 0.1), (3, 1, 5, 0.9), (9, 1, 5, 0.5),
+                                     (4, 0, 8, 0.0))]
+    assert [(w["pid"], w["watch_id"]) for w in top.sort_watchers(watchers)] == \
+        [(4, 0), (3, 1), (9, 1), (9, 2)]
+
+
+def test_the_header_of_a_broker_that_exited_shows_no_figures():
+    last = {"name": "demo", "pid": 4321, "broker_state": "alive", "revision": 98765,
+            "compact_revision": 4567, "writes": 55555, "events_delivered": 66666,
+            "writes_per_s": 1234.0, "events_per_s": 2345.0, "uptime_s": 99,
+            "cpu_percent": 12.5, "rss_bytes": 3 << 20,
+            "log": {"used": 100, "capacity": 1000, "count": 5, "oldest_rev": 98761,
+                    "newest_rev": 98765},
+            "watchers": {"total": 77, "synced": 70, "unsynced": 5, "victim": 2},
+            "clients": [_client(0, 101, label="writer-1")]}
+    console = Console(width=120, record=True, file=io.StringIO())
+    console.print(top.render_waiting("demo", "broker demo (pid 4321) has exited", last=last,
+                                     width=120, height=40, sort="lag"))
+    text = console.export_text()
+    assert "has exited" in text and "4321" in text
+    for figure in ("98,765", "4,567", "55,555", "66,666", "1.2k", "2.3k", "77", "writer-1",
+                   "12.5"):
+        assert figure not in text, figure
+    assert "revision —" in text and "compact —" in text
+    lines = [ln.split()[1:3] for ln in text.splitlines()]
+    assert ["writes/s", "—"] in lines and ["events/s", "—"] in lines
+    assert "the broker has exited" in text
+
+
+def _hold_client(name: str, ready, done) -> None:
+    """A multiprocessing worker holding a client until told to go."""
+    with clientlib.connect(name, timeout=10):
+        ready.set()
+        done.wait(30)
+
+
+@pytest.mark.timeout(60)
+def test_a_multiprocessing_worker_is_told_apart(broker_proc):
+    """A spawned worker named `writer-7` shows as such where the broker publishes
+    labels (their default is the process name), else by its command line."""
+    ctx = mp.get_context("spawn")
+    ready, done = ctx.Event(), ctx.Event()
+    p = ctx.Process(target=_hold_client, name="writer-7", args=(broker_proc.name, ready, done))
+    p.start()
+    try:
+        assert ready.wait(30)
+        stats = wait_stats(broker_proc.name,
+                           lambda s: any(c["pid"] == p.pid for c in s["clients"]))
+        view = top.Monitor(broker_proc.name).enrich(stats)
+        (row,) = [c for c in view["clients"] if c["pid"] == p.pid]
+        (line,) = [ln for ln in _rows(view, width=160) if ln.split()[0] == str(p.pid)]
+        if "label" in row:
+            assert row["label"] == "writer-7" and "writer-7" in line
+        else:
+            assert "multiprocessing" in row["cmdline"] and "multiprocessing" in line
+    finally:
+        done.set()
+        p.join(10)
 
 
 # =============================================================================== CLI
@@ -374,16 +501,25 @@ def test_live_view_in_a_terminal(broker_proc, client, tmp_path):
 def test_live_view_reports_a_broker_that_exits(broker_proc, tmp_path):
     """Exited, back (a new broker of the same name), exited for good: exit status 1."""
     name = broker_proc.name
+    with clientlib.connect(name, timeout=10) as c:
+        for i in range(6):
+            c.put(b"k%d" % i, b"v")
     t = Tmux(tmp_path, "--name", name, "--wait-broker", "4")
     try:
-        t.wait_for(lambda s: name in s and "revision 1" in s, "the header")
+        t.wait_for(lambda s: name in s and "revision 7 " in s and "6 writes" in s,
+                   "the header")
         broker_proc.stop()
         scr = t.wait_for(lambda s: "has exited" in s, "the broker exited message")
         assert f"broker {name} (pid {broker_proc.pid}) has exited" in " ".join(scr.split())
+        # the header keeps none of the exited broker's figures
+        assert "revision —" in scr and "revision 7" not in scr and "6 writes" not in scr
+        assert any(ln.split()[1:3] == ["writes/s", "—"] for ln in scr.splitlines()
+                   if len(ln.split()) > 2), scr
 
         with broker.spawn(name) as again:  # a new broker with the same name
-            t.wait_for(lambda s: f"pid {again.pid}" in s and "is back" in s,
-                       "the new broker")
+            scr = t.wait_for(lambda s: f"pid {again.pid}" in s and "is back" in s,
+                             "the new broker")
+            assert "revision 1 " in scr and "revision —" not in scr
         # it exits too, and nobody comes back within --wait-broker
         assert t.wait_exit(timeout=20) == 1
         scr = " ".join(t.screen(history=True).split())

@@ -133,7 +133,8 @@ def test_victim_then_unsynced_then_synced_without_loss():
     got = ring.read_all()
     for _ in range(30):
         commit(core, h, h.put(b"k", value=b"x" * 20))
-    assert slow.state == W.VICTIM and slow.outbox
+    # A victim holds nothing: the revision its ring refused stays in the log.
+    assert slow.state == W.VICTIM and not slow.outbox and core.held == {}
     assert core.victims_entered == 1
     victim_at = slow.min_rev
     # While a victim: no work for it, nothing more delivered, fast watcher unaffected.
@@ -152,8 +153,61 @@ def test_victim_then_unsynced_then_synced_without_loss():
         core.move_victims()
     got += ring.read_all()
     assert revs_of(got) == list(range(2, 32))
+    # The backlog came back in multi-revision catch-up responses.
+    assert max(len(r.events) for r in got) > 1
     commit(core, h, h.put(b"k"))
     assert revs_of(ring.read_all()) == [32]
+
+
+def test_victim_resumes_only_once_half_its_ring_is_free():
+    core, h = WatchCore(), History()
+    w, ring = make(core, 0, b"k", cap=1024)
+    ring.read_all()
+    for _ in range(40):
+        commit(core, h, h.put(b"k", value=b"x" * 20))
+    assert w.state == W.VICTIM
+    # The reader takes one response: not enough room yet, no one-revision catch-up.
+    data, more = ring.records.popleft()
+    ring.used -= len(data) + 8
+    core.move_victims()
+    assert w.state == W.VICTIM and w.sink.producer_blocked
+    ring.read_all()
+    core.move_victims()
+    assert w.state == W.UNSYNCED
+    core.sync_watchers(h.read)
+    out = ring.read_all()
+    assert len(out) == 1 and len(out[0].events) > 1
+
+
+def test_owner_over_budget_waits_instead_of_holding_more():
+    """Responses that could only go out in part are not started while the owner holds
+    more than its budget: the watcher waits as a victim and holds nothing."""
+    core, h = WatchCore(owner_budget=1000), History()
+    a, ra = make(core, 0, b"a", b"z", cap=256)
+    b, rb = make(core, 1, b"a", b"z", cap=256)
+    ra.read_all()
+    rb.read_all()
+    commit(core, h, h.put(*[bytes([97, i]) for i in range(40)], value=b"y" * 30))
+    # The first watcher's ring took the start of the big response, the rest is held;
+    # the second would exceed the owner's budget: nothing started, nothing held.
+    assert a.state == b.state == W.VICTIM
+    holder, waiter = (a, b) if a.outbox else (b, a)
+    assert holder.outbox and not waiter.outbox and waiter.min_rev == h.rev
+    assert core.held == {"owner": sum(len(p) - off for p, off in holder.outbox)}
+    outs = {0: [], 1: []}
+    for _ in range(400):
+        outs[0] += ra.read_all()
+        outs[1] += rb.read_all()
+        core.move_victims()
+        core.sync_watchers(h.read)
+        core._check()
+        assert core.held.get("owner", 0) <= 1000 + 4000
+        if a.state == W.SYNCED and b.state == W.SYNCED:
+            break
+    outs[0] += ra.read_all()
+    outs[1] += rb.read_all()
+    for i in (0, 1):
+        assert revs_of(outs[i]) == [h.rev] * 40
 
 
 def test_revision_larger_than_ring_free_space_streams_through():
@@ -320,7 +374,17 @@ def test_fragments_split_like_etcd():
     assert len(split_fragments(9, [b"x" * 1000], 10)) == 1  # one event is never split
 
 
-def test_fragmenting_watcher_gets_fragments():
+def test_fragments_start_above_max_request_bytes_plus_grpc_overhead():
+    """etcd's watch server splits at --max-request-bytes + 512 KiB, not at the limit."""
+    core, h = WatchCore(max_request_bytes=200), History()
+    assert core.fragment_limit == 200 + 512 * 1024
+    _, ring = make(core, 0, b"a", b"z", fragment=True)
+    commit(core, h, h.put(*[bytes([97, i]) for i in range(6)], value=b"v" * 40))
+    assert [r.fragment for r in ring.read_all()[1:]] == [False]
+
+
+def test_fragmenting_watcher_gets_fragments(monkeypatch):
+    monkeypatch.setattr(W, "GRPC_OVERHEAD_BYTES", 0)
     core, h = WatchCore(max_request_bytes=200), History()
     _, ring = make(core, 0, b"a", b"z", fragment=True)
     _, whole = make(core, 1, b"a", b"z")

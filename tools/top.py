@@ -13,19 +13,24 @@ create time, so a recycled pid is never mistaken for a client.
 Shown: the broker's pid, uptime, CPU and RSS; revision and compact revision; the revision
 log's fill and the revisions it holds; writes/s and events delivered/s (rates between two
 published snapshots, on the broker's own clock) with their recent history as sparklines;
-watchers by state and pending events; one row per client (pid, command, CPU, RSS,
-watchers, requests/s, worst watch-ring fill, lag in revisions, state), sorted by lag with
-victims marked; and the most lagging watchers.
+watchers by state and pending events; one row per client (pid, the client's label --
+by default its multiprocessing process name, or its script and pid -- or, from a broker
+that publishes no labels, its command line; CPU, RSS, watchers, requests/s, worst
+watch-ring fill, lag in revisions, state), sorted by lag with victims marked; and the
+most lagging watchers. Rows whose sort figures tie stay in pid order, so they do not
+move between refreshes.
 
 Keys: q quits, s cycles the sort column, p pauses (the screen freezes; sampling goes on,
-so the rates and history stay whole). A broker that exits is reported; the monitor waits
---wait-broker seconds for a broker of the same name to come back, then exits with 1.
+so the rates and history stay whole). A broker that exits is reported, its figures
+replaced by dashes; the monitor waits --wait-broker seconds for a broker of the same name
+to come back (then shows it), else exits with 1.
 
 --once prints one snapshot (rich when stdout is a terminal, plain text otherwise), with
 rates and CPU measured over one --interval; --json prints it as JSON: the read_stats fields
 plus uptime_s, cpu_percent, rss_bytes, writes_per_s, events_per_s, rate_interval_s (null
-when not measurable) and, per client, name, cmdline, alive, cpu_percent, rss_bytes,
-requests_per_s and state ("victim" if it has victims, "lagging" if max_lag > 0, else "ok").
+when not measurable) and, per client, the broker's fields (with `label` from a broker that
+publishes it) plus name, cmdline, alive, cpu_percent, rss_bytes, requests_per_s and state
+("victim" if it has victims, "lagging" if max_lag > 0, else "ok").
 
 Exit status: 0 normally, 1 when the broker is not running or went away for good, 2 on a
 usage error (e.g. several brokers are running and no --name was given).
@@ -51,6 +56,7 @@ from broker.admin import broker_info, list_brokers, read_stats
 HISTORY = 240  # samples of rate history kept (2 minutes at the default interval)
 STALE_AFTER_S = 3.0  # a live broker whose snapshot is older than this is flagged
 BLOCKS = "▁▂▃▄▅▆▇█"
+GONE = "—"  # a figure of a broker that has exited
 # the client table's sort columns, cycled by "s": largest first (pid: smallest first)
 SORTS = ("lag", "fill", "cpu", "rss", "watchers", "req/s", "pid")
 
@@ -339,18 +345,36 @@ def _sort_key(col: str):
         return -1.0 if x is None else float(x)
 
     return {
-        "lag": lambda c: (c["max_lag"], c["worst_fill"], c["victims"]),
-        "fill": lambda c: (c["worst_fill"], c["max_lag"]),
-        "cpu": lambda c: (num(c.get("cpu_percent")), c["max_lag"]),
-        "rss": lambda c: (num(c.get("rss_bytes")), c["max_lag"]),
-        "watchers": lambda c: (c["watchers"], c["max_lag"]),
-        "req/s": lambda c: (num(c.get("requests_per_s")), c["requests"]),
+        "lag": lambda c: (c["max_lag"], c["victims"]),
+        "fill": lambda c: c["worst_fill"],
+        "cpu": lambda c: num(c.get("cpu_percent")),
+        "rss": lambda c: num(c.get("rss_bytes")),
+        "watchers": lambda c: c["watchers"],
+        "req/s": lambda c: num(c.get("requests_per_s")),
         "pid": lambda c: -c["pid"],
     }[col]
 
 
 def sort_clients(clients: list[dict], col: str) -> list[dict]:
-    return sorted(clients, key=_sort_key(col), reverse=True)
+    """Largest first by `col` (pid: smallest first). Ties keep pid, then slot, order,
+    whatever order the broker listed them in: rows whose figures tie stay in place from
+    one refresh to the next (sorted() is stable, also with reverse=True)."""
+    by_identity = sorted(clients, key=lambda c: (c["pid"], c["slot"]))
+    return sorted(by_identity, key=_sort_key(col), reverse=True)
+
+
+def sort_watchers(rows: list[dict]) -> list[dict]:
+    """The lagging watchers, most lagging first; ties in pid and watch id order (the
+    broker also orders by ring fill, which moves at every snapshot)."""
+    by_identity = sorted(rows, key=lambda w: (w.get("pid", 0), w.get("watch_id", 0)))
+    return sorted(by_identity, key=lambda w: w.get("lag", 0), reverse=True)
+
+
+def client_label(c: dict) -> str:
+    """What names a client row: the label it connected with (the broker publishes it:
+    by default the multiprocessing process name, or the script and pid), else its
+    command line, else its process name."""
+    return c.get("label") or short_cmd(c.get("cmdline")) or c.get("name") or "?"
 
 
 def _bar(frac: float, width: int, style: str):
@@ -381,6 +405,73 @@ def flow(items: list, sep: str, width: int) -> list:
     return lines
 
 
+def _header_lines(view: dict, history: tuple, inner: int) -> list:
+    """The header's figures. For a broker that has exited (`broker_state` other than
+    "alive") every figure is a dash: what it last published is no longer true."""
+    from rich.text import Text
+
+    T = Text.assemble
+    gone = view.get("broker_state", "alive") != "alive"
+
+    def num(x, fmt: str = "{:,}") -> str:
+        return GONE if gone or x is None else fmt.format(x)
+
+    lg = {} if gone else view.get("log", {})
+    cap = lg.get("capacity") or 1
+    used = lg.get("used", 0)
+    held = (f"{lg.get('oldest_rev', 0):,}..{lg.get('newest_rev', 0):,} "
+            f"({lg.get('count', 0):,} revs)" if lg.get("count") else
+            GONE if gone else "no revisions")
+    log = (T(("log ", "dim"), GONE) if gone else
+           T(("log ", "dim"), _bar(used / cap, 12, _fill_style(used / cap)),
+             f" {fmt_bytes(used)} / {fmt_bytes(lg.get('capacity'))} ({100 * used / cap:.0f}%)"))
+    wt = view.get("watchers", {})
+    pend = view.get("pending_events")
+    lines = flow([
+        T(("pid ", "dim"), (str(view.get("pid", "?")), "bold"),
+          (" exited", "bold red") if gone else ""),
+        T(("up ", "dim"), (GONE if gone else fmt_dur(view.get("uptime_s", 0)), "bold")),
+        T(("cpu ", "dim"), (GONE if gone else f"{fmt_pct(view.get('cpu_percent'))}%", "bold")),
+        T(("rss ", "dim"), (GONE if gone else fmt_bytes(view.get("rss_bytes")), "bold")),
+        T(("clients ", "dim"), (num(len(view.get("clients", ()))), "bold")),
+    ], "   ", inner)
+    lines += flow([
+        T(("revision ", "dim"), (num(view.get("revision", 0)), "bold cyan")),
+        T(("compact ", "dim"), (num(view.get("compact_revision", 0)), "bold")),
+        log,
+        T(("holds ", "dim"), held),
+    ], "   ", inner)
+    spark_w = max(8, inner - 34)
+    for label, key, values, style in (("writes/s", "writes_per_s", history[0], "cyan"),
+                                      ("events/s", "events_per_s", history[1], "magenta")):
+        rate = GONE if gone else fmt_rate(view.get(key))
+        ln = T((f"{label:9}", "dim"), (f"{rate:>8}", "bold " + style))
+        if values and not gone:  # the live view: the recent history, newest on the right
+            ln.append_text(T("  ", (sparkline(values, spark_w), style),
+                             ("  max ", "dim"), (f"{fmt_rate(max(values)):>7}", "")))
+        elif key == "writes_per_s" and view.get("rate_interval_s") and not gone:
+            ln.append(f"   (over {view['rate_interval_s']:.2f}s)", style="dim")
+        lines.append(ln)
+    lines += flow([
+        T(("watchers ", "dim"), (num(wt.get("total", 0)), "bold"), (" total", "dim")),
+        T((num(wt.get("synced", 0)), "green"), (" synced", "dim")),
+        T((num(wt.get("unsynced", 0)), "bold yellow" if wt.get("unsynced") else ""),
+          (" unsynced", "dim")),
+        T((num(wt.get("victim", 0)), "bold red" if wt.get("victim") else ""),
+          (" victims", "dim")),
+        T((num(wt.get("canceling", 0)), ""), (" canceling", "dim")),
+        T(("pending events ", "dim"), (num(pend or 0), "bold yellow" if pend else "bold")),
+    ], " · ", inner)
+    lines += flow([
+        T(("totals   ", "dim"), num(view.get("writes", 0)), (" writes", "dim")),
+        T(num(view.get("events_delivered", 0)), (" events delivered", "dim")),
+        T(num(view.get("victims_entered", 0)), (" victims entered", "dim")),
+        T(num(view.get("catchups", 0)), (" catch-ups", "dim")),
+        T(num(view.get("compactions", 0)), (" compactions", "dim")),
+    ], " · ", inner)
+    return lines
+
+
 def render(view: dict, *, width: int, height: int | None = None, sort: str = "lag",
            history: tuple = ((), ()), status=None, paused: bool = False):
     """The screen for one enriched snapshot (without the key help). `height` (live view)
@@ -396,56 +487,7 @@ def render(view: dict, *, width: int, height: int | None = None, sort: str = "la
     inner = max(20, width - 4)  # inside the panel's borders and padding
 
     # ---------------------------------------------------------------- header
-    T = Text.assemble
-    cpu = view.get("cpu_percent")
-    lg = view.get("log", {})
-    cap = lg.get("capacity") or 1
-    used = lg.get("used", 0)
-    held = (f"{lg.get('oldest_rev', 0):,}..{lg.get('newest_rev', 0):,} "
-            f"({lg.get('count', 0):,} revs)" if lg.get("count") else "no revisions")
-    wt = view.get("watchers", {})
-    pend = view.get("pending_events", 0)
-    lines = flow([
-        T(("pid ", "dim"), (str(view.get("pid", "?")), "bold")),
-        T(("up ", "dim"), (fmt_dur(view.get("uptime_s", 0)), "bold")),
-        T(("cpu ", "dim"), (f"{fmt_pct(cpu)}%", "bold")),
-        T(("rss ", "dim"), (fmt_bytes(view.get("rss_bytes")), "bold")),
-        T(("clients ", "dim"), (str(len(view.get("clients", ()))), "bold")),
-    ], "   ", inner)
-    lines += flow([
-        T(("revision ", "dim"), (f"{view.get('revision', 0):,}", "bold cyan")),
-        T(("compact ", "dim"), (f"{view.get('compact_revision', 0):,}", "bold")),
-        T(("log ", "dim"), _bar(used / cap, 12, _fill_style(used / cap)),
-          f" {fmt_bytes(used)} / {fmt_bytes(lg.get('capacity'))} ({100 * used / cap:.0f}%)"),
-        T(("holds ", "dim"), held),
-    ], "   ", inner)
-    spark_w = max(8, inner - 34)
-    for label, key, values, style in (("writes/s", "writes_per_s", history[0], "cyan"),
-                                      ("events/s", "events_per_s", history[1], "magenta")):
-        ln = T((f"{label:9}", "dim"), (f"{fmt_rate(view.get(key)):>8}", "bold " + style))
-        if values:  # the live view: the recent history, newest on the right
-            ln.append_text(T("  ", (sparkline(values, spark_w), style),
-                             ("  max ", "dim"), (f"{fmt_rate(max(values)):>7}", "")))
-        elif key == "writes_per_s" and view.get("rate_interval_s"):
-            ln.append(f"   (over {view['rate_interval_s']:.2f}s)", style="dim")
-        lines.append(ln)
-    lines += flow([
-        T(("watchers ", "dim"), (f"{wt.get('total', 0):,}", "bold"), (" total", "dim")),
-        T((f"{wt.get('synced', 0):,}", "green"), (" synced", "dim")),
-        T((f"{wt.get('unsynced', 0):,}", "bold yellow" if wt.get("unsynced") else ""),
-          (" unsynced", "dim")),
-        T((f"{wt.get('victim', 0):,}", "bold red" if wt.get("victim") else ""),
-          (" victims", "dim")),
-        T((f"{wt.get('canceling', 0):,}", ""), (" canceling", "dim")),
-        T(("pending events ", "dim"), (f"{pend:,}", "bold yellow" if pend else "bold")),
-    ], " · ", inner)
-    lines += flow([
-        T(("totals   ", "dim"), f"{view.get('writes', 0):,}", (" writes", "dim")),
-        T(f"{view.get('events_delivered', 0):,}", (" events delivered", "dim")),
-        T(f"{view.get('victims_entered', 0):,}", (" victims entered", "dim")),
-        T(f"{view.get('catchups', 0):,}", (" catch-ups", "dim")),
-        T(f"{view.get('compactions', 0):,}", (" compactions", "dim")),
-    ], " · ", inner)
+    lines = _header_lines(view, history, inner)
     for ln in lines:
         ln.no_wrap = True
         ln.overflow = "ellipsis"
@@ -465,8 +507,8 @@ def render(view: dict, *, width: int, height: int | None = None, sort: str = "la
 
     # ---------------------------------------------------------------- clients
     clients = sort_clients(view.get("clients", []), sort)
-    top = [w for w in view.get("top_watchers", []) if w.get("lag", 0) > 0
-           or w.get("state") not in ("synced", None)]
+    top = sort_watchers([w for w in view.get("top_watchers", []) if w.get("lag", 0) > 0
+                         or w.get("state") not in ("synced", None)])
     room = None  # client rows that fit
     show_top = min(len(top), 10)  # lagging-watcher rows shown
     if height is not None:
@@ -491,7 +533,7 @@ def render(view: dict, *, width: int, height: int | None = None, sort: str = "la
     col("PID", "pid", justify="right", no_wrap=True)
     narrow = width < 110  # drop the fill bars and the victims column (the marker stays)
     tiny = width < 90  # and the RSS and requests/s columns
-    t.add_column("COMMAND", ratio=1, no_wrap=True, overflow="ellipsis", min_width=12)
+    t.add_column("CLIENT", ratio=1, no_wrap=True, overflow="ellipsis", min_width=12)
     col("CPU%", "cpu", justify="right", no_wrap=True)
     if not tiny:
         col("RSS", "rss", justify="right", no_wrap=True)
@@ -514,7 +556,7 @@ def render(view: dict, *, width: int, height: int | None = None, sort: str = "la
         else:
             state = Text(st, style={"victim": "bold red", "lagging": "yellow"}.get(st, "green"))
             row_style = "red" if st == "victim" else ""
-        cmd = short_cmd(c.get("cmdline")) or c.get("name") or "?"
+        cmd = client_label(c)
         pct = Text(f"{100 * fill:4.0f}%", style=_fill_style(fill) if fill >= 0.5 else "")
         fillcell = pct if narrow else Text.assemble(_bar(fill, 6, _fill_style(fill)), " ", pct)
         cells = [marker, str(c["pid"]), Text(cmd, style=row_style or "", no_wrap=True),
@@ -539,7 +581,8 @@ def render(view: dict, *, width: int, height: int | None = None, sort: str = "la
     if clients:
         parts.append(t)
     else:
-        parts.append(Text("  no clients connected", style="dim"))
+        parts.append(Text("  no clients connected" if view.get("broker_state", "alive") ==
+                          "alive" else "  the broker has exited", style="dim"))
 
     # ---------------------------------------------------------------- lagging watchers
     if show_top:
@@ -589,8 +632,9 @@ def _banner(text: str, style: str):
 
 
 def render_waiting(name: str, message: str, *, last: dict | None, width: int,
-                   height: int, history: tuple, sort: str):
-    """The screen while no broker is there: the message, then the last known snapshot."""
+                   height: int, sort: str):
+    """The screen while no broker is there: the message under a header of dashes (what
+    the last broker published is no longer true; its pid stays, to say which exited)."""
     from rich.console import Group
     from rich.text import Text
 
@@ -598,8 +642,8 @@ def render_waiting(name: str, message: str, *, last: dict | None, width: int,
     if last is None:
         return Group(Text.assemble(("shmwatch top", "bold"), " · broker ",
                                    (name, "bold cyan")), Text(""), banner)
-    return render(last, width=width, height=height, sort=sort, history=history,
-                  status=banner)
+    gone = {"name": last.get("name", name), "pid": last.get("pid"), "broker_state": "exited"}
+    return render(gone, width=width, height=height, sort=sort, status=banner)
 
 
 def live_screen(body, foot):
@@ -731,12 +775,11 @@ def run_live(name: str, interval: float, wait_broker: float) -> int:
                 else:
                     msg = (f"broker {name} is not running · waiting {left:.0f}s for it to "
                            f"start · q quits")
-                body = render_waiting(name, msg, last=last, width=w, height=h - 1,
-                                      history=mon.history(), sort=sort)
+                body = render_waiting(name, msg, last=last, width=w, height=h - 1, sort=sort)
             elif last is None:
                 body = render_waiting(name, f"broker {name} is running but its stats are not "
                                       f"readable yet ({unavailable}) · q quits", last=None,
-                                      width=w, height=h - 1, history=mon.history(), sort=sort)
+                                      width=w, height=h - 1, sort=sort)
             else:
                 status = None
                 if unavailable:
