@@ -76,22 +76,34 @@ class Pair:
         self.etcd_env = {**os.environ, "ETCDCTL_API": "3"}
         self.shm_env = {**os.environ, "PYTHONPATH": str(ROOT), "SHMWATCH_NAME": broker_name}
 
-    def _run(self, argv: list[Arg], env: dict, stdin: bytes) -> Result:
-        p = subprocess.run(argv, input=stdin, capture_output=True, env=env, cwd=ROOT,
-                           timeout=60, check=False)
-        return Result(p.stdout, p.stderr, p.returncode)
+    def _start(self, tool: str, args: tuple) -> subprocess.Popen:
+        argv, env = ((self.etcdctl_argv, self.etcd_env) if tool == "etcdctl"
+                     else (self.shmwatch_argv, self.shm_env))
+        return subprocess.Popen(argv + list(args), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env=env, cwd=ROOT)
+
+    @staticmethod
+    def _finish(proc: subprocess.Popen, stdin: bytes) -> Result:
+        try:
+            out, err = proc.communicate(stdin, timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        return Result(out, err, proc.returncode)
 
     def etcdctl(self, *args: Arg, stdin: bytes = b"") -> Result:
-        return self._run(self.etcdctl_argv + list(args), self.etcd_env, stdin)
+        return self._finish(self._start("etcdctl", args), stdin)
 
     def shmwatch(self, *args: Arg, stdin: bytes = b"") -> Result:
-        return self._run(self.shmwatch_argv + list(args), self.shm_env, stdin)
+        return self._finish(self._start("shmwatch", args), stdin)
 
     def same(self, *args: Arg, stdin: bytes = b"", rc: int | None = 0) -> Result:
-        """Run on both; require the same stdout, stderr promises and exit code (and
-        that exit code, unless rc is None). Returns shmwatch's result."""
-        want = self.etcdctl(*args, stdin=stdin)
-        got = self.shmwatch(*args, stdin=stdin)
+        """Run on both (at once: the two stores are independent); require the same
+        stdout, stderr promises and exit code (and that exit code, unless rc is None).
+        Returns shmwatch's result."""
+        procs = [self._start("etcdctl", args), self._start("shmwatch", args)]
+        want, got = [self._finish(proc, stdin) for proc in procs]
         what = f"command {args!r} stdin {stdin!r}\netcdctl: {want}\nshmwatch: {got}"
         if want.out.startswith(b"NAME:\n\t"):  # cobra's usage, after a flag error
             assert got.out.startswith(f"{args[0]} - ".encode()), what  # ours
@@ -104,10 +116,10 @@ class Pair:
         return got
 
     def spawn(self, tool: str, *args: Arg) -> subprocess.Popen:
-        argv, env = ((self.etcdctl_argv, self.etcd_env) if tool == "etcdctl"
-                     else (self.shmwatch_argv, self.shm_env))
-        return subprocess.Popen(argv + list(args), stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, env=env, cwd=ROOT)
+        """A command left running (a watch), its stdin closed."""
+        proc = self._start(tool, args)
+        proc.stdin.close()
+        return proc
 
 
 @pytest.fixture
