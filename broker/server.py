@@ -50,18 +50,33 @@ from clientlib.protocol import (
 from clientlib.types import Event, KeyValue
 from shm import layout as L
 from shm.doorbell import Doorbell
-from shm.errors import LogRecordCorrupt, MessageTooLarge, RingCorrupt, SegmentExists, ShmNoSpace
+from shm.errors import (
+    LogRecordCorrupt,
+    MessageTooLarge,
+    RingCorrupt,
+    SegmentExists,
+    SegmentNotFound,
+    ShmNoSpace,
+)
 from shm.lock import is_locked, try_lock
 from shm.revlog import RevLog, revlog_bytes
 from shm.ring import MIN_CAPACITY, Ring, check_capacity, ring_bytes
-from shm.segment import SHM_DIR, Segment, new_boot_id, shm_name
+from shm.segment import (
+    HEADER_SIZE,
+    SHM_DIR,
+    Segment,
+    new_boot_id,
+    new_token,
+    shm_name,
+    shm_path,
+)
 
-from .admin import broker_info, cleanup_stale
+from .admin import broker_info, cleanup_stale, owner
 from .errors import BrokerStartError
 from .mvcc import MVCCStore, events_at_compact_rev
 from .sizing import Sizing, budget, check_start, no_space_message, plan, shm_free
 from .sizing import start_bytes as start_bytes_for
-from .wal import KIND_COMPACT, KIND_KV, DataDir
+from .wal import KIND_COMPACT, KIND_KV, DataDir, Record, WalCorrupt
 from .watch import Watcher, WatchCore
 
 log = logging.getLogger("shmwatch.broker")
@@ -78,6 +93,12 @@ IDLE_SLEEP_MAX_S = 0.1
 # (~30 us each way, PERF-ANCHORS.md), which is what keeps a synchronous put fast.
 BROKER_SPIN = 100
 REQUEST_ENVELOPE = 1024  # bytes of a request beyond its payload (op, ids, msgpack framing)
+# Fresh random names tried for one object before giving up: a clash of 64-bit random
+# tokens is only ever somebody creating names on purpose, and it is logged.
+NAME_ATTEMPTS = 4
+# How long a starting broker keeps trying to take its name while a dead broker's
+# leftovers are being removed by someone else.
+TAKE_NAME_S = 5.0
 
 
 @dataclass
@@ -149,6 +170,14 @@ class BrokerRunning(BrokerStartError):
     """A live broker already holds this name."""
 
 
+class NameTaken(BrokerRunning):
+    """The broker's name is taken by an object another user owns."""
+
+
+class NameClash(Exception):
+    """Every fresh random name tried for an object already existed."""
+
+
 class HistoryDamaged(Exception):
     """A catch-up pass met a damaged revision-log record (already contained)."""
 
@@ -160,12 +189,14 @@ class HistoryDamaged(Exception):
 class ClientConn:
     """The broker's side of one registered client."""
 
-    def __init__(self, slot: int, gen: int, pid: int, create_time_us: int, seg: Segment,
-                 req: Ring, resp: Ring, bell: Doorbell):
+    def __init__(self, slot: int, gen: int, part: str, pid: int, create_time_us: int,
+                 label: str, seg: Segment, req: Ring, resp: Ring, bell: Doorbell):
         self.slot = slot
         self.gen = gen
+        self.part = part  # the name part of its rings; arenas and doorbell extend it
         self.pid = pid
         self.create_time_us = create_time_us
+        self.label = label  # the client's own words: display only, never trusted
         self.seg = seg
         self.req = req
         self.resp = resp
@@ -208,13 +239,21 @@ class Broker:
         self._oversized: tuple[int, bytes] | None = None  # a revision too big for the log
         self.wal: DataDir | None = None
         self._replaying = False
+        snap, records = None, []
         if cfg.data_dir:
+            # Every file is checked before anything is created in shared memory: a
+            # damaged data directory refuses the start with nothing to undo.
             self.wal = DataDir(cfg.data_dir, cfg.fsync)
-            self.cluster_id = self.wal.cluster_id(self.cluster_id)
+            try:
+                snap, records = self.wal.load()
+                self.cluster_id = self.wal.cluster_id(self.cluster_id)
+            except BaseException:
+                self.wal.close()
+                raise
         try:
             self._create_shared()
             if self.wal is not None:
-                self._recover()
+                self._recover(snap, records)
         except BaseException:
             if self.wal is not None:
                 self.wal.close()
@@ -236,6 +275,19 @@ class Broker:
         else:
             os.chown("/dev/shm/sem." + obj.name.lstrip("/"), -1, self._gid)
 
+    def _create_unique(self, part_of, create):
+        """`create(part)` with `part = part_of(token)` for fresh random tokens until one
+        is free: (object, token). Raises NameClash after NAME_ATTEMPTS names."""
+        for _ in range(NAME_ATTEMPTS):
+            token = new_token()
+            part = part_of(token)
+            try:
+                return create(part), token
+            except SegmentExists:
+                log.warning("%s already exists (someone creates our names?): trying another "
+                            "name", _describe(self._name(part)))
+        raise NameClash(f"{NAME_ATTEMPTS} fresh random names for {part_of(0)} all existed")
+
     def _create_shared(self) -> None:
         cfg = self.cfg
         self._gid = None
@@ -244,51 +296,109 @@ class Broker:
 
             self._gid = (int(cfg.group) if cfg.group.isdigit()
                          else grp.getgrnam(cfg.group).gr_gid)
-        info = broker_info(cfg.name)
-        if info["state"] in ("alive", "starting"):
-            raise BrokerRunning(f"a broker named {cfg.name!r} is already running "
-                                f"(pid {info['pid']})")
-        removed = cleanup_stale(cfg.name)
-        if removed:
-            log.warning("removed what a dead broker named %r left: %s", cfg.name,
-                        ", ".join(removed))
+        self._take_name()
         try:
-            self.ctl = Segment.create(self._name("ctl"), L.ctl_payload_size(cfg.max_clients),
-                                      kind=L.KIND_CTL, boot_id=self.boot_id, mode=cfg.mode)
-        except SegmentExists:
-            raise BrokerRunning(f"a broker named {cfg.name!r} is starting") from None
-        try:
-            self.words = self.ctl.payload.cast("Q")
-            if not try_lock(self.ctl.fd, L.BROKER_LOCK_BYTE):
-                raise RuntimeError("could not take the broker lock")
             w = self.words
-            w[L.CTL_PID] = os.getpid()
-            w[L.CTL_CREATE_TIME_US] = int(psutil.Process().create_time() * 1e6)
-            w[L.CTL_MAX_CLIENTS] = cfg.max_clients
-            w[L.CTL_MAX_REQUEST_BYTES] = cfg.max_request_bytes
-            w[L.CTL_REQUEST_RING] = cfg.request_ring_bytes
-            w[L.CTL_RESPONSE_RING] = cfg.response_ring_bytes
-            w[L.CTL_WATCH_RING] = cfg.watch_ring_bytes
-            w[L.CTL_RINGS_PER_ARENA] = cfg.rings_per_arena
-            w[L.CTL_MAX_RESPONSE_BYTES] = cfg.max_response_bytes
-            w[L.CTL_MAX_WATCHERS] = cfg.max_watchers_per_client
-            w[L.CTL_CLUSTER_ID] = self.cluster_id
-            w[L.CTL_HEARTBEAT_NS] = time.time_ns()
-            w[L.CTL_REVISION] = self.mvcc.rev
             flag = self.ctl.payload[L.CTL_BROKER_SLEEPING * 8:L.CTL_BROKER_SLEEPING * 8 + 4]
-            self.bell = Doorbell.create(self._name("bell"), flag, mode=cfg.mode)
-            self.logseg = Segment.create(self._name("log"), revlog_bytes(cfg.log_bytes),
-                                         kind=L.KIND_LOG, boot_id=self.boot_id, mode=cfg.mode)
+            self.bell, w[L.CTL_BELL_TOKEN] = self._create_unique(
+                L.bell_part, lambda p: Doorbell.create(self._name(p), flag, mode=cfg.mode))
+            self.logseg, w[L.CTL_LOG_TOKEN] = self._create_unique(
+                L.log_part, lambda p: Segment.create(self._name(p), revlog_bytes(cfg.log_bytes),
+                                                     kind=L.KIND_LOG, boot_id=self.boot_id,
+                                                     mode=cfg.mode))
             self.log = RevLog(self.logseg.payload, init=True)
-            self.statseg = Segment.create(self._name("stats"), STATS_BYTES, kind=L.KIND_STATS,
-                                          boot_id=self.boot_id, mode=cfg.mode)
+            self.statseg, w[L.CTL_STATS_TOKEN] = self._create_unique(
+                L.stats_part, lambda p: Segment.create(self._name(p), STATS_BYTES,
+                                                       kind=L.KIND_STATS,
+                                                       boot_id=self.boot_id, mode=cfg.mode))
             self._stats_words = self.statseg.payload[:16].cast("Q")
-            for obj in (self.ctl, self.bell, self.logseg, self.statseg):
+            for obj in (self.bell, self.logseg, self.statseg):
                 self._share(obj)
         except BaseException:
             self._unlink_all()
             raise
         self._reg_seq = -1
+
+    def _take_name(self) -> None:
+        """Create the control segment under a temporary random name, fill it in, take
+        the broker lock, then publish it as `ctl`: so the name never shows a control
+        segment without its lock held, and "alive" is "locked" with no exception (see
+        "Liveness" in docs/INTERNALS.md). A taken name is a live broker (refused), a dead
+        one of ours (its leftovers are removed, then we try again), or another user's
+        object (refused at once, naming the owner)."""
+        cfg = self.cfg
+        deadline = time.monotonic() + TAKE_NAME_S
+        while True:
+            seg, _ = self._create_unique(
+                L.ctl_temp_part, lambda p: Segment.create(
+                    self._name(p), L.ctl_payload_size(cfg.max_clients), kind=L.KIND_CTL,
+                    boot_id=self.boot_id, mode=cfg.mode))
+            words = seg.payload.cast("Q")
+            try:
+                if not try_lock(seg.fd, L.BROKER_LOCK_BYTE):
+                    raise RuntimeError(f"could not lock the new control segment {seg.name}")
+                words[L.CTL_PID] = os.getpid()
+                words[L.CTL_CREATE_TIME_US] = int(psutil.Process().create_time() * 1e6)
+                words[L.CTL_MAX_CLIENTS] = cfg.max_clients
+                words[L.CTL_MAX_REQUEST_BYTES] = cfg.max_request_bytes
+                words[L.CTL_REQUEST_RING] = cfg.request_ring_bytes
+                words[L.CTL_RESPONSE_RING] = cfg.response_ring_bytes
+                words[L.CTL_WATCH_RING] = cfg.watch_ring_bytes
+                words[L.CTL_RINGS_PER_ARENA] = cfg.rings_per_arena
+                words[L.CTL_MAX_RESPONSE_BYTES] = cfg.max_response_bytes
+                words[L.CTL_MAX_WATCHERS] = cfg.max_watchers_per_client
+                words[L.CTL_CLUSTER_ID] = self.cluster_id
+                words[L.CTL_HEARTBEAT_NS] = time.time_ns()
+                words[L.CTL_REVISION] = self.mvcc.rev
+                self._share(seg)
+                seg.publish(self._name(L.CTL_PART))
+            except (SegmentExists, SegmentNotFound) as exc:
+                words.release()
+                seg.unlink()
+                seg.close()
+                if isinstance(exc, SegmentExists):
+                    self._name_taken()
+                # else a cleaner removed our temporary name before we published it
+            except BaseException:
+                words.release()
+                seg.unlink()
+                seg.close()
+                raise
+            else:
+                self.ctl, self.words = seg, words
+                return
+            if time.monotonic() > deadline:
+                raise BrokerRunning(f"could not take the name {cfg.name!r} in {TAKE_NAME_S} s: "
+                                    f"another process keeps creating it")
+            time.sleep(0.005)
+
+    def _name_taken(self) -> None:
+        """Our control segment's name exists: raise if it is a live broker's or another
+        user's; remove it if it is a dead broker's (the caller then tries again)."""
+        name = self.cfg.name
+        path = shm_path(self._name(L.CTL_PART))
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return
+        if st.st_uid != os.geteuid():
+            raise NameTaken(
+                f"the broker name {name!r} is taken: {path} belongs to {owner(st.st_uid)}, "
+                f"not to us ({owner(os.geteuid())}); remove it as its owner or root, or "
+                f"choose another name")
+        info = broker_info(name)
+        if info["state"] == "alive":
+            pid = (f"pid {info['pid']}" if "error" not in info
+                   else f"pid unknown: {info['error']}")
+            raise BrokerRunning(f"a broker named {name!r} is already running ({pid})")
+        if info["state"] == "unknown":
+            raise NameTaken(f"the broker name {name!r} is taken: {path} is not a control "
+                            f"segment ({info['error']}); remove it or choose another name")
+        if info["state"] == "stale":
+            removed = cleanup_stale(name)
+            if removed:
+                log.warning("removed what a dead broker named %r left: %s", name,
+                            ", ".join(removed))
 
     def _unlink_all(self) -> None:
         for c in list(self.clients.values()):
@@ -299,26 +409,46 @@ class Broker:
         if hasattr(self, "bell"):
             self.bell.close()
             self.bell.unlink()
+        # The control segment last: while it stands, nobody else can take the name.
         for seg_attr in ("statseg", "logseg", "ctl"):
             seg = getattr(self, seg_attr, None)
             if seg is not None:
                 seg.unlink()
                 seg.close()
 
-    def _recover(self) -> None:
-        """Rebuild the store and the revision log from the data directory."""
-        snap, records = self.wal.load()
+    def _recover(self, snap: dict | None, records: list[Record]) -> None:
+        """Rebuild the store and the revision log from the data directory's snapshot and
+        WAL records (checked by `DataDir.load`). A record or snapshot that passed its
+        checksums but cannot be replayed is corruption too: WalCorrupt, not a traceback."""
+        wal = self.wal
         if snap is not None:
-            self.mvcc = MVCCStore.restore(snap["mvcc"])
-            for rev, payload in snap["log"]:
-                self._log_append(rev, payload)
+            try:
+                self.mvcc = MVCCStore.restore(snap["mvcc"])
+                for rev, payload in snap["log"]:
+                    self._log_append(rev, payload)
+            except Exception as exc:  # any failure: the snapshot is not one we wrote
+                path = os.path.join(wal.path, "snap")
+                raise WalCorrupt(f"snapshot {path} passes its checksum but cannot be "
+                                 f"restored ({exc!r}); refusing to start", path) from exc
         self._replaying = True
         try:
-            for kind, body in records:
-                if kind == KIND_KV:
-                    self._apply(decode_op(body), body)
-                elif kind == KIND_COMPACT:
-                    self._do_compact(body)
+            for r in records:
+                try:
+                    if r.kind == KIND_KV:
+                        rev = self.mvcc.rev
+                        self._apply(decode_op(r.payload), r.payload)
+                        if self.mvcc.rev != rev + 1:  # only changes are logged
+                            raise ValueError("the write changes nothing")
+                    else:
+                        try:
+                            self._do_compact(r.payload)
+                        except errors.CompactedError:
+                            pass  # a smaller --log-bytes than before compacted past it
+                except Exception as exc:  # these records replayed once already: not ours
+                    raise WalCorrupt(
+                        f"WAL {wal.wal_path} is corrupt at offset {r.offset}: record "
+                        f"{r.seq} passes its checksums but cannot be replayed ({exc!r}); "
+                        f"refusing to start; nothing was changed", wal.wal_path, r.offset) from exc
             self._commit_batch()
         finally:
             self._replaying = False
@@ -760,16 +890,31 @@ class Broker:
 
     def _new_arena(self, c: ClientConn) -> list:
         k = len(c.arenas)
-        name = self._name(L.arena_part(c.slot, c.gen, k))
-        size = ring_bytes(self.cfg.watch_ring_bytes) * self.cfg.rings_per_arena
-        seg = Segment.create(name, size, kind=L.KIND_ARENA, boot_id=self.boot_id,
-                             mode=self.cfg.mode)
-        self._share(seg)
         rs = ring_bytes(self.cfg.watch_ring_bytes)
-        for i in range(self.cfg.rings_per_arena):
-            Ring(seg.payload[i * rs:(i + 1) * rs], init=True).release()
+        size = rs * self.cfg.rings_per_arena
+        try:
+            seg, _ = self._create_unique(
+                lambda token: L.arena_part(c.part, k, token),
+                lambda p: Segment.create(self._name(p), size, kind=L.KIND_ARENA,
+                                         boot_id=self.boot_id, mode=self.cfg.mode))
+        except ShmNoSpace:
+            raise errors.NoSpaceError(
+                f"shmwatch: /dev/shm is full: need {size} bytes for {self.cfg.rings_per_arena} "
+                f"more watch rings; free space in /dev/shm or start the broker with a "
+                f"smaller --watch-ring-bytes or --rings-per-arena") from None
+        except NameClash as exc:
+            raise errors.ShmwatchError(f"shmwatch: could not create a watch-ring arena: "
+                                       f"{exc}") from None
+        try:
+            self._share(seg)
+            for i in range(self.cfg.rings_per_arena):
+                Ring(seg.payload[i * rs:(i + 1) * rs], init=True).release()
+        except BaseException:
+            seg.unlink()
+            seg.close()
+            raise
         c.arenas.append(seg)
-        return [k, name]
+        return [k, seg.name]
 
     def _forget_watcher(self, c: ClientConn, w: Watcher) -> None:
         """Drop a finished watcher's bookkeeping: its id and ring may be reused."""
@@ -815,6 +960,7 @@ class Broker:
                 max_lag = max(max_lag, lag)
                 rows.append((lag, fill, c.pid, w.id, w.key, w.end, st, len(w.outbox)))
             clients.append({"slot": c.slot, "pid": c.pid, "create_time_us": c.create_time_us,
+                            "label": c.label,
                             "watchers": len(c.watchers), "requests": c.requests,
                             "worst_fill": round(worst_fill, 4), "max_lag": max_lag,
                             "victims": victims})
@@ -886,25 +1032,70 @@ class Broker:
         w = self.words
         fd = self.ctl.fd
         for slot in range(self.cfg.max_clients):
-            if w[L.slot_word(slot, L.SLOT_STATE)] != L.SLOT_REQUESTED:
+            state = w[L.slot_word(slot, L.SLOT_STATE)]
+            if state == L.SLOT_FAILED and not is_locked(fd, L.slot_lock_byte(slot)):
+                w[L.slot_word(slot, L.SLOT_STATE)] = L.SLOT_FREE  # told, and gone
+                continue
+            if state != L.SLOT_REQUESTED:
+                continue
+            c = self.clients.get(slot)
+            if c is not None:
+                # Registered already: only a process writing into the control segment
+                # behind the client's back asks again. Refuse, keep the registration.
+                log.warning("slot %d of %s was set to REQUESTED again: ignored", slot, c)
+                w[L.slot_word(slot, L.SLOT_GEN)] = c.gen
+                w[L.slot_word(slot, L.SLOT_STATE)] = L.SLOT_READY
                 continue
             if not is_locked(fd, L.slot_lock_byte(slot)):
                 w[L.slot_word(slot, L.SLOT_STATE)] = L.SLOT_FREE  # requester died
                 continue
             try:
                 self._register(slot)
-            except Exception:
-                log.exception("could not register the client in slot %d", slot)
-                w[L.slot_word(slot, L.SLOT_STATE)] = L.SLOT_FREE
+            except Exception as exc:
+                self._refuse(slot, exc)
+
+    def _refuse(self, slot: int, exc: Exception) -> None:
+        """Tell the client in `slot` at once why it cannot be registered (it raises the
+        matching error instead of waiting for a registration that will not come)."""
+        w = self.words
+        arg = 0
+        if isinstance(exc, ShmNoSpace):
+            code = errors.NoSpaceError.code
+            arg = (HEADER_SIZE + L.CLIENT_HEADER + ring_bytes(self.cfg.request_ring_bytes)
+                   + ring_bytes(self.cfg.response_ring_bytes))
+            log.warning("cannot register the client in slot %d: %s", slot, exc)
+        elif isinstance(exc, NameClash):
+            code = errors.ShmwatchError.code
+            log.warning("cannot register the client in slot %d: %s", slot, exc)
+        else:
+            code = errors.ShmwatchError.code
+            log.exception("could not register the client in slot %d", slot)
+        w[L.slot_word(slot, L.SLOT_ERROR)] = code
+        w[L.slot_word(slot, L.SLOT_ERROR_ARG)] = arg
+        w[L.slot_word(slot, L.SLOT_STATE)] = L.SLOT_FAILED
 
     def _register(self, slot: int) -> None:
         w = self.words
         gen = w[L.slot_word(slot, L.SLOT_GEN)] + 1
-        part = L.client_part(slot, gen)
         req_size = ring_bytes(self.cfg.request_ring_bytes)
         resp_size = ring_bytes(self.cfg.response_ring_bytes)
-        seg = Segment.create(self._name(part), L.CLIENT_HEADER + req_size + resp_size,
-                             kind=L.KIND_CLIENT, boot_id=self.boot_id, mode=self.cfg.mode)
+        mode = self.cfg.mode
+
+        def create(part: str) -> tuple[Segment, Doorbell]:
+            seg = Segment.create(self._name(part), L.CLIENT_HEADER + req_size + resp_size,
+                                 kind=L.KIND_CLIENT, boot_id=self.boot_id, mode=mode)
+            try:
+                flag = seg.payload[L.CLIENT_SLEEPING:L.CLIENT_SLEEPING + 4]
+                bell = Doorbell.create(self._name(L.client_bell_part(part)), flag, mode=mode)
+            except BaseException:
+                seg.unlink()
+                seg.close()
+                raise
+            return seg, bell
+
+        (seg, bell), token = self._create_unique(
+            lambda token: L.client_part(slot, gen, token), create)
+        part = L.client_part(slot, gen, token)
         try:
             p = seg.payload
             # A request streamed in chunks is bounded by --max-request-bytes (plus the
@@ -913,18 +1104,22 @@ class Broker:
                        max_message=self.cfg.max_request_bytes + REQUEST_ENVELOPE)
             resp = Ring(p[L.CLIENT_HEADER + req_size:L.CLIENT_HEADER + req_size + resp_size],
                         init=True)
-            bell = Doorbell.create(self._name(part + ".bell"),
-                                   p[L.CLIENT_SLEEPING:L.CLIENT_SLEEPING + 4], mode=self.cfg.mode)
             self._share(seg)
             self._share(bell)
         except BaseException:
+            bell.close()
+            bell.unlink()
             seg.unlink()
             seg.close()
             raise
-        c = ClientConn(slot, gen, w[L.slot_word(slot, L.SLOT_PID)],
-                       w[L.slot_word(slot, L.SLOT_CREATE_TIME_US)], seg, req, resp, bell)
+        off = L.slot_label_offset(slot)
+        label = bytes(self.ctl.payload[off:off + L.SLOT_LABEL_BYTES]).rstrip(b"\0")
+        c = ClientConn(slot, gen, part, w[L.slot_word(slot, L.SLOT_PID)],
+                       w[L.slot_word(slot, L.SLOT_CREATE_TIME_US)],
+                       label.decode("utf-8", errors="replace"), seg, req, resp, bell)
         self.clients[slot] = c
         w[L.slot_word(slot, L.SLOT_GEN)] = gen
+        w[L.slot_word(slot, L.SLOT_TOKEN)] = token
         w[L.slot_word(slot, L.SLOT_STATE)] = L.SLOT_READY
 
     def _reclaim(self, c: ClientConn) -> None:
@@ -952,6 +1147,17 @@ class Broker:
         c.seg.close()
         if hasattr(self, "words"):
             self.words[L.slot_word(c.slot, L.SLOT_STATE)] = L.SLOT_FREE
+
+
+def _describe(name: str) -> str:
+    """`/dev/shm/x (owner ...)` for a log line about an object we did not expect."""
+    path = shm_path(name)
+    for candidate in (path, os.path.join(os.path.dirname(path), "sem." + name[1:])):
+        try:
+            return f"{candidate} (owner {owner(os.lstat(candidate).st_uid)})"
+        except OSError:
+            continue
+    return path
 
 
 def start_bytes(cfg: BrokerConfig) -> int:

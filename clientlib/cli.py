@@ -463,7 +463,10 @@ def broker_status(name: str) -> dict:
     info = broker_info(name)
     if info["state"] != "alive":
         why = "is not running" if info["state"] == "absent" else f"is {info['state']}"
-        raise CliError(EXIT_ERROR, f"shmwatch: broker {name!r} {why}")
+        raise CliError(EXIT_ERROR, f"shmwatch: broker {name!r} {why}"
+                       + (f" ({info['error']})" if "error" in info else ""))
+    if "error" in info:
+        raise CliError(EXIT_ERROR, f"shmwatch: broker {name!r}: {info['error']}")
     try:
         stats = read_stats(name)
     except (ShmError, TimeoutError) as exc:  # a broker still starting, or just gone
@@ -528,6 +531,15 @@ def cmd_serve(a) -> int:
     return serve(a, "shmwatch serve")
 
 
+def cmd_repair(a) -> int:
+    """Check a --data-dir; with --yes cut a damaged WAL back (broker.wal.repair)."""
+    from broker.wal import repair
+
+    status, lines = repair(a.data_dir, apply=a.yes)
+    print("\n".join(lines))
+    return status
+
+
 def cmd_cleanup(a) -> int:
     from broker.admin import cleanup_stale
 
@@ -576,6 +588,13 @@ def build_parser():
 
     sp = sub.add_parser("cleanup", help="remove what dead brokers left in /dev/shm")
     sp.add_argument("--name", default=None, help="only this broker's leftovers")
+
+    sp = sub.add_parser("repair", help="check a --data-dir; --yes cuts a damaged WAL back "
+                                       "to its last good record, keeping the original")
+    sp.add_argument("--data-dir", required=True)
+    sp.add_argument("--yes", action="store_true",
+                    help="do the repair (default: a dry run that only reports; exit status 1 "
+                         "while something is damaged)")
 
     sp = sub.add_parser("ls", help="list the brokers on this machine")
     sp.add_argument("-w", "--write-out", choices=("simple", "json"), default="simple")
@@ -628,6 +647,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_serve(a)
     if a.cmd == "cleanup":
         return cmd_cleanup(a)
+    if a.cmd == "repair":
+        return cmd_repair(a)
     return cmd_ls(a)
 
 

@@ -41,11 +41,13 @@ from shm.errors import (
     MessageTooLarge,
     RingCorrupt,
     SegmentNotFound,
+    ShmError,
+    ShmNoSpace,
     ShmPermissionError,
 )
 from shm.lock import is_locked, try_lock, unlock
 from shm.ring import Ring, ring_bytes
-from shm.segment import Segment, shm_name
+from shm.segment import Segment, shm_name, shm_path
 
 from . import errors
 from .ops import (
@@ -115,43 +117,102 @@ def _after_fork_in_child() -> None:
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
+
+def from_shm(exc: ShmError, name: str) -> errors.ShmwatchError:
+    """The user-facing error for a shared-memory failure under a call: nothing of
+    `shm.errors` reaches a user of clientlib."""
+    if isinstance(exc, ShmPermissionError):
+        return errors.PermissionDenied(f"shmwatch: permission denied by broker {name!r}: {exc}")
+    if isinstance(exc, ShmNoSpace):
+        return errors.NoSpaceError(f"shmwatch: /dev/shm is full: {exc}")
+    if isinstance(exc, (SegmentNotFound, LayoutMismatch)):
+        return errors.BrokerUnavailable(
+            f"shmwatch: the shared memory of broker {name!r} changed under this client "
+            f"(a restarted or replaced broker?): {exc}")
+    if isinstance(exc, (RingCorrupt, MessageTooLarge)):
+        return errors.ProtocolError(f"shmwatch: shared memory of broker {name!r} is "
+                                    f"damaged: {exc}")
+    return errors.ShmwatchError(f"shmwatch: {exc}")
+
 _FILTERS = {"noput": FILTER_NOPUT, "nodelete": FILTER_NODELETE,
             "NOPUT": FILTER_NOPUT, "NODELETE": FILTER_NODELETE}
 
 
-def connect(name: str, timeout: float = DEFAULT_TIMEOUT) -> "Client":
-    """Attach to the broker called `name`. `timeout` is the default for every call."""
-    return Client(name, timeout=timeout)
+def connect(name: str, timeout: float = DEFAULT_TIMEOUT, *, label: str | None = None) -> "Client":
+    """Attach to the broker called `name`. `timeout` is the default for every call.
+
+    `label` names this client in the broker's metrics (tools/top); by default the
+    multiprocessing process name, or `<script>:<pid>` in a main process."""
+    return Client(name, timeout=timeout, label=label)
+
+
+def default_label() -> str:
+    """The multiprocessing process name, unless it is "MainProcess"; else script:pid."""
+    import multiprocessing
+    import sys
+
+    name = multiprocessing.current_process().name
+    if name != "MainProcess":
+        return name
+    script = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python"
+    return f"{script}:{os.getpid()}"
+
+
+def _label_bytes(label: str) -> bytes:
+    """`label` as at most SLOT_LABEL_BYTES of UTF-8, cut at a character boundary."""
+    raw = label.encode("utf-8", errors="replace")[:L.SLOT_LABEL_BYTES]
+    return raw.decode("utf-8", errors="ignore").encode("utf-8")
+
+
+def _registration_error(name: str, words, slot: int) -> errors.ShmwatchError:
+    """The error the broker reported in our slot instead of registering us. Frees the
+    slot (we still hold its lock, so it is ours to free)."""
+    code = words[L.slot_word(slot, L.SLOT_ERROR)]
+    needed = words[L.slot_word(slot, L.SLOT_ERROR_ARG)]
+    words[L.slot_word(slot, L.SLOT_STATE)] = L.SLOT_FREE
+    if code == errors.NoSpaceError.code:
+        return errors.NoSpaceError(
+            f"shmwatch: /dev/shm is full: broker {name!r} needs {needed} bytes for this "
+            f"client's request and response rings; free space in /dev/shm or start the "
+            f"broker with smaller --request-ring-bytes/--response-ring-bytes")
+    return errors.error_from_code(
+        code, f"shmwatch: broker {name!r} could not register this client (see its log)")
 
 
 class Client:
     """A connection to one broker. Use as a context manager, or call `close()`."""
 
-    def __init__(self, name: str, timeout: float = DEFAULT_TIMEOUT):
+    def __init__(self, name: str, timeout: float = DEFAULT_TIMEOUT, *,
+                 label: str | None = None):
         self.name = name
         self.timeout = timeout
+        self.label = label  # None: default_label() at each attach (a fork gets its own)
         self._closed = False
         self._cond = threading.Condition(threading.RLock())
         self._send_lock = threading.Lock()
+        self._watch_lock = threading.Lock()
         self._sleeper = False
         self._replies: dict[int, object] = {}
         self._abandoned: set[int] = set()
         self._req_id = 0
         self._watches: dict[int, Watch] = {}
         self._free_rings: list[tuple[int, int]] = []
-        self._arenas: list[Segment] = []
+        self._arenas: list[Segment | None] = []  # None: an arena we could not open
         self._seg: Segment | None = None
         self._bell: Doorbell | None = None
         self._ctl: Segment | None = None
         self.generation = 0  # bumped by every reconnect()
         self._user_closed = False
         self._lock_fd = -1  # our own descriptor of the ctl file, holding our slot lock
-        self._broken: errors.ShmwatchError | None = None
+        self._broken: str | None = None  # why this client's response ring is unusable
         self._fork_gen = _fork_generation
         _live_clients.add(self)
         deadline = time.monotonic() + timeout
         try:
             self._attach(deadline)
+        except ShmError as exc:
+            self._release()
+            raise from_shm(exc, name) from None
         except BaseException:
             self._release()
             raise
@@ -169,8 +230,13 @@ class Client:
                 f"shmwatch: permission denied: broker {self.name!r} belongs to another user "
                 f"(its segments are mode 0600 unless started with --mode/--group)") from None
         except LayoutMismatch as exc:
+            try:
+                whose = f" (owner uid {os.stat(shm_path(shm_name(self.name, L.CTL_PART))).st_uid})"
+            except OSError:
+                whose = ""
             raise errors.BrokerUnavailable(
-                f"shmwatch: broker {self.name!r} has an incompatible layout: {exc}") from None
+                f"shmwatch: broker {self.name!r} has an incompatible layout{whose}: "
+                f"{exc}") from None
         st = os.fstat(self._ctl.fd)
         if st.st_mode & 0o002:
             raise errors.PermissionDenied(
@@ -188,15 +254,19 @@ class Client:
         self._rings_per_arena = words[L.CTL_RINGS_PER_ARENA]
         self._watch_ring_size = ring_bytes(words[L.CTL_WATCH_RING])
         flag = self._ctl.payload[L.CTL_BROKER_SLEEPING * 8:L.CTL_BROKER_SLEEPING * 8 + 4]
-        self._broker_bell = Doorbell.open(shm_name(self.name, "bell"), flag)
+        self._broker_bell = Doorbell.open(
+            shm_name(self.name, L.bell_part(words[L.CTL_BELL_TOKEN])), flag)
         self._slot = self._claim_slot(words)
-        while words[L.slot_word(self._slot, L.SLOT_STATE)] != L.SLOT_READY:
+        state = L.slot_word(self._slot, L.SLOT_STATE)
+        while words[state] != L.SLOT_READY:
+            if words[state] == L.SLOT_FAILED:
+                raise _registration_error(self.name, words, self._slot)
             self._check_alive()
             if time.monotonic() > deadline:
                 raise errors.Timeout(f"shmwatch: broker {self.name!r} did not register us")
             time.sleep(0.0005)
         gen = self._gen = words[L.slot_word(self._slot, L.SLOT_GEN)]
-        part = L.client_part(self._slot, gen)
+        part = L.client_part(self._slot, gen, words[L.slot_word(self._slot, L.SLOT_TOKEN)])
         self._part = part
         self._seg = Segment.open(shm_name(self.name, part), kind=L.KIND_CLIENT,
                                  boot_id=self._boot_id)
@@ -206,7 +276,7 @@ class Client:
         self._req = Ring(p[L.CLIENT_HEADER:L.CLIENT_HEADER + req_size])
         self._resp = Ring(p[L.CLIENT_HEADER + req_size:L.CLIENT_HEADER + req_size + resp_size],
                           max_message=words[L.CTL_MAX_RESPONSE_BYTES] + REPLY_ENVELOPE)
-        self._bell = Doorbell.open(shm_name(self.name, part + ".bell"),
+        self._bell = Doorbell.open(shm_name(self.name, L.client_bell_part(part)),
                                    p[L.CLIENT_SLEEPING:L.CLIENT_SLEEPING + 4])
 
     def _claim_slot(self, words) -> int:
@@ -225,6 +295,10 @@ class Client:
                 continue
             words[L.slot_word(slot, L.SLOT_PID)] = os.getpid()
             words[L.slot_word(slot, L.SLOT_CREATE_TIME_US)] = int(me.create_time() * 1e6)
+            label = _label_bytes(default_label() if self.label is None else self.label)
+            off = L.slot_label_offset(slot)
+            self._ctl.payload[off:off + L.SLOT_LABEL_BYTES] = label.ljust(L.SLOT_LABEL_BYTES,
+                                                                          b"\0")
             words[L.slot_word(slot, L.SLOT_STATE)] = L.SLOT_REQUESTED
             words[L.CTL_REG_SEQ] += 1
             self._broker_bell.ring()
@@ -274,7 +348,8 @@ class Client:
                 ring.release()
         self._req = self._resp = None  # type: ignore[assignment]
         for seg in self._arenas:
-            seg.close()
+            if seg is not None:
+                seg.close()
         self._arenas.clear()
         if self._bell is not None:
             self._bell.close()
@@ -311,6 +386,7 @@ class Client:
             self._lock_fd = -1
         self._cond = threading.Condition(threading.RLock())
         self._send_lock = threading.Lock()
+        self._watch_lock = threading.Lock()
         self._sleeper = False
 
     def _drop_inherited(self) -> None:
@@ -346,10 +422,12 @@ class Client:
             self._broken = None
             try:
                 self._attach(time.monotonic() + self.timeout)
-            except BaseException:
+            except BaseException as exc:
                 self._release()
                 self._seg = self._bell = self._ctl = None
                 self._broker_bell = None
+                if isinstance(exc, ShmError):
+                    raise from_shm(exc, self.name) from None
                 raise
             self.generation += 1
 
@@ -380,7 +458,10 @@ class Client:
             while True:
                 self._closed = False
                 try:
-                    self._attach(deadline)
+                    try:
+                        self._attach(deadline)
+                    except ShmError as exc:  # e.g. a broker that died as we attached
+                        raise from_shm(exc, self.name) from None
                     break
                 except (errors.BrokerUnavailable, errors.Timeout):
                     self._release()
@@ -390,6 +471,7 @@ class Client:
                         raise
                     time.sleep(0.05)
             self.generation += 1
+            self._broken = None
             if self._cluster_id != old_cluster:
                 for w in watches:
                     w._lost()
@@ -476,7 +558,7 @@ class Client:
         if self._closed:
             self._check_alive()
         if self._broken is not None:
-            raise self._broken
+            raise errors.ProtocolError(self._broken)
         deadline = self._deadline(timeout)
         rids = []
         out: list = [None] * len(msgs)
@@ -531,10 +613,10 @@ class Client:
                 self._abandoned.discard(rid)
                 continue
             except RingCorrupt as exc:
-                self._broken = errors.ProtocolError(
+                self._broken = (
                     f"shmwatch: this client's response ring is damaged ({exc}); "
                     f"reconnect() to attach again")
-                raise self._broken from None
+                raise errors.ProtocolError(self._broken) from None
             if data is None:
                 if resp.producer_blocked:
                     self._space_freed(resp)  # the broker holds replies for us: room now
@@ -591,19 +673,39 @@ class Client:
             self._space_freed(ring)
 
     # ------------------------------------------------------------ KV
+    #
+    # Each verb is a *flow* (module-level generators below): it yields the requests it
+    # needs and gets their replies back, so one implementation serves this blocking
+    # client and clientlib.aio's awaitable one. `_run` is the blocking driver.
 
-    def _kv(self, op, timeout: float | None):
-        return decode_response(self._call([OP_KV, 0, encode_op(op)], timeout))
+    def _run(self, flow, timeout: float | None):
+        """Drive `flow`: send each request it yields, hand it the reply (or raise the
+        broker's error into it), and return what it returns."""
+        try:
+            return self._drive(flow, timeout)
+        except ShmError as exc:
+            raise from_shm(exc, self.name) from None
+
+    def _drive(self, flow, timeout: float | None):
+        try:
+            msg = next(flow)
+            while True:
+                if isinstance(msg, Pipelined):
+                    reply = self._call_many(msg.msgs, timeout)
+                else:
+                    try:
+                        reply = self._call(msg, timeout)
+                    except errors.ShmwatchError as exc:
+                        msg = flow.throw(exc)
+                        continue
+                msg = flow.send(reply)
+        except StopIteration as stop:
+            return stop.value
 
     def put(self, key, value, prev_kv: bool = False, ignore_value: bool = False, *,
             timeout: float | None = None) -> PutResponse:
         """etcd Put. O(log n) at the broker plus delivery to matching watchers."""
-        body = self._call([OP_KV, 0, [K_PUT, to_bytes(key), to_bytes(value, "value"),
-                                      bool(prev_kv), bool(ignore_value)]], timeout)
-        try:
-            return PutResponse(body[1], None if body[2] is None else KeyValue(*body[2]))
-        except (TypeError, IndexError):
-            raise errors.ProtocolError("shmwatch: malformed put response") from None
+        return self._run(flow_put(key, value, prev_kv, ignore_value), timeout)
 
     def put_many(self, items: Iterable[tuple], prev_kv: bool = False, *,
                  timeout: float | None = None) -> list[PutResponse]:
@@ -616,55 +718,30 @@ class Client:
         being applied). If any failed, raises the first failure's error type with a
         message naming the item, and with `.index` (that item's position) and
         `.results` (one `PutResponse` or error per item) set."""
-        msgs = [[OP_KV, 0, encode_op(op_put(k, v, prev_kv))] for k, v in items]
-        if not msgs:
-            return []
-        out: list = []
-        first: int | None = None
-        for i, body in enumerate(self._call_many(msgs, timeout)):
-            if isinstance(body, errors.ShmwatchError):
-                if first is None:
-                    first = i
-                out.append(body)
-            else:
-                out.append(decode_response(body))
-        if first is not None:
-            err = out[first]
-            failed = sum(isinstance(r, errors.ShmwatchError) for r in out)
-            exc = type(err)(f"put_many: item {first} of {len(out)} failed ({failed} failed "
-                            f"in all; the others were applied): {err.message}")
-            for name, value in err.wire_fields().items():
-                setattr(exc, name, value)
-            exc.index = first
-            exc.results = out
-            raise exc
-        return out
+        return self._run(flow_put_many(items, prev_kv), timeout)
 
     def get(self, key, range_end=None, prefix: bool = False, revision: int = 0,
             limit: int = 0, keys_only: bool = False, count_only: bool = False, *,
             timeout: float | None = None) -> RangeResponse:
         """etcd Range: one key, [key, range_end), a prefix, or every key >= key
         (range_end=b"\\0"), at the current or a retained past revision."""
-        return self._kv(op_get(key, range_end, prefix, revision, limit, keys_only, count_only),
-                        timeout)
+        return self._run(flow_kv(op_get(key, range_end, prefix, revision, limit, keys_only,
+                                        count_only)), timeout)
 
     def delete(self, key, range_end=None, prefix: bool = False, prev_kv: bool = False, *,
                timeout: float | None = None) -> DeleteRangeResponse:
         """etcd DeleteRange."""
-        return self._kv(op_delete(key, range_end, prefix, prev_kv), timeout)
+        return self._run(flow_kv(op_delete(key, range_end, prefix, prev_kv)), timeout)
 
     def txn(self, compare: Iterable = (), success: Iterable = (), failure: Iterable = (), *,
             timeout: float | None = None) -> TxnResponse:
         """etcd Txn: if every compare holds, apply `success`, else `failure`, atomically at
         one revision. Build compares and ops with clientlib.compare_* and clientlib.op_*."""
-        for op in (*success, *failure):
-            if not isinstance(op, (PutOp, RangeOp, DeleteOp, TxnOp)):
-                raise TypeError(f"not a txn op: {op!r} (build ops with clientlib.op_put etc.)")
-        return self._kv(op_txn(compare, success, failure), timeout)
+        return self._run(flow_txn(compare, success, failure), timeout)
 
     def compact(self, revision: int, *, timeout: float | None = None) -> CompactResponse:
         """etcd Compact: forget history before `revision`."""
-        return decode_response(self._call([OP_COMPACT, 0, int(revision)], timeout))
+        return self._run(flow_compact(revision), timeout)
 
     # ------------------------------------------------------------ watches
 
@@ -683,64 +760,19 @@ class Client:
         The watch belongs to this process (see the module docstring on fork).
         """
         self._own()
-        k, end = resolve_range(key, range_end, prefix)
-        bits = 0
-        for f in filters:
-            if f not in _FILTERS:
-                raise ValueError(f"unknown watch filter {f!r} (noput, nodelete)")
-            bits |= _FILTERS[f]
-        want = int(watch_id or 0)
-        if want not in INT64:
-            raise ValueError(f"watch_id must be an int64, got {watch_id}")
-        spec = [k, end, int(start_revision), bool(prev_kv), bits, bool(progress_notify),
-                bool(fragment)]
-        wid, rev, reason, code, ring_slot, ring = self._create_watch(spec, want, timeout)
-        if code:
-            err = errors.error_from_code(code, reason)
-            return Watch(self, -1, None, None, refused=(rev, reason, err))
-        w = Watch(self, wid, ring_slot, ring, spec=spec, resume=resume)
-        with self._cond:
-            self._watches[wid] = w
-        return w
+        spec, want = watch_spec(key, range_end, prefix, start_revision, prev_kv, filters,
+                                progress_notify, fragment, watch_id)
+        with self._watch_lock:  # one arena request at a time (their replies number them)
+            return self._run(flow_watch(self, spec, want, resume), timeout)
 
     def _create_watch(self, spec: list, want_id: int, timeout: float | None):
-        ring_slot = self._take_ring(timeout)
-        try:
-            reply = self._call(
-                [OP_WATCH_CREATE, 0, ring_slot[0], ring_slot[1], *spec, want_id], timeout)
-            try:
-                wid, rev, reason, code = reply
-                if not (type(wid) is int and type(rev) is int and type(reason) is str
-                        and type(code) is int):
-                    raise TypeError
-            except (TypeError, ValueError):
-                raise errors.ProtocolError("shmwatch: malformed watch-create reply") from None
-        except BaseException:
-            self._free_rings.append(ring_slot)
-            raise
-        if code:
-            self._free_rings.append(ring_slot)
-            return wid, rev, reason, code, None, None
-        a, i = ring_slot
-        rs = self._watch_ring_size
-        ring = Ring(self._arenas[a].payload[i * rs:(i + 1) * rs], max_message=MAX_WATCH_RESPONSE)
-        return wid, rev, reason, 0, ring_slot, ring
-
-    def _take_ring(self, timeout: float | None) -> tuple[int, int]:
-        with self._cond:
-            if not self._free_rings:
-                k, name = self._call([OP_ARENA, 0], timeout)
-                seg = Segment.open(name, kind=L.KIND_ARENA, boot_id=self._boot_id)
-                if k != len(self._arenas):
-                    raise errors.ProtocolError("shmwatch: arena numbering out of step")
-                self._arenas.append(seg)
-                self._free_rings.extend((k, i) for i in range(self._rings_per_arena - 1, -1, -1))
-            return self._free_rings.pop()
+        with self._watch_lock:
+            return self._run(flow_create_watch(self, spec, want_id), timeout)
 
     def request_progress(self, *, timeout: float | None = None) -> None:
         """etcd's progress request: each watch receives a response (watch_id -1) whose
         header revision says the watch has seen everything up to it."""
-        self._call([OP_PROGRESS, 0], timeout)
+        self._run(flow_progress(), timeout)
 
     def _watch_closed(self, w: "Watch") -> None:
         with self._cond:
@@ -748,6 +780,141 @@ class Client:
             if w._ring_slot is not None:
                 self._free_rings.append(w._ring_slot)
                 w._ring_slot = None
+
+
+class Pipelined:
+    """What a flow yields to send several requests at once (replies: a list, errors in
+    place rather than raised)."""
+
+    __slots__ = ("msgs",)
+
+    def __init__(self, msgs: list[list]):
+        self.msgs = msgs
+
+
+def flow_kv(op):
+    """Any KV op (range, delete, txn) -> its response."""
+    return decode_response((yield [OP_KV, 0, encode_op(op)]))
+
+
+def flow_put(key, value, prev_kv: bool, ignore_value: bool):
+    body = yield [OP_KV, 0, [K_PUT, to_bytes(key), to_bytes(value, "value"),
+                             bool(prev_kv), bool(ignore_value)]]
+    try:
+        return PutResponse(body[1], None if body[2] is None else KeyValue(*body[2]))
+    except (TypeError, IndexError):
+        raise errors.ProtocolError("shmwatch: malformed put response") from None
+
+
+def flow_put_many(items: Iterable[tuple], prev_kv: bool):
+    msgs = [[OP_KV, 0, encode_op(op_put(k, v, prev_kv))] for k, v in items]
+    if not msgs:
+        return []
+    out: list = []
+    first: int | None = None
+    for i, body in enumerate((yield Pipelined(msgs))):
+        if isinstance(body, errors.ShmwatchError):
+            if first is None:
+                first = i
+            out.append(body)
+        else:
+            out.append(decode_response(body))
+    if first is not None:
+        err = out[first]
+        failed = sum(isinstance(r, errors.ShmwatchError) for r in out)
+        exc = type(err)(f"put_many: item {first} of {len(out)} failed ({failed} failed "
+                        f"in all; the others were applied): {err.message}")
+        for name, value in err.wire_fields().items():
+            setattr(exc, name, value)
+        exc.index = first
+        exc.results = out
+        raise exc
+    return out
+
+
+def flow_txn(compare: Iterable, success: Iterable, failure: Iterable):
+    success, failure = tuple(success), tuple(failure)
+    for op in (*success, *failure):
+        if not isinstance(op, (PutOp, RangeOp, DeleteOp, TxnOp)):
+            raise TypeError(f"not a txn op: {op!r} (build ops with clientlib.op_put etc.)")
+    return (yield from flow_kv(op_txn(compare, success, failure)))
+
+
+def flow_compact(revision: int):
+    return decode_response((yield [OP_COMPACT, 0, int(revision)]))
+
+
+def flow_progress():
+    yield [OP_PROGRESS, 0]
+
+
+def watch_spec(key, range_end, prefix: bool, start_revision: int, prev_kv: bool,
+               filters: Iterable[str], progress_notify: bool, fragment: bool,
+               watch_id: int | None) -> tuple[list, int]:
+    """A watch's wire spec and the id asked for, checked client-side."""
+    k, end = resolve_range(key, range_end, prefix)
+    bits = 0
+    for f in filters:
+        if f not in _FILTERS:
+            raise ValueError(f"unknown watch filter {f!r} (noput, nodelete)")
+        bits |= _FILTERS[f]
+    want = int(watch_id or 0)
+    if want not in INT64:
+        raise ValueError(f"watch_id must be an int64, got {watch_id}")
+    return [k, end, int(start_revision), bool(prev_kv), bits, bool(progress_notify),
+            bool(fragment)], want
+
+
+def flow_watch(c: Client, spec: list, want: int, resume: bool):
+    """Create a watch -> `Watch` (a refused one carries its refusal)."""
+    wid, rev, reason, code, ring_slot, ring = yield from flow_create_watch(c, spec, want)
+    if code:
+        err = errors.error_from_code(code, reason)
+        return Watch(c, -1, None, None, refused=(rev, reason, err))
+    w = Watch(c, wid, ring_slot, ring, spec=spec, resume=resume)
+    with c._cond:
+        c._watches[wid] = w
+    return w
+
+
+def flow_create_watch(c: Client, spec: list, want_id: int):
+    """Take a free watcher ring of `c` (asking the broker for a new arena of them when
+    none is left) and create the watch on it."""
+    ring_slot = yield from flow_take_ring(c)
+    try:
+        reply = yield [OP_WATCH_CREATE, 0, ring_slot[0], ring_slot[1], *spec, want_id]
+        try:
+            wid, rev, reason, code = reply
+            if not (type(wid) is int and type(rev) is int and type(reason) is str
+                    and type(code) is int):
+                raise TypeError
+        except (TypeError, ValueError):
+            raise errors.ProtocolError("shmwatch: malformed watch-create reply") from None
+    except BaseException:
+        c._free_rings.append(ring_slot)
+        raise
+    if code:
+        c._free_rings.append(ring_slot)
+        return wid, rev, reason, code, None, None
+    a, i = ring_slot
+    rs = c._watch_ring_size
+    ring = Ring(c._arenas[a].payload[i * rs:(i + 1) * rs], max_message=MAX_WATCH_RESPONSE)
+    return wid, rev, reason, 0, ring_slot, ring
+
+
+def flow_take_ring(c: Client):
+    if not c._free_rings:
+        k, name = yield [OP_ARENA, 0]
+        if k != len(c._arenas):
+            raise errors.ProtocolError("shmwatch: arena numbering out of step")
+        try:
+            seg = Segment.open(name, kind=L.KIND_ARENA, boot_id=c._boot_id)
+        except ShmError:
+            c._arenas.append(None)  # keeps step with the broker's numbering; never used
+            raise
+        c._arenas.append(seg)
+        c._free_rings.extend((k, i) for i in range(c._rings_per_arena - 1, -1, -1))
+    return c._free_rings.pop()
 
 
 class Watch:

@@ -186,6 +186,15 @@ class ClientClosed(ShmwatchError):
     default_message = "shmwatch: client is closed"
 
 
+class NoSpaceError(ShmwatchError):
+    """/dev/shm has no room for the rings the broker would create for this client (its
+    request and response rings at registration, an arena of watch rings for a watch).
+    The message says how many bytes were needed and which broker option to shrink."""
+
+    code = 28
+    default_message = "shmwatch: /dev/shm is full"
+
+
 class WatchClosed(ShmwatchError):
     """The watch was cancelled (by you, by compaction, or by the broker); iteration ends."""
 
@@ -213,6 +222,7 @@ ERRORS_BY_CODE: dict[int, type[ShmwatchError]] = {
         ProtocolError,
         TooManyWatchersError,
         TooManyClientsError,
+        NoSpaceError,
         WatchClosed,
         ResponseTooLargeError,
         InheritedWatchError,

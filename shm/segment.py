@@ -16,6 +16,9 @@ Header (native byte order, one host):
 
 `create` writes the magic last, so an `open` racing with `create` sees either a
 complete header or a bad magic (`LayoutMismatch`: retry), never a half-written one.
+`publish` gives a segment its final name atomically (link(2) in /dev/shm, which is
+where Linux keeps POSIX shared memory), so a segment can be completed, and locked,
+before anyone can find it.
 """
 
 from __future__ import annotations
@@ -41,7 +44,9 @@ if TYPE_CHECKING:
     from typing_extensions import Self
 
 MAGIC = b"SHMWATCH"
-LAYOUT_VERSION = 2
+# 2: reply bounds in the control segment; 3: random tokens in names, 16-word client
+# slots with a label and a failure code
+LAYOUT_VERSION = 3
 HEADER_SIZE = 64
 SHM_DIR = "/dev/shm"
 
@@ -67,6 +72,53 @@ def shm_name(broker: str, part: str) -> str:
 def new_boot_id() -> bytes:
     """16 random bytes identifying one broker instance (stale segments carry another)."""
     return os.urandom(16)
+
+
+def new_token() -> int:
+    """A random, non-zero 64-bit token for an object name nobody can guess in advance."""
+    return int.from_bytes(os.urandom(8), "little") or 1
+
+
+def shm_path(name: str) -> str:
+    """The file behind POSIX shared-memory object `name` ("/x" -> /dev/shm/x)."""
+    _check_name(name)
+    return os.path.join(SHM_DIR, name[1:])
+
+
+def check_header(raw: bytes, name: str, total: int, kind: int | None = None,
+                 boot_id: bytes | None = None) -> tuple[int, bytes, int]:
+    """(kind, boot id, payload size) of a segment whose first bytes are `raw` and whose
+    file holds `total` bytes; `LayoutMismatch` saying what is wrong otherwise."""
+    if total < HEADER_SIZE or len(raw) < HEADER_SIZE:
+        raise LayoutMismatch(
+            f"segment {name}: {total} bytes, shorter than the {HEADER_SIZE}-byte "
+            f"header (not a shmwatch segment, or still being created)"
+        )
+    magic = bytes(raw[0:8])
+    if magic != MAGIC:
+        raise LayoutMismatch(
+            f"segment {name}: bad magic {magic!r}, expected {MAGIC!r} "
+            f"(foreign segment, or still being created)"
+        )
+    version, seg_kind, seg_boot, size = _FIELDS.unpack_from(raw, 8)
+    if version != LAYOUT_VERSION:
+        raise LayoutMismatch(
+            f"segment {name}: layout version {version}, this code speaks "
+            f"{LAYOUT_VERSION} (made by another shmwatch version)"
+        )
+    if kind is not None and seg_kind != kind:
+        raise LayoutMismatch(f"segment {name}: kind {seg_kind}, expected {kind}")
+    if boot_id is not None and seg_boot != bytes(boot_id):
+        raise LayoutMismatch(
+            f"segment {name}: boot id {seg_boot.hex()}, expected {bytes(boot_id).hex()} "
+            f"(stale segment of another broker instance)"
+        )
+    if size > total - HEADER_SIZE:
+        raise LayoutMismatch(
+            f"segment {name}: header says {size} payload bytes, object holds only "
+            f"{total - HEADER_SIZE}"
+        )
+    return seg_kind, seg_boot, size
 
 
 def _check_name(name: str) -> None:
@@ -169,35 +221,10 @@ class Segment:
         try:
             total = os.fstat(shm.fd).st_size
             if total < HEADER_SIZE:
-                raise LayoutMismatch(
-                    f"segment {name}: {total} bytes, shorter than the {HEADER_SIZE}-byte "
-                    f"header (not a shmwatch segment, or still being created)"
-                )
+                check_header(b"", name, total)  # raises: too short
             mm = mmap.mmap(shm.fd, total, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-            magic = mm[0:8]
-            if magic != MAGIC:
-                raise LayoutMismatch(
-                    f"segment {name}: bad magic {magic!r}, expected {MAGIC!r} "
-                    f"(foreign segment, or still being created)"
-                )
-            version, seg_kind, seg_boot, size = _FIELDS.unpack_from(mm, 8)
-            if version != LAYOUT_VERSION:
-                raise LayoutMismatch(
-                    f"segment {name}: layout version {version}, this code speaks "
-                    f"{LAYOUT_VERSION} (made by another shmwatch version)"
-                )
-            if kind is not None and seg_kind != kind:
-                raise LayoutMismatch(f"segment {name}: kind {seg_kind}, expected {kind}")
-            if boot_id is not None and seg_boot != bytes(boot_id):
-                raise LayoutMismatch(
-                    f"segment {name}: boot id {seg_boot.hex()}, expected {bytes(boot_id).hex()} "
-                    f"(stale segment of another broker instance)"
-                )
-            if size > total - HEADER_SIZE:
-                raise LayoutMismatch(
-                    f"segment {name}: header says {size} payload bytes, object holds only "
-                    f"{total - HEADER_SIZE}"
-                )
+            seg_kind, seg_boot, size = check_header(mm[:HEADER_SIZE], name, total, kind,
+                                                    boot_id)
         except BaseException:
             if mm is not None:
                 mm.close()
@@ -241,6 +268,23 @@ class Segment:
     def unlink(self) -> None:
         """Remove the name (the mapping stays valid until closed). Idempotent."""
         Segment.unlink_name(self.name)
+
+    def publish(self, name: str) -> None:
+        """Rename this segment to `name` atomically, failing if `name` exists.
+
+        link(2) the new name, then unlink the old one: no moment shows `name` holding
+        anything but the complete segment (whatever the caller wrote and locked before),
+        and an existing `name` is never replaced. Raises `SegmentExists` if `name` is
+        taken, `SegmentNotFound` if this segment's own name was removed meanwhile.
+        """
+        try:
+            os.link(shm_path(self.name), shm_path(name))
+        except FileExistsError:
+            raise SegmentExists(f"shared-memory segment {name} already exists") from None
+        except FileNotFoundError:
+            raise SegmentNotFound(f"shared-memory segment {self.name} was removed") from None
+        old, self.name = self.name, name
+        Segment.unlink_name(old)
 
     @staticmethod
     def unlink_name(name: str) -> bool:
@@ -297,7 +341,10 @@ __all__ = [
     "MAGIC",
     "Segment",
     "list_segments",
+    "check_header",
     "list_semaphores",
     "new_boot_id",
+    "new_token",
     "shm_name",
+    "shm_path",
 ]

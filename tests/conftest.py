@@ -4,7 +4,6 @@ leaves nothing of ours in /dev/shm and no process of ours behind."""
 from __future__ import annotations
 
 import os
-import re
 
 import psutil
 import pytest
@@ -13,12 +12,31 @@ import broker
 import clientlib
 
 
-def _ours() -> list[str]:
+def _shm_entries() -> list[str]:
     try:
-        return sorted(e for e in os.listdir("/dev/shm")
-                      if e.startswith("shmwatch.") or e.startswith("sem.shmwatch."))
+        return sorted(os.listdir("/dev/shm"))
     except FileNotFoundError:
         return []
+
+
+def session_prefixes(pid: int) -> tuple[str, str]:
+    """The name prefixes of this test session's objects: brokers from
+    `broker.unique_name()` ("b<pid>x...") and the shm unit tests' own names
+    ("t<pid>x..."), where pid is the test process's."""
+    return f"b{pid}x", f"t{pid}x"
+
+
+def is_session_object(entry: str, pid: int) -> bool:
+    """Whether /dev/shm `entry` is an object of the test session running as `pid`: a
+    segment `shmwatch.<name>.<part>` or semaphore `sem.shmwatch.<name>.<part>` whose
+    name starts with one of `session_prefixes(pid)`. Everything else in /dev/shm
+    (other users' brokers, another test session beside this one) is not ours to blame."""
+    parts = entry.split(".")
+    if parts[0] == "sem":
+        parts = parts[1:]
+    if len(parts) < 3 or parts[0] != "shmwatch":
+        return False
+    return parts[1].startswith(session_prefixes(pid))
 
 
 def _is_leftover(p: psutil.Process) -> bool:
@@ -35,21 +53,10 @@ def _is_leftover(p: psutil.Process) -> bool:
 
 @pytest.fixture(scope="session", autouse=True)
 def no_leftovers():
-    """After the suite: no segment, no semaphore, no child process of ours remains."""
-    before = set(_ours())
+    """After the suite: no segment, no semaphore, no child process of ours remains.
+    Only this session's own names are checked (`is_session_object`)."""
     yield
-    mine = f"b{os.getpid()}x"  # broker.spawn() names brokers after the spawning pid
-
-    def ours(entry: str) -> bool:
-        # Spawned brokers are named b<spawning pid>x...: those of another test session
-        # running beside this one (alive or not) are not ours; ours, and objects the
-        # unit tests name themselves, are.
-        name = entry.split(".")[2 if entry.startswith("sem.") else 1]
-        if re.match(r"b\d+x", name):
-            return name.startswith(mine)
-        return True
-
-    left = [e for e in _ours() if e not in before and ours(e)]
+    left = [e for e in _shm_entries() if is_session_object(e, os.getpid())]
     children = [p for p in psutil.Process().children(recursive=True)
                 if _is_leftover(p)]
     assert not left, f"the test suite left shared memory behind: {left}"

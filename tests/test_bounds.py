@@ -209,3 +209,36 @@ def test_negative_watch_ids_are_ids_as_in_etcd(broker_proc, client):
     assert w.get(5).events[0].kv.mod_revision == rev
     with pytest.raises(ValueError, match="int64"):
         client.watch("x", watch_id=1 << 63)
+
+
+@pytest.mark.timeout(60)
+def test_damaged_response_ring_is_a_typed_error_and_reconnect_recovers(broker_proc):
+    """Nothing of shm.errors reaches a user: a response ring someone damaged makes the
+    calls raise ProtocolError (saying to reconnect), and reconnect() attaches anew."""
+    from shm.errors import ShmError
+
+    with clientlib.connect(broker_proc.name, timeout=10) as c:
+        c.put("k", "1")
+        c._resp._hq[0] = c._resp._hq[0] + 12  # a misaligned head, as garbage would be
+        for _ in range(2):
+            with pytest.raises(clientlib.ProtocolError, match="reconnect") as exc:
+                c.put("k", "2")
+            assert not isinstance(exc.value, ShmError)
+        c.reconnect()
+        assert c.get("k").kvs[0].value in (b"1", b"2")
+
+
+@pytest.mark.timeout(60)
+def test_shared_memory_vanishing_under_a_call_is_broker_unavailable(broker_proc, monkeypatch):
+    from clientlib import client as client_mod
+    from shm.errors import SegmentNotFound
+
+    with clientlib.connect(broker_proc.name, timeout=10) as c:
+        def gone(*_a, **_k):
+            raise SegmentNotFound("shared-memory segment /shmwatch.x does not exist")
+
+        monkeypatch.setattr(client_mod.Segment, "open", gone)
+        with pytest.raises(clientlib.BrokerUnavailable, match="changed under this client"):
+            c.watch("w")  # needs a new arena of rings: its segment is gone
+        monkeypatch.undo()
+        assert c.watch("w").get(5).created

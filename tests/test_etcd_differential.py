@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import itertools
-import os
 import pprint
 import time
 
@@ -1297,7 +1296,6 @@ def assert_same_transcript(etcd, shm) -> None:
 # --------------------------------------------------------------------------- fixtures
 
 _ETCD_TRANSCRIPTS: dict[str, list] = {}
-_names = itertools.count()
 
 
 def run_on_etcd(name: str, request) -> list:
@@ -1307,31 +1305,6 @@ def run_on_etcd(name: str, request) -> list:
         with server.client() as c:
             _ETCD_TRANSCRIPTS[name] = SCENARIOS[name](c)
     return _ETCD_TRANSCRIPTS[name]
-
-
-@pytest.fixture
-def _shmwatch_fallback_client():
-    """Used until tests/conftest.py provides `shmwatch_client` (a fresh broker per test)."""
-    try:
-        import broker
-        import clientlib
-
-        spawn, connect = broker.spawn, clientlib.connect
-    except (ImportError, AttributeError):
-        pytest.skip("shmwatch broker not available yet")
-    name = f"etcddiff{os.getpid()}n{next(_names)}"
-    with spawn(name=name) as b, connect(b.name, timeout=5) as c:
-        yield c
-
-
-def _shmwatch(request):
-    try:
-        try:
-            return request.getfixturevalue("shmwatch_client")
-        except pytest.FixtureLookupError:
-            return request.getfixturevalue("_shmwatch_fallback_client")
-    except (ImportError, AttributeError):
-        pytest.skip("shmwatch broker not available yet")
 
 
 NAMES = list(SCENARIOS)
@@ -1348,7 +1321,8 @@ def test_etcd_expectations(name, request):
 def test_differential(name, request):
     if name not in _ETCD_TRANSCRIPTS and etcd_binary() is None:
         pytest.skip(SKIP_REASON)
-    client = _shmwatch(request)  # skips before etcd is started when shmwatch is missing
+    # conftest's fresh broker and client; an import error in them fails, never skips
+    client = request.getfixturevalue("shmwatch_client")
     shm = SCENARIOS[name](client)
     etcd = run_on_etcd(name, request)
     assert_same_transcript(etcd, shm)

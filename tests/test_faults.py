@@ -13,9 +13,12 @@ import json
 import multiprocessing as mp
 import os
 import random
+import signal
 import subprocess
 import sys
 import threading
+
+import psutil
 
 import pytest
 
@@ -508,12 +511,11 @@ def test_cleanup_without_name_spares_live_brokers():
 @pytest.mark.timeout(60)
 def test_two_brokers_starting_at_once_leave_one_serving(monkeypatch):
     """Two brokers starting under one name at once: exactly one serves, and its objects
-    are intact. The window (between creating the control segment and taking its lock,
-    when a starting broker looks dead) is widened by starting the rival from inside the
-    first one's try_lock. Without the "starting" state of broker_info, the rival removed
-    the first one's ctl as stale and started, then the first one failed on the doorbell
-    name and its _unlink_all() unlinked the rival's ctl and bell: a broker no client
-    could find."""
+    are intact. The rival is started from inside the first one's try_lock (between
+    creating its control segment and publishing it). Once, a control segment was
+    visible before its lock was taken: the rival removed the first one's ctl as stale
+    and started, then the first one failed on the doorbell name and its _unlink_all()
+    unlinked the rival's ctl and bell: a broker no client could find."""
     from broker import server
 
     name = broker.unique_name()
@@ -554,3 +556,136 @@ def test_two_brokers_starting_at_once_leave_one_serving(monkeypatch):
                 x.stop()
         cleanup_stale(name)
     assert fw.shm_entries(name) == []
+
+
+# ------------------------------------------------------------------ liveness is the lock
+
+
+@pytest.mark.timeout(90)
+def test_zombie_broker_does_not_block_a_restart_or_cleanup():
+    """A SIGKILLed broker its parent has not reaped (a zombie: psutil still sees its pid
+    and start time) is dead: broker_info says stale, cleanup removes its objects, and a
+    new broker takes its name. (Was: "already running", and "nothing to clean up".)"""
+    b = broker.spawn()
+    b2 = None
+    try:
+        c = clientlib.connect(b.name, timeout=10)
+        assert c.watch("z").get(10).created
+        c.close()
+        os.kill(b.pid, signal.SIGKILL)  # and no wait(): it stays a zombie
+        fw.wait_for(lambda: psutil.Process(b.pid).status() == psutil.STATUS_ZOMBIE, 30,
+                    "the broker to become a zombie")
+        fw.wait_for(lambda: broker_info(b.name)["state"] == "stale", 30,
+                    f"broker_info to say stale (says {broker_info(b.name)})")
+        left = fw.shm_entries(b.name)
+        assert sorted(cleanup_stale(b.name)) == left and fw.shm_entries(b.name) == []
+        assert psutil.Process(b.pid).status() == psutil.STATUS_ZOMBIE
+        b2 = broker.spawn(b.name)
+        with clientlib.connect(b.name, timeout=10) as c2:
+            assert c2.put("z", "1").revision == 2
+    finally:
+        if b2 is not None:
+            b2.stop()
+        b.stop()  # reaps the zombie
+    assert fw.shm_entries(b.name) == []
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("damage", ["magic", "version"])
+def test_live_broker_with_an_unreadable_header_is_alive_and_never_cleaned(damage, monkeypatch):
+    """A live broker whose control header does not parse (damaged magic, another layout
+    version) holds its lock, so it is alive: broker_info says so (and why the header is
+    unreadable), `cleanup` removes nothing of it even with no grace period at all, a
+    second broker is refused; once the header is restored it serves as before.
+    (Was: `shmwatch cleanup` deleted the live broker.)"""
+    from broker import admin
+
+    monkeypatch.setattr(admin, "STARTING_GRACE_S", 0.0)
+    with broker.spawn() as b, clientlib.connect(b.name, timeout=10) as c:
+        assert c.watch("h").get(10).created
+        before = fw.shm_entries(b.name)
+        path = f"/dev/shm/shmwatch.{b.name}.ctl"
+        offset, bad = (0, b"NOTOURS!") if damage == "magic" else (8, b"\x63\x00\x00\x00")
+        with open(path, "r+b") as f:
+            f.seek(offset)
+            good = f.read(len(bad))
+            f.seek(offset)
+            f.write(bad)
+        try:
+            info = broker_info(b.name)
+            assert info["state"] == "alive", info
+            assert "unreadable control header" in info["error"], info
+            assert cleanup_stale(b.name) == []
+            r = _cli("cleanup", "--name", b.name)
+            assert r.returncode == 0 and "nothing to clean up" in r.stdout, r
+            r = subprocess.run([sys.executable, "-m", "broker", "--name", b.name],
+                               check=False, capture_output=True, text=True, timeout=60)
+            assert r.returncode == 1 and "already running (pid unknown" in r.stderr, r.stderr
+            assert fw.shm_entries(b.name) == before
+        finally:
+            with open(path, "r+b") as f:
+                f.seek(offset)
+                f.write(good)
+        assert c.put("h", "1").revision == 2
+        with clientlib.connect(b.name, timeout=10) as late:
+            assert late.get("h").kvs[0].value == b"1"
+    assert fw.shm_entries(b.name) == []
+
+
+@pytest.mark.timeout(90)
+def test_requested_written_into_a_live_slot_is_refused_and_leaks_nothing():
+    """Writing REQUESTED into a registered client's slot (any process that can write
+    the control segment can) 20 times: the broker keeps the registration it has (no
+    second set of rings: the broker's objects stay as they were), the client keeps
+    working, and a clean stop leaves nothing. (Was: 41 objects, 50 MB, leaked.)"""
+    with broker.spawn() as b:
+        with clientlib.connect(b.name, timeout=10) as c:
+            w = c.watch("r/", prefix=True)
+            assert w.get(10).created
+            before = fw.shm_entries(b.name)
+            slot, gen = c._slot, c._gen
+            with Segment.open(f"/shmwatch.{b.name}.ctl", kind=L.KIND_CTL) as ctl:
+                words = ctl.payload.cast("Q")
+                try:
+                    for i in range(20):
+                        words[L.slot_word(slot, L.SLOT_STATE)] = L.SLOT_REQUESTED
+                        words[L.CTL_REG_SEQ] += 1
+                        fw.wait_for(lambda: words[L.slot_word(slot, L.SLOT_STATE)]
+                                    == L.SLOT_READY, 30, f"round {i}: the broker's answer")
+                        assert fw.shm_entries(b.name) == before, f"round {i}"
+                        assert words[L.slot_word(slot, L.SLOT_GEN)] == gen
+                finally:
+                    words.release()
+            s = fw.stats_where(b.name, lambda s: len(s["clients"]) == 1, 30, "one client")
+            assert s["clients"][0]["watchers"] == 1
+            rev = c.put("r/k", "v").revision
+            assert [(e.kv.key, e.kv.mod_revision) for e in w.get(10).events] == [(b"r/k", rev)]
+    assert fw.shm_entries(b.name) == []
+
+
+@pytest.mark.timeout(90)
+def test_a_fifo_under_a_control_segment_name_blocks_nothing():
+    """Anyone can make a FIFO in /dev/shm, and opening one for reading waits for a
+    writer: `ls`, broker_info, cleanup, a client and a starting broker must not wait on
+    it. They report it (not a control segment) and leave it alone."""
+    from broker.admin import list_brokers
+
+    name = broker.unique_name()
+    path = f"/dev/shm/shmwatch.{name}.ctl"
+    os.mkfifo(path, 0o600)
+    try:
+        info = broker_info(name)
+        assert info["state"] == "unknown" and "not a regular file" in info["error"], info
+        assert name in {r["name"] for r in list_brokers()}
+        assert cleanup_stale(name) == []
+        r = _cli("ls")
+        assert r.returncode == 0 and name in r.stdout, r
+        with pytest.raises(clientlib.BrokerUnavailable):
+            clientlib.connect(name, timeout=5)
+        r = subprocess.run([sys.executable, "-m", "broker", "--name", name],
+                           check=False, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 1 and "is not a control segment" in r.stderr, r.stderr
+        assert path in r.stderr
+        assert fw.shm_entries(name) == [f"shmwatch.{name}.ctl"]
+    finally:
+        os.unlink(path)

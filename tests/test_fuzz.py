@@ -30,11 +30,19 @@ from clientlib.protocol import (
     OP_PROGRESS,
     OP_WATCH_CANCEL,
     OP_WATCH_CREATE,
+    W_CANCELED,
+    W_CREATED,
+    W_EVENTS,
+    W_PROGRESS,
+    W_PROGRESS_NOTIFY,
     decode_op,
     decode_reply,
     decode_response,
     decode_watch_response,
+    encode_event,
     encode_op,
+    encode_watch_control,
+    events_blob,
     packb,
     unpackb,
 )
@@ -285,22 +293,124 @@ def test_decoded_requests_never_crash_the_store(x):
     store._check()  # a refused request left the store consistent
 
 
+def _valid_kv(kv) -> bool:
+    return (type(kv) is KeyValue and type(kv.key) is bytes and type(kv.value) is bytes
+            and all(type(v) is int for v in kv[2:]))
+
+
+def _valid_watch_response(resp: WatchResponse) -> bool:
+    """Every field of the type WatchResponse promises (bool is not an int here)."""
+    return (type(resp.watch_id) is int and type(resp.revision) is int
+            and type(resp.compact_revision) is int and type(resp.cancel_reason) is str
+            and type(resp.fragment) is bool and type(resp.created) is bool
+            and type(resp.canceled) is bool and type(resp.events) is list
+            and all(type(e) is Event and e.type in ("PUT", "DELETE") and _valid_kv(e.kv)
+                    and (e.prev_kv is None or _valid_kv(e.prev_kv)) for e in resp.events))
+
+
 @FUZZ
 @given(st.binary(max_size=120))
 def test_decode_watch_response_arbitrary_bytes(data):
+    """Bytes from a watch ring: a well-typed response, or ProtocolError."""
     try:
-        decode_watch_response(data, 7)
+        _kind, resp = decode_watch_response(data, 7)
     except ProtocolError:
-        pass
+        return
+    assert _valid_watch_response(resp), f"accepted an ill-typed response: {resp}"
 
 
 @FUZZ
+@example([0, 5, 0, "", False, [["PUT", None, None]]])
+@example([0, "x", 0, "", False, []])
 @given(watch_like)
 def test_decode_watch_response_arbitrary_structures(x):
+    """Structures shaped almost like a watch response: a well-typed response, or
+    ProtocolError."""
     try:
-        decode_watch_response(packb(x), 7)
+        _kind, resp = decode_watch_response(packb(x), 7)
     except ProtocolError:
-        pass
+        return
+    assert _valid_watch_response(resp), f"accepted an ill-typed response: {resp}"
+
+
+i64 = st.integers(-(2**63), 2**63 - 1)
+kvs = st.builds(KeyValue, st.binary(min_size=1, max_size=16), st.binary(max_size=32),
+                i64, i64, i64, i64)
+events = st.builds(Event, st.sampled_from(["PUT", "DELETE"]), kvs, st.none() | kvs)
+
+
+@FUZZ
+@given(st.lists(events, max_size=6), i64, st.booleans(), st.booleans(),
+       st.integers(-(2**31), 2**31))
+def test_watch_events_round_trip(evs, rev, with_prev, fragment, watch_id):
+    """What the broker writes for a revision's events (each event encoded once, with or
+    without prev_kv, joined by events_blob) decodes to exactly those events, with
+    every field and type intact."""
+    data = events_blob(rev, [encode_event(e, with_prev) for e in evs], fragment)
+    kind, resp = decode_watch_response(data, watch_id)
+    want = [e if with_prev else Event(e.type, e.kv, None) for e in evs]
+    assert kind == W_EVENTS
+    assert resp == WatchResponse(watch_id=watch_id, revision=rev, events=want,
+                                 fragment=fragment)
+    assert _valid_watch_response(resp)
+    assert all(type(e.kv) is KeyValue for e in resp.events)
+
+
+@FUZZ
+@given(st.sampled_from([W_CREATED, W_CANCELED, W_PROGRESS, W_PROGRESS_NOTIFY]), i64, i64,
+       st.text(max_size=40), st.integers(0, 2**31))
+def test_watch_control_responses_round_trip(kind, rev, compact_rev, reason, watch_id):
+    """created / canceled / progress responses decode to their flags and fields; a
+    progress answer carries watch id -1, as in etcd 3.4."""
+    got_kind, resp = decode_watch_response(
+        encode_watch_control(kind, rev, compact_rev, reason), watch_id)
+    assert got_kind == kind
+    assert resp == WatchResponse(
+        watch_id=-1 if kind == W_PROGRESS else watch_id, revision=rev, events=[],
+        created=kind == W_CREATED, canceled=kind == W_CANCELED,
+        compact_revision=compact_rev, cancel_reason=reason, fragment=False)
+
+
+wrong_type = {
+    "kind": st.sampled_from(["0", None, 1.0, True, [0], 5, -1]),
+    "revision": st.sampled_from(["5", None, 5.0, True, b"5", [5]]),
+    "compact_revision": st.sampled_from(["0", None, 0.0, False, b"", {}]),
+    "reason": st.sampled_from([b"x", None, 0, ["x"]]),
+    "fragment": st.sampled_from([0, 1, None, "true", b""]),
+    "events": st.sampled_from([None, {}, "[]", b"", 0]),
+}
+FIELDS = list(wrong_type)
+
+
+@FUZZ
+@given(st.lists(events, max_size=3), st.sampled_from(FIELDS), st.data())
+def test_watch_response_with_an_ill_typed_field_is_refused(evs, field, data):
+    """A valid response with any one field of the wrong type (a bool for an int, bytes
+    for a str, 0/1 for a bool, ...): ProtocolError, never a response."""
+    msg = [W_EVENTS, 9, 0, "", False, [list(e) for e in evs]]
+    msg[FIELDS.index(field)] = data.draw(wrong_type[field], label=field)
+    with pytest.raises(ProtocolError):
+        decode_watch_response(packb(msg), 7)
+
+
+bad_kv = st.one_of(
+    st.tuples(st.text(max_size=3), st.binary(), i64, i64, i64, i64).map(list),
+    st.tuples(st.binary(), st.binary(), st.booleans(), i64, i64, i64).map(list),
+    st.tuples(st.binary(), st.binary(), i64, i64, st.floats(), i64).map(list),
+    st.lists(st.binary(), min_size=0, max_size=5), st.just("kv"), st.just(7))
+
+
+@FUZZ
+@given(st.sampled_from(["PUT", "DELETE"]), bad_kv, st.booleans(),
+       st.sampled_from(["put", "PUT ", "", None, 0]))
+def test_watch_event_with_a_malformed_part_is_refused(etype, kv, as_prev, bad_type):
+    """An event whose kv or prev_kv is malformed, or whose type is unknown, or which is
+    missing its kv: ProtocolError."""
+    good = list(KeyValue(b"k", b"v", 1, 2, 1, 0))
+    for event in ([etype, good, kv] if as_prev else [etype, kv, None],
+                  [bad_type, good, None], [etype, None, good], [etype, good]):
+        with pytest.raises(ProtocolError):
+            decode_watch_response(packb([W_EVENTS, 2, 0, "", False, [event]]), 7)
 
 
 @FUZZ
@@ -330,31 +440,6 @@ def test_decode_reply_arbitrary_structures(x):
     except ProtocolError:
         return
     assert isinstance(rid, int)
-
-
-def _valid_kv(kv) -> bool:
-    return (isinstance(kv, KeyValue) and isinstance(kv.key, bytes)
-            and isinstance(kv.value, bytes)
-            and all(isinstance(v, int) and not isinstance(v, bool) for v in kv[2:]))
-
-
-def _valid_watch_response(resp: WatchResponse) -> bool:
-    return (isinstance(resp.revision, int) and isinstance(resp.compact_revision, int)
-            and isinstance(resp.cancel_reason, str) and isinstance(resp.fragment, bool)
-            and all(isinstance(e, Event) and _valid_kv(e.kv)
-                    and (e.prev_kv is None or _valid_kv(e.prev_kv)) for e in resp.events))
-
-
-@FUZZ
-@example([0, 5, 0, "", False, [["PUT", None, None]]])
-@example([0, "x", 0, "", False, []])
-@given(watch_like)
-def test_decode_watch_response_rejects_ill_typed_fields(x):
-    try:
-        _kind, resp = decode_watch_response(packb(x), 7)
-    except ProtocolError:
-        return
-    assert _valid_watch_response(resp), f"accepted an ill-typed response: {resp}"
 
 
 # ------------------------------------------------------------------ a live broker
@@ -390,35 +475,84 @@ request_like = st.one_of(
     st.tuples(st.just(OP_KV), rids, op_like).map(list),
     tree,
 )
+# Requests with a good id whose body may well be valid: writes and compactions that the
+# broker applies, so the store really changes under the garbage.
+valid_id = st.integers(2**50, 2**60)
+valid_op = st.one_of(
+    st.builds(PutOp, st.binary(min_size=1, max_size=3), st.binary(max_size=8)),
+    st.builds(DeleteOp, st.binary(min_size=1, max_size=2), st.none() | st.binary(max_size=2)),
+).map(encode_op)
+writes_like = st.one_of(
+    st.tuples(st.just(OP_KV), valid_id, valid_op | op_like).map(list),
+    st.tuples(st.just(OP_COMPACT), valid_id, st.integers(-2, 40)).map(list),
+)
+
+
+def model_apply(model: MVCCStore, payload: bytes) -> None:
+    """What a request record does to the store, by the broker's rules
+    (Broker._handle): only a well-formed KV request or compaction changes anything."""
+    try:
+        msg = unpackb(payload)
+    except ProtocolError:
+        return
+    if not isinstance(msg, list) or len(msg) != 3 or not isinstance(msg[1], int):
+        return
+    try:
+        if msg[0] == OP_KV:
+            model.apply(decode_op(msg[2]))
+        elif msg[0] == OP_COMPACT and isinstance(msg[2], int):
+            model.compact(msg[2])
+    except ShmwatchError:  # refused: changes nothing (ProtocolError is one)
+        pass
+
+
+def leaves_the_client(payload: bytes) -> bool:
+    """A request that legitimately ends or grows the client (OP_BYE leaves, OP_ARENA
+    creates 8 MB of /dev/shm): not garbage, left out."""
+    try:
+        msg = unpackb(payload)
+    except ProtocolError:
+        return False
+    return (isinstance(msg, list) and len(msg) >= 2 and isinstance(msg[1], int)
+            and not isinstance(msg[0], (list, dict)) and msg[0] in (OP_BYE, OP_ARENA))
+
+
+EVERY_KEY = RangeOp(b"\0", b"\0")
 
 
 @pytest.mark.timeout(240)
 def test_garbage_requests_are_answered_and_the_broker_keeps_serving():
     """Arbitrary msgpack documents and arbitrary bytes, each in a record with a valid
     header and CRC, sent to a live broker: each is answered (in order: the client's next
-    real call gets its own reply), the client stays connected, and another client can
-    still put, get and watch."""
+    real call gets its own reply), the client stays connected, the store holds exactly
+    what a model store given the same records holds (garbage that happens to be a valid
+    write is applied, everything else changes nothing), and another client can still
+    put, get and watch."""
     with broker.spawn() as b, clientlib.connect(b.name, timeout=10) as c, \
             clientlib.connect(b.name, timeout=10) as other:
-        n = [0]
+        model = MVCCStore()
+        model.apply(PutOp(b"fz/probe", b"v", False, False))
+        assert c.put("fz/probe", "v").revision == 2
+        changed = [0]
 
         @settings(max_examples=300, deadline=None, database=None,
                   suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-        @given(request_like | st.binary(max_size=64).map(lambda b: ("raw", b)))
+        @given(writes_like | request_like | st.binary(max_size=64).map(lambda b: ("raw", b)))
         def run(x):
-            if isinstance(x, tuple):
-                payload = x[1]
-            else:
-                if isinstance(x, list) and x and not isinstance(x[0], (list, dict)):
-                    assume(x[0] not in (OP_BYE, OP_ARENA))
-                payload = packb(x)
+            payload = x[1] if isinstance(x, tuple) else packb(x)
+            assume(not leaves_the_client(payload))
             send_raw(c, payload)
-            n[0] += 1
-            assert c.get("fz/probe", timeout=10).kvs is not None
+            model_apply(model, payload)
+            got = c.get(b"\0", range_end=b"\0", timeout=10)
+            want, _ = model.apply(EVERY_KEY)
+            assert (got.revision, got.kvs) == (want.revision, want.kvs), \
+                f"after {payload!r}: the store differs from the model"
+            changed[0] = max(changed[0], got.revision)
             with c._cond:
                 c._replies.clear()  # the garbage's own answers
 
         run()
+        assert changed[0] > 2, "no garbage was a valid write: the model was never tested"
         assert b.alive()
         check_still_serving(other, 0)
         check_still_serving(c, 1)

@@ -1,6 +1,8 @@
 """Who may attach: a broker's segments and semaphores are its user's alone (mode 0600)
 unless it is started with --mode/--group; another user gets a clear PermissionDenied,
-never a hang. The cross-user tests drop a spawned child to `nobody` (they need root).
+never a hang; another user who creates names in /dev/shm first blocks nobody, and is
+named when it holds the broker's own name. The cross-user tests drop a spawned child to
+`nobody` (they need root).
 """
 
 from __future__ import annotations
@@ -10,12 +12,15 @@ import multiprocessing as mp
 import os
 import pwd
 import stat
+import subprocess
+import sys
 
 import pytest
 
 import broker
 import clientlib
 from tests import fault_workers as fw
+from tests import hostile_workers as hw
 
 CTX = mp.get_context("spawn")
 
@@ -44,15 +49,16 @@ def modes(name: str) -> dict[str, tuple[int, int, int]]:
 
 def kinds(entries) -> set[str]:
     """What kinds of objects `entries` covers: ctl, log, stats, bell, client, client
-    bell, arena."""
+    bell, arena (names as in docs/INTERNALS.md "Names")."""
     out = set()
     for e in entries:
-        part = e.split(".", 2 if e.startswith("sem.") else 1)[-1].split(".", 1)[1]
-        if part in ("ctl", "log", "stats", "bell"):
-            out.add(part)
-        elif part.endswith(".bell"):
+        # shmwatch.<broker>.<part> or sem.shmwatch.<broker>.<part>
+        part = e.split(".", 3 if e.startswith("sem.") else 2)[-1].split(".")
+        if part[0] in ("ctl", "log", "stats", "bell"):
+            out.add(part[0])
+        elif part[-1] == "bell":
             out.add("client bell")
-        elif ".a" in part:
+        elif len(part) == 4 and part[2].startswith("a"):
             out.add("arena")
         else:
             out.add("client")
@@ -179,3 +185,71 @@ def test_group_member_can_attach_and_others_cannot():
     finally:
         b.stop()
     assert fw.shm_entries(b.name) == []
+
+
+# ------------------------------------------------------------------ squatters
+
+
+def _run_broker(name: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "broker", "--name", name],
+                          check=False, capture_output=True, text=True, timeout=60)
+
+
+@needs_root_and_nobody
+@pytest.mark.timeout(90)
+def test_control_name_squatted_by_another_user_is_refused_naming_the_owner():
+    """`nobody` creates /dev/shm/shmwatch.N.ctl before N starts: the start fails at once
+    with an error naming the path and its owner (was: "already running (pid 0)"); the
+    squatted file is another user's, so neither the start nor `cleanup` removes it;
+    a client is told the object is not a broker."""
+    from broker.admin import broker_info, cleanup_stale
+
+    name = broker.unique_name()
+    ctl = f"shmwatch.{name}.ctl"
+    hw.squat([ctl], NOBODY.pw_uid, NOBODY.pw_gid)
+    try:
+        r = _run_broker(name)
+        assert r.returncode == 1, r
+        assert f"/dev/shm/{ctl}" in r.stderr, r.stderr
+        assert f"nobody (uid {NOBODY.pw_uid})" in r.stderr, r.stderr
+        assert "already running" not in r.stderr
+        assert cleanup_stale(name) == []
+        info = broker_info(name)
+        assert info["state"] == "stale" and info["owner"] == f"nobody (uid {NOBODY.pw_uid})"
+        with pytest.raises(clientlib.BrokerUnavailable, match=f"uid {NOBODY.pw_uid}"):
+            clientlib.connect(name, timeout=5)
+        assert fw.shm_entries(name) == [ctl]
+    finally:
+        hw.unsquat([ctl])
+
+
+@needs_root_and_nobody
+@pytest.mark.timeout(90)
+def test_squatted_object_names_block_neither_a_broker_nor_its_clients():
+    """`nobody` pre-creates every name a broker and its first clients used to get
+    (doorbell, log, stats, c<slot>g1 rings, doorbells and arenas): the broker starts,
+    clients register, write and watch (was: the start failed, or every registration
+    timed out), the squatted files are left alone, and the broker leaves nothing of
+    its own behind."""
+    name = broker.unique_name()
+    entries = [f"shmwatch.{name}.{p}" for p in ("log", "stats")]
+    entries.append(f"sem.shmwatch.{name}.bell")
+    for slot in range(4):
+        entries += [f"shmwatch.{name}.c{slot}g1", f"shmwatch.{name}.c{slot}g1.a0",
+                    f"sem.shmwatch.{name}.c{slot}g1.bell"]
+    hw.squat(entries, NOBODY.pw_uid, NOBODY.pw_gid)
+    try:
+        with broker.spawn(name) as b:
+            with clientlib.connect(b.name, timeout=10) as c1, \
+                    clientlib.connect(b.name, timeout=10) as c2:
+                w = c2.watch("sq/", prefix=True)
+                assert w.get(10).created
+                rev = c1.put("sq/k", "v").revision
+                assert [(e.kv.key, e.kv.mod_revision) for e in w.get(10).events] == \
+                    [(b"sq/k", rev)]
+        assert fw.shm_entries(name) == sorted(entries)
+        for e in entries:
+            assert os.stat(os.path.join("/dev/shm", e)).st_uid == NOBODY.pw_uid
+    finally:
+        hw.unsquat(entries)
+    assert fw.shm_entries(name) == []

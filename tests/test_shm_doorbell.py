@@ -28,7 +28,7 @@ pytestmark = pytest.mark.timeout(60)
 
 @pytest.fixture
 def broker():
-    token = "t" + uuid.uuid4().hex[:12]
+    token = f"t{os.getpid()}x{uuid.uuid4().hex[:12]}"  # the suite's names: conftest
     yield token
     prefix = f"shmwatch.{token}."
     for name in list_segments(prefix):

@@ -3,6 +3,7 @@ and a seeded random test against a model."""
 
 from __future__ import annotations
 
+import os
 import random
 import struct
 import uuid
@@ -39,7 +40,7 @@ def payload(rev: int, size: int) -> bytes:
 
 @pytest.fixture
 def broker():
-    token = "t" + uuid.uuid4().hex[:12]
+    token = f"t{os.getpid()}x{uuid.uuid4().hex[:12]}"  # the suite's names: conftest
     yield token
     prefix = f"shmwatch.{token}."
     for name in list_segments(prefix):

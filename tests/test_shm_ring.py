@@ -4,6 +4,7 @@ and two processes passing 100k messages through a ring in a segment."""
 from __future__ import annotations
 
 import multiprocessing
+import os
 import random
 import struct
 import uuid
@@ -68,7 +69,7 @@ def roundtrip(ring: Ring, payload: bytes, reader: Ring | None = None) -> bytes:
 
 @pytest.fixture
 def broker():
-    token = "t" + uuid.uuid4().hex[:12]
+    token = f"t{os.getpid()}x{uuid.uuid4().hex[:12]}"  # the suite's names: conftest
     yield token
     prefix = f"shmwatch.{token}."
     for name in list_segments(prefix):

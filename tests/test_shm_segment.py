@@ -37,7 +37,7 @@ KIND = 7
 @pytest.fixture
 def broker():
     """A unique broker name; every object under it is removed after the test."""
-    token = "t" + uuid.uuid4().hex[:12]
+    token = f"t{os.getpid()}x{uuid.uuid4().hex[:12]}"  # the suite's names: conftest
     yield token
     prefix = f"shmwatch.{token}."
     for name in list_segments(prefix):
