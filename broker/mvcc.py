@@ -64,7 +64,7 @@ from itertools import islice
 
 from sortedcontainers import SortedList
 
-from clientlib.errors import (
+from shmwatch.wire.errors import (
     CompactedError,
     DuplicateKeyError,
     EmptyKeyError,
@@ -74,8 +74,8 @@ from clientlib.errors import (
     TooManyOpsError,
     ValueProvidedError,
 )
-from clientlib.ops import Compare, DeleteOp, Op, PutOp, RangeOp, TxnOp
-from clientlib.types import (
+from shmwatch.wire.ops import Compare, DeleteOp, Op, PutOp, RangeOp, TxnOp
+from shmwatch.wire.types import (
     DELETE,
     PUT,
     CompactResponse,

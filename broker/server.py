@@ -27,8 +27,8 @@ from typing import Callable
 import msgpack
 import psutil
 
-from clientlib import errors
-from clientlib.protocol import (
+from shmwatch.wire import errors
+from shmwatch.wire.protocol import (
     OP_ARENA,
     OP_BYE,
     OP_COMPACT,
@@ -47,7 +47,7 @@ from clientlib.protocol import (
     peek_id,
     unpackb,
 )
-from clientlib.types import Event, KeyValue
+from shmwatch.wire.types import Event, KeyValue
 from shm import layout as L
 from shm.doorbell import Doorbell
 from shm.errors import (

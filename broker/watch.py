@@ -49,7 +49,7 @@ from sortedcontainers import SortedList
 
 from shm.errors import RingCorrupt
 
-from clientlib.protocol import (
+from shmwatch.wire.protocol import (
     FILTER_NODELETE,
     FILTER_NOPUT,
     RESUME_FREE_FRACTION,
@@ -61,7 +61,7 @@ from clientlib.protocol import (
     encode_watch_control,
     events_blob,
 )
-from clientlib.types import Event
+from shmwatch.wire.types import Event
 
 SYNCED = "synced"
 UNSYNCED = "unsynced"

@@ -6,14 +6,11 @@
         for resp in c.watch("config/", prefix=True, start_revision=1):
             ...
 
-Semantics are etcd v3's: see the README and `clientlib.types`.
+Semantics are etcd v3's: see the README and `shmwatch.wire.types`.
 """
 
-# The one place the version is written: pyproject.toml reads it from here.
-__version__ = "0.1.0"
-
-from .client import Client, Watch, connect
-from .errors import (
+from shmwatch import __version__  # noqa: F401  (clientlib.__version__)
+from shmwatch.wire.errors import (
     BrokerUnavailable,
     ClientClosed,
     CompactedError,
@@ -37,7 +34,7 @@ from .errors import (
     ValueProvidedError,
     WatchClosed,
 )
-from .ops import (
+from shmwatch.wire.ops import (
     Compare,
     compare_create,
     compare_lease,
@@ -50,7 +47,7 @@ from .ops import (
     op_txn,
     prefix_range_end,
 )
-from .types import (
+from shmwatch.wire.types import (
     DELETE,
     PUT,
     CompactResponse,
@@ -62,6 +59,8 @@ from .types import (
     TxnResponse,
     WatchResponse,
 )
+
+from .client import Client, Watch, connect
 
 __all__ = [
     "Client", "Watch", "connect",

@@ -35,7 +35,7 @@ import time
 from collections.abc import Iterable
 
 from . import client as _client
-from . import errors
+from shmwatch.wire import errors
 from shm.errors import ShmError
 
 from .client import (
@@ -53,9 +53,9 @@ from .client import (
     from_shm,
     watch_spec,
 )
-from .ops import op_delete, op_get
-from .protocol import OP_WATCH_CANCEL, packb
-from .types import (
+from shmwatch.wire.ops import op_delete, op_get
+from shmwatch.wire.protocol import OP_WATCH_CANCEL, packb
+from shmwatch.wire.types import (
     CompactResponse,
     DeleteRangeResponse,
     PutResponse,

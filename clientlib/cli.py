@@ -18,8 +18,11 @@ from dataclasses import dataclass
 
 from shm import layout as L
 from shm.errors import ShmError
+from shmwatch import __version__
+from shmwatch.wire import errors
+from shmwatch.wire.ops import DeleteOp, PutOp, RangeOp, op_delete, op_put, resolve_range
+from shmwatch.wire.types import RangeResponse, TxnResponse
 
-from . import __version__, errors
 from .cli_args import (
     EXIT_BAD_ARGS,
     EXIT_BAD_FEATURE,
@@ -51,8 +54,6 @@ from .cli_output import (
 )
 from .cli_txn import read_txn
 from .client import connect
-from .ops import DeleteOp, PutOp, RangeOp, op_delete, op_put, resolve_range
-from .types import RangeResponse, TxnResponse
 
 # ------------------------------------------------------------------ requests from arguments
 
@@ -607,7 +608,7 @@ def build_parser():
     return p
 
 
-TOOLS = {"stress": "tools.stress", "top": "tools.top", "bench": "tools.bench"}
+TOOLS = {"stress": "shmwatch.tools.stress", "top": "shmwatch.tools.top", "bench": "shmwatch.tools.bench"}
 
 
 def _die_of_sigint() -> None:

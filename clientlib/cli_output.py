@@ -18,7 +18,7 @@ import base64
 import json
 import unicodedata
 
-from .types import DELETE, KeyValue, PutResponse, RangeResponse, TxnResponse, WatchResponse
+from shmwatch.wire.types import DELETE, KeyValue, PutResponse, RangeResponse, TxnResponse, WatchResponse
 
 MEMBER_ID_SALT = 0x5348_4D57  # member_id = cluster_id ^ this: one member per broker
 

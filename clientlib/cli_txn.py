@@ -31,8 +31,16 @@ import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from shmwatch.wire.ops import (
+    Compare,
+    compare_create,
+    compare_lease,
+    compare_mod,
+    compare_value,
+    compare_version,
+)
+
 from .cli_args import EXIT_INVALID_INPUT, CliError, Flag, go_parse_int, parse_flags
-from .ops import Compare, compare_create, compare_lease, compare_mod, compare_value, compare_version
 
 # ------------------------------------------------------------------ Go string literals
 

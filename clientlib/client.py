@@ -49,8 +49,8 @@ from shm.lock import is_locked, try_lock, unlock
 from shm.ring import Ring, ring_bytes
 from shm.segment import Segment, shm_name, shm_path
 
-from . import errors
-from .ops import (
+from shmwatch.wire import errors
+from shmwatch.wire.ops import (
     DeleteOp,
     PutOp,
     RangeOp,
@@ -62,7 +62,7 @@ from .ops import (
     resolve_range,
     to_bytes,
 )
-from .protocol import (
+from shmwatch.wire.protocol import (
     FILTER_NODELETE,
     FILTER_NOPUT,
     OP_ARENA,
@@ -82,7 +82,7 @@ from .protocol import (
     packb,
     peek_id,
 )
-from .types import (
+from shmwatch.wire.types import (
     CompactResponse,
     DeleteRangeResponse,
     KeyValue,

@@ -34,8 +34,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from clientlib import errors as E
-from clientlib.ops import (
+from shmwatch.wire import errors as E
+from shmwatch.wire.ops import (
     Compare,
     DeleteOp,
     PutOp,
@@ -45,7 +45,7 @@ from clientlib.ops import (
     resolve_range,
     to_bytes,
 )
-from clientlib.types import (
+from shmwatch.wire.types import (
     DELETE,
     PUT,
     CompactResponse,

@@ -29,9 +29,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 with atheris.instrument_imports(include=["shm", "clientlib", "broker"]):
     from broker.mvcc import MVCCStore
-    from clientlib.errors import ProtocolError, ShmwatchError
-    from clientlib.ops import PutOp
-    from clientlib.protocol import decode_op, decode_response, decode_watch_response, unpackb
+    from shmwatch.wire.errors import ProtocolError, ShmwatchError
+    from shmwatch.wire.ops import PutOp
+    from shmwatch.wire.protocol import decode_op, decode_response, decode_watch_response, unpackb
     from shm.errors import MessageTooLarge, RingCorrupt
     from shm.ring import RING_HEADER, Ring
 
@@ -95,7 +95,7 @@ def test_one_input(data: bytes) -> None:
 def write_seeds(directory: str) -> None:
     """Valid inputs of each target, so a short run starts past the first shape checks."""
     from clientlib import compare_value, op_delete, op_get, op_put, op_txn
-    from clientlib.protocol import OP_KV, encode_op, packb
+    from shmwatch.wire.protocol import OP_KV, encode_op, packb
 
     seeds = []
     buf = bytearray(RING_HEADER + CAP)

@@ -14,8 +14,8 @@ import pytest
 
 import broker
 import clientlib
-from clientlib.ops import op_get
-from clientlib.protocol import OP_KV, encode_op, packb
+from shmwatch.wire.ops import op_get
+from shmwatch.wire.protocol import OP_KV, encode_op, packb
 from shm import layout as L
 from shm.segment import Segment
 from tests.mp_workers import wait_for

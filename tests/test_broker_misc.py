@@ -38,10 +38,11 @@ def test_progress_notify_ticks_only_idle_watchers():
 def test_fragmented_watch_splits_a_large_revision_and_plain_one_does_not():
     with broker.spawn(max_request_bytes=64 << 10, watch_ring_bytes=64 << 10) as b, \
             clientlib.connect(b.name) as c:
-        keys = [f"big/{i:02d}".encode() for i in range(8)]
+        keys = [f"big/{i:02d}".encode() for i in range(16)]
         for k in keys:
-            c.put(k, b"x" * (20 << 10))
-        # One revision whose events (with prev_kv) are far over the request limit.
+            c.put(k, b"x" * (60 << 10))
+        # One revision whose events (with prev_kv) are far over the limit at which etcd
+        # fragments: --max-request-bytes + 512 KiB.
         frag = c.watch("big/", prefix=True, fragment=True, prev_kv=True)
         whole = c.watch("big/", prefix=True, prev_kv=True)
         frag.get(5), whole.get(5)
@@ -56,7 +57,7 @@ def test_fragmented_watch_splits_a_large_revision_and_plain_one_does_not():
         assert [e.kv.key for p in parts for e in p.events] == keys
         assert all(e.kv.mod_revision == rev for p in parts for e in p.events)
         r = whole.get(10)
-        assert not r.fragment and len(r.events) == 8  # larger than the ring: streamed whole
+        assert not r.fragment and len(r.events) == 16  # larger than the ring: streamed whole
 
 
 @pytest.mark.timeout(60)

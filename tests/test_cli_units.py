@@ -12,7 +12,7 @@ import pytest
 from clientlib.cli_args import EXIT_ERROR, EXIT_INVALID_INPUT, CliError, Flag, go_parse_int, parse_flags
 from clientlib.cli_output import humanize_bytes, render_table
 from clientlib.cli_txn import argify, go_quote, parse_compare, read_txn
-from clientlib.ops import Compare
+from shmwatch.wire.ops import Compare
 
 
 @pytest.mark.parametrize("text,base,value", [

@@ -206,7 +206,7 @@ def test_broker_handle_is_a_context_manager():
 
 @pytest.mark.timeout(60)
 def test_too_many_clients_and_a_freed_slot_is_reused():
-    from clientlib.errors import TooManyClientsError
+    from shmwatch.wire.errors import TooManyClientsError
 
     with broker.spawn(max_clients=2) as b, clientlib.connect(b.name, timeout=10) as c1:
         c2 = clientlib.connect(b.name, timeout=10)

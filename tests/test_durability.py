@@ -356,8 +356,8 @@ def test_checksummed_data_that_cannot_be_replayed_refuses_the_start(tmp_path, da
     that is not consistent) is corruption too: WalCorrupt naming the file (and the
     record's offset), not a traceback."""
     from broker.wal import KIND_KV, DataDir
-    from clientlib.ops import RangeOp
-    from clientlib.protocol import encode_op
+    from shmwatch.wire.ops import RangeOp
+    from shmwatch.wire.protocol import encode_op
 
     data = tmp_path / "data"
     name, _revs = put_values(data, 5)

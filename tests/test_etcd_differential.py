@@ -29,8 +29,8 @@ import time
 
 import pytest
 
-from clientlib import errors as E
-from clientlib.ops import (
+from shmwatch.wire import errors as E
+from shmwatch.wire.ops import (
     compare_create,
     compare_lease,
     compare_mod,
@@ -41,7 +41,7 @@ from clientlib.ops import (
     op_put,
     op_txn,
 )
-from clientlib.types import Event, KeyValue
+from shmwatch.wire.types import Event, KeyValue
 from tests.etcd_support import (
     SKIP_REASON,
     etcd_binary,

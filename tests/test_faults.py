@@ -25,7 +25,7 @@ import pytest
 import broker
 import clientlib
 from broker.admin import broker_info, cleanup_stale
-from clientlib.protocol import OP_KV, encode_op, packb
+from shmwatch.wire.protocol import OP_KV, encode_op, packb
 from shm import layout as L
 from shm.lock import is_locked, unlock
 from shm.segment import Segment

@@ -20,9 +20,9 @@ from hypothesis import strategies as st
 import broker
 import clientlib
 from broker.mvcc import MVCCStore
-from clientlib.errors import ProtocolError, ShmwatchError
-from clientlib.ops import DeleteOp, PutOp, RangeOp, TxnOp
-from clientlib.protocol import (
+from shmwatch.wire.errors import ProtocolError, ShmwatchError
+from shmwatch.wire.ops import DeleteOp, PutOp, RangeOp, TxnOp
+from shmwatch.wire.protocol import (
     OP_ARENA,
     OP_BYE,
     OP_COMPACT,
@@ -46,7 +46,7 @@ from clientlib.protocol import (
     packb,
     unpackb,
 )
-from clientlib.types import Event, KeyValue, WatchResponse
+from shmwatch.wire.types import Event, KeyValue, WatchResponse
 from shm.errors import MessageTooLarge, RingCorrupt, RingFull
 from shm.ring import MORE, RING_HEADER, WRAP, Ring
 from tests import fault_workers as fw

@@ -6,7 +6,7 @@ import msgpack
 import pytest
 
 from broker.mvcc import MAX_TXN_OPS, MVCCStore, events_at_compact_rev
-from clientlib.errors import (
+from shmwatch.wire.errors import (
     CompactedError,
     DuplicateKeyError,
     EmptyKeyError,
@@ -15,7 +15,7 @@ from clientlib.errors import (
     TooManyOpsError,
     ValueProvidedError,
 )
-from clientlib.ops import (
+from shmwatch.wire.ops import (
     DeleteOp,
     PutOp,
     RangeOp,
@@ -30,7 +30,7 @@ from clientlib.ops import (
     op_put,
     op_txn,
 )
-from clientlib.types import (
+from shmwatch.wire.types import (
     CompactResponse,
     DeleteRangeResponse,
     Event,

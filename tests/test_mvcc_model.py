@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from broker.mvcc import MVCCStore, events_at_compact_rev
-from clientlib.errors import (
+from shmwatch.wire.errors import (
     CompactedError,
     DuplicateKeyError,
     FutureRevisionError,
@@ -23,8 +23,8 @@ from clientlib.errors import (
     ShmwatchError,
     ValueProvidedError,
 )
-from clientlib.ops import Compare, DeleteOp, PutOp, RangeOp, TxnOp
-from clientlib.types import (
+from shmwatch.wire.ops import Compare, DeleteOp, PutOp, RangeOp, TxnOp
+from shmwatch.wire.types import (
     CompactResponse,
     DeleteRangeResponse,
     Event,

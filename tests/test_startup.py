@@ -319,9 +319,11 @@ def test_quick_start_stress_and_serve_on_a_64_mb_dev_shm():
 
 
 def test_py_typed_and_the_version_ship_with_the_package(tmp_path):
-    """setuptools, from pyproject.toml alone, puts py.typed in clientlib and broker and
-    reads the version from clientlib.__version__."""
-    for entry in ("pyproject.toml", "README.md", "shm", "broker", "clientlib", "tools"):
+    """setuptools, from pyproject.toml alone, puts py.typed in clientlib, broker and
+    shmwatch, installs tools/ as shmwatch.tools (no top-level `tools`), and reads the
+    version from shmwatch.__version__ (which clientlib.__version__ is)."""
+    for entry in ("pyproject.toml", "README.md", "shm", "broker", "clientlib", "shmwatch",
+                  "tools"):
         src = ROOT / entry
         if src.is_dir():
             shutil.copytree(src, tmp_path / entry, ignore=shutil.ignore_patterns("__pycache__"))
@@ -331,8 +333,11 @@ def test_py_typed_and_the_version_ship_with_the_package(tmp_path):
                         "egg_info", "build_py", "-d", str(tmp_path / "out")],
                        cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False)
     assert r.returncode == 0, r.stderr[-3000:]
-    for pkg in ("clientlib", "broker"):
+    for pkg in ("clientlib", "broker", "shmwatch"):
         assert (tmp_path / "out" / pkg / "py.typed").is_file(), pkg
+    assert (tmp_path / "out" / "shmwatch" / "tools" / "stress.py").is_file()
+    assert (tmp_path / "out" / "shmwatch" / "wire" / "protocol.py").is_file()
+    assert not (tmp_path / "out" / "tools").exists()
     info = (tmp_path / "shmwatch.egg-info" / "PKG-INFO").read_text()
     assert f"\nVersion: {clientlib.__version__}\n" in info
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tools.stress import (
+from shmwatch.tools.stress import (
     START_COMPACT, Compactions, History, Stream, WatchSpec, check_writes, verify_stream,
     write_record,
 )

@@ -22,7 +22,7 @@ from rich.console import Console
 import broker
 import clientlib
 from broker.admin import read_stats
-from tools import top
+from shmwatch.tools import top
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "tools", "top")

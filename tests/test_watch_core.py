@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 
 from broker import watch as W
 from broker.watch import IntervalIndex, Watcher, WatchCore, WatcherGroup, split_fragments
-from clientlib.protocol import FILTER_NODELETE, FILTER_NOPUT
-from clientlib.types import Event, KeyValue
+from shmwatch.wire.protocol import FILTER_NODELETE, FILTER_NOPUT
+from shmwatch.wire.types import Event, KeyValue
 from tests.fakes import FakeRing
 
 

@@ -147,7 +147,7 @@ def _range(i: int, beh: str, keys: int, rnd: random.Random) -> tuple:
 
 
 def _prefix_end(p: bytes) -> bytes:
-    from clientlib.ops import prefix_range_end
+    from shmwatch.wire.ops import prefix_range_end
 
     return prefix_range_end(p)
 

@@ -3,7 +3,7 @@
 Requests (client -> broker, on the client's request ring): ``[op, req_id, *args]``;
 put / range / delete / txn are all ``[OP_KV, req_id, encode_op(op)]``.
 Replies (broker -> client, on the response ring): ``[req_id, status, body]`` where
-status 0 is success and any other value is an error code of `clientlib.errors`
+status 0 is success and any other value is an error code of `shmwatch.wire.errors`
 (body is then the message). Watch responses travel on the watcher's own ring, so the
 watch id is implied by the ring: ``[kind, header_revision, compact_revision,
 cancel_reason, fragment, events]`` with events last, so that the broker can build a

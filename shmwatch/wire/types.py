@@ -2,7 +2,7 @@
 
 Field names and meanings follow etcd's `mvccpb` and `etcdserverpb` messages, so code
 written against etcd reads the same here. Keys and values are always bytes.
-This module owns no I/O and no wire format (see `clientlib.protocol`).
+This module owns no I/O and no wire format (see `shmwatch.wire.protocol`).
 """
 
 from __future__ import annotations
