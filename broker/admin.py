@@ -128,7 +128,7 @@ def broker_info(name: str) -> dict:
             return info
         info.update(pid=w[L.CTL_PID], revision=w[L.CTL_REVISION],
                     compact_revision=w[L.CTL_COMPACT_REV], heartbeat_ns=w[L.CTL_HEARTBEAT_NS],
-                    clients=_ready_clients(fd, w))
+                    clients=_ready_clients(fd, w), cluster_id=w[L.CTL_CLUSTER_ID])
         return info
     finally:
         os.close(fd)

@@ -1,152 +1,528 @@
-"""The `shmwatch` command: etcdctl's verbs against a shmwatch broker, plus `serve`.
+"""The `shmwatch` command: etcdctl 3.4's verbs against a shmwatch broker, plus the
+broker's own tools (`serve`, `status`, `ls`, `cleanup`, `top`, `stress`, `bench`).
 
-Output follows etcdctl: the simple format by default, `-w json` for etcdctl's JSON
-(Header, Events, base64 keys and values, zero fields omitted as protobuf JSON does).
+The client commands (`put`, `get`, `del`, `txn`, `compaction`/`compact`, `watch`) take
+etcdctl's flags, print etcdctl's output byte for byte (simple, `-w json`, `--hex`), and
+exit with etcdctl's codes and `Error:` lines; tests/test_cli_etcdctl.py runs the same
+command lines through a real etcdctl and compares. Where shmwatch adds something etcdctl
+lacks (`get -w table`, `status`), it follows etcdctl's style.
 """
 
 from __future__ import annotations
 
-import argparse
-import base64
-import json
 import os
+import signal
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 
+from shm import layout as L
+from shm.errors import ShmError
 from shmwatch import __version__
 from shmwatch.wire import errors
+from shmwatch.wire.ops import DeleteOp, PutOp, RangeOp, op_delete, op_put, resolve_range
+from shmwatch.wire.types import RangeResponse, TxnResponse
 
+from .cli_args import (
+    EXIT_BAD_ARGS,
+    EXIT_BAD_FEATURE,
+    EXIT_ERROR,
+    EXIT_INTERRUPTED,
+    CliError,
+    Flag,
+    go_parse_int,
+    parse_flags,
+    usage,
+)
+from .cli_output import (
+    JSON_WATCH_REFUSED,
+    humanize_bytes,
+    json_bytes,
+    json_del,
+    json_get,
+    json_header,
+    json_put,
+    json_txn,
+    json_watch,
+    simple_del,
+    simple_get,
+    simple_put,
+    simple_txn,
+    simple_watch,
+    table_bytes,
+    table_get,
+)
+from .cli_txn import read_txn
 from .client import connect
 
-
-def _b64(b: bytes) -> str:
-    return base64.b64encode(b).decode()
+# ------------------------------------------------------------------ requests from arguments
 
 
-def _nz(d: dict) -> dict:
-    """Drop zero / empty fields, as Go's protobuf JSON (omitempty) does."""
-    return {k: v for k, v in d.items() if v not in (0, "", None, False, [], {})}
+def arg_bytes(s: str) -> bytes:
+    """A command-line word back as the bytes that were typed (Python decoded argv with
+    surrogateescape): keys and values are bytes, never re-encoded."""
+    return s.encode("utf-8", "surrogateescape")
 
 
-def _kv_json(kv) -> dict:
-    return _nz({"key": _b64(kv.key), "create_revision": kv.create_revision,
-                "mod_revision": kv.mod_revision, "version": kv.version,
-                "value": _b64(kv.value), "lease": kv.lease})
+# etcdctl's --sort-by words -> the KeyValue field they sort on
+SORT_TARGETS = {"CREATE": "create_revision", "KEY": "key", "MODIFY": "mod_revision",
+                "VALUE": "value", "VERSION": "version"}
 
 
-def _header(c, rev: int) -> dict:
-    cid = c._words[11] if c._words is not None else 0
-    return _nz({"cluster_id": cid, "member_id": cid ^ 0x5348_4D57, "revision": rev})
+@dataclass(frozen=True)
+class GetRequest:
+    """A range read as etcdctl asks for it. etcd sorts on the server; the broker does
+    not sort, so a sorted read fetches the whole range (as etcd does internally: sort,
+    then cut to `limit`) and sorts here."""
+
+    op: RangeOp
+    sort_field: str | None = None  # a KeyValue field, or None: key order
+    descend: bool = False
+
+    def wire_op(self) -> RangeOp:
+        """What to ask the broker: for a sorted read, every kv of the range, values too."""
+        if self.sort_field is None:
+            return self.op
+        return self.op._replace(limit=0, keys_only=False)
+
+    def finish(self, r: RangeResponse) -> RangeResponse:
+        """The response etcd would give: sorted (stable: ties keep key order, as Go's
+        sort does for the 12 or fewer items it insertion-sorts), cut to `limit`.
+        O(n log n) in the size of the range."""
+        if self.sort_field is None:
+            return r
+        field = self.sort_field
+        kvs = sorted(r.kvs, key=lambda kv: getattr(kv, field), reverse=self.descend)
+        more = 0 < self.op.limit < len(kvs)
+        if more:
+            kvs = kvs[:self.op.limit]
+        if self.op.keys_only:
+            kvs = [kv._replace(value=b"") for kv in kvs]
+        return RangeResponse(r.revision, kvs, r.count, more)
 
 
-def _print_kv(kv) -> None:
-    sys.stdout.write(kv.key.decode(errors="replace") + "\n")
-    sys.stdout.write(kv.value.decode(errors="replace") + "\n")
-
-
-def _emit(obj) -> None:
-    sys.stdout.write(json.dumps(obj, separators=(",", ":")) + "\n")
-    sys.stdout.flush()
-
-
-def _range_args(a) -> tuple:
-    end = a.range_end.encode() if getattr(a, "range_end", None) else None
-    if getattr(a, "from_key", False):
-        end = b"\0"
-    return end
-
-
-def cmd_put(c, a) -> int:
-    r = c.put(a.key, a.value, prev_kv=a.prev_kv, ignore_value=a.ignore_value)
-    if a.write_out == "json":
-        out = {"header": _header(c, r.revision)}
-        if r.prev_kv:
-            out["prev_kv"] = _kv_json(r.prev_kv)
-        _emit(out)
-    else:
-        print("OK")
-        if r.prev_kv:
-            _print_kv(r.prev_kv)
-    return 0
-
-
-def cmd_get(c, a) -> int:
-    r = c.get(a.key, _range_args(a), prefix=a.prefix, revision=a.rev, limit=a.limit,
-              keys_only=a.keys_only, count_only=a.count_only)
-    if a.write_out == "json":
-        _emit(_nz({"header": _header(c, r.revision), "kvs": [_kv_json(k) for k in r.kvs],
-                   "more": r.more, "count": r.count}))
-    else:
-        for kv in r.kvs:
-            sys.stdout.write(kv.key.decode(errors="replace") + "\n")
-            if not a.keys_only:
-                sys.stdout.write(kv.value.decode(errors="replace") + "\n")
-    return 0
-
-
-def cmd_del(c, a) -> int:
-    r = c.delete(a.key, _range_args(a), prefix=a.prefix, prev_kv=a.prev_kv)
-    if a.write_out == "json":
-        _emit(_nz({"header": _header(c, r.revision), "deleted": r.deleted,
-                   "prev_kvs": [_kv_json(k) for k in r.prev_kvs]}))
-    else:
-        print(r.deleted)
-        for kv in r.prev_kvs:
-            _print_kv(kv)
-    return 0
-
-
-def cmd_compact(c, a) -> int:
-    r = c.compact(a.revision)
-    if a.write_out == "json":
-        _emit({"header": _header(c, r.revision)})
-    else:
-        print(f"compacted revision {a.revision}")
-    return 0
-
-
-def watch_json(c, resp) -> dict:
-    """etcdctl's `watch -w json` shape of one response (clientv3.WatchResponse)."""
-    events = []
-    for e in resp.events:
-        ev = {"kv": _kv_json(e.kv)}
-        if e.type == "DELETE":
-            ev = {"type": 1, **ev}
-        if e.prev_kv is not None:
-            ev["prev_kv"] = _kv_json(e.prev_kv)
-        events.append(ev)
-    return {"Header": _header(c, resp.revision), "Events": events,
-            "CompactRevision": resp.compact_revision, "Canceled": resp.canceled,
-            "Created": resp.created}
-
-
-def cmd_watch(c, a) -> int:
-    w = c.watch(a.key, _range_args(a), prefix=a.prefix, start_revision=a.rev,
-                prev_kv=a.prev_kv, progress_notify=a.progress_notify)
+def build_put(values: dict, args: list[str], read_stdin: Callable[[], bytes]) -> PutOp:
+    """etcdctl's getPutOp: `put KEY VALUE`, or `put KEY` with the value on stdin."""
+    need = "put command needs 1 argument and input from stdin or 2 arguments"
+    if not args:
+        raise CliError(EXIT_BAD_ARGS, need)
+    if values["ignore-value"] and len(args) > 1:
+        raise CliError(EXIT_BAD_ARGS, "put command needs only 1 argument when 'ignore-value' is set")
+    value = b""
+    if not values["ignore-value"]:
+        value = arg_bytes(args[1]) if len(args) > 1 else read_stdin()
+        if len(args) < 2 and not value:
+            raise CliError(EXIT_BAD_ARGS, need)
     try:
-        for resp in w:
-            if resp.created and not resp.canceled:
-                continue
-            if a.write_out == "json":
-                _emit(watch_json(c, resp))
-            if resp.canceled:
-                # etcdctl: the watch's error on stderr, exit code 5 (ExitInterrupted).
-                reason = (errors.CompactedError.default_message if resp.compact_revision
-                          else resp.cancel_reason or "canceled")
-                print(f"watch was canceled ({reason})", file=sys.stderr)
-                return 5
-            if a.write_out == "json":
-                continue
-            if resp.is_progress_notify:
-                print(f"progress notify: {resp.revision}")
-            for e in resp.events:
-                print(e.type)
-                if e.prev_kv is not None:
-                    _print_kv(e.prev_kv)
-                _print_kv(e.kv)
-            sys.stdout.flush()
-    except KeyboardInterrupt:
+        lease = go_parse_int(values["lease"], 16)
+    except ValueError as exc:
+        raise CliError(EXIT_BAD_ARGS, f"bad lease ID ({exc}), expecting ID in Hex") from None
+    if lease:
+        # The broker has no leases (yet): every lease ID is one etcd would not find.
+        raise CliError(EXIT_ERROR, "etcdserver: requested lease not found")
+    return op_put(arg_bytes(args[0]), value, values["prev-kv"], values["ignore-value"])
+
+
+def _range(args: list[str], prefix: bool, from_key: bool) -> tuple[bytes, bytes | None]:
+    """etcdctl's key and range end from `KEY [RANGE_END]`: an empty key with --prefix
+    or --from-key means every key (it becomes "\\0"); an empty range end, one key."""
+    k = arg_bytes(args[0])
+    if prefix:
+        return resolve_range(k, None, True)
+    if from_key:
+        return (k or b"\0"), b"\0"
+    return k, (arg_bytes(args[1]) or None) if len(args) > 1 else None
+
+
+def build_get(values: dict, args: list[str]) -> GetRequest:
+    """etcdctl's getGetOp, checks in its order."""
+    if not args:
+        raise CliError(EXIT_BAD_ARGS,
+                       "get command needs one argument as key and an optional argument as range_end")
+    if values["prefix"] and values["from-key"]:
+        raise CliError(EXIT_BAD_ARGS,
+                       "`--prefix` and `--from-key` cannot be set at the same time, choose one")
+    if values["consistency"] not in ("l", "s"):  # one broker: every read is linearizable
+        raise CliError(EXIT_BAD_FEATURE, f'unknown consistency flag "{values["consistency"]}"')
+    if len(args) > 1 and (values["prefix"] or values["from-key"]):
+        raise CliError(EXIT_BAD_ARGS, "too many arguments, only accept one argument when "
+                       "`--prefix` or `--from-key` is set")
+    order = values["order"].upper()
+    if order not in ("", "ASCEND", "DESCEND"):
+        raise CliError(EXIT_BAD_FEATURE, f"bad sort order {values['order']}")
+    target = values["sort-by"].upper() or "KEY"
+    if target not in SORT_TARGETS:
+        raise CliError(EXIT_BAD_FEATURE, f"bad sort target {values['sort-by']}")
+    key, end = _range(args, values["prefix"], values["from-key"])
+    op = RangeOp(key, end, max(0, values["rev"]), max(0, values["limit"]),
+                 values["keys-only"], values.get("count-only", False))
+    # clientv3 drops ASCEND on KEY (the natural order); etcd sorts any other target
+    # ascending when no order is given.
+    if target == "KEY" and order != "DESCEND":
+        return GetRequest(op)
+    return GetRequest(op, SORT_TARGETS[target], order == "DESCEND")
+
+
+def build_del(values: dict, args: list[str]) -> DeleteOp:
+    """etcdctl's getDelOp."""
+    if not args or len(args) > 2:
+        raise CliError(EXIT_BAD_ARGS,
+                       "del command needs one argument as key and an optional argument as range_end")
+    if values["prefix"] and values["from-key"]:
+        raise CliError(EXIT_BAD_ARGS,
+                       "`--prefix` and `--from-key` cannot be set at the same time, choose one")
+    if len(args) > 1 and (values["prefix"] or values["from-key"]):
+        raise CliError(EXIT_BAD_ARGS, "too many arguments, only accept one argument when "
+                       "`--prefix` or `--from-key` is set")
+    key, end = _range(args, values["prefix"], values["from-key"])
+    return op_delete(key, end, prev_kv=values["prev-kv"])
+
+
+# ------------------------------------------------------------------ flags
+
+GLOBAL_FLAGS = [
+    Flag("name", str, "", "broker name (default: $SHMWATCH_NAME or 'default')"),
+    Flag("write-out", str, "simple", "output format: simple, json, or table (get, status)", "w"),
+    Flag("hex", bool, False, "print keys and values as \\xHH escapes"),
+    Flag("timeout", float, 5.0, "seconds a request may take"),
+]
+PUT_FLAGS = [
+    Flag("prev-kv", bool, False, "return the previous key-value pair before modification"),
+    Flag("ignore-value", bool, False, "updates the key using its current value"),
+    Flag("lease", str, "0", "lease ID (in hexadecimal) to attach to the key"),
+]
+GET_FLAGS = [
+    Flag("consistency", str, "l", "Linearizable(l) or Serializable(s): both read the one broker"),
+    Flag("order", str, "", "Order of results; ASCEND or DESCEND (ASCEND by default)"),
+    Flag("sort-by", str, "", "Sort target; CREATE, KEY, MODIFY, VALUE, or VERSION"),
+    Flag("limit", int, 0, "Maximum number of results"),
+    Flag("prefix", bool, False, "Get keys with matching prefix"),
+    Flag("from-key", bool, False, "Get keys that are greater than or equal to the given key"),
+    Flag("rev", int, 0, "Specify the kv revision"),
+    Flag("keys-only", bool, False, "Get only the keys"),
+    Flag("print-value-only", bool, False, 'Only write values when using the "simple" output format'),
+]
+DEL_FLAGS = [
+    Flag("prefix", bool, False, "delete keys with matching prefix"),
+    Flag("prev-kv", bool, False, "return deleted key-value pairs"),
+    Flag("from-key", bool, False, "delete keys that are greater than or equal to the given key"),
+]
+WATCH_FLAGS = [
+    Flag("prefix", bool, False, "Watch on a prefix if prefix is set"),
+    Flag("rev", int, 0, "Revision to start watching"),
+    Flag("prev-kv", bool, False, "get the previous key-value pair before the event happens"),
+    Flag("from-key", bool, False, "Watch every key >= key (shmwatch only)"),
+    Flag("progress-notify", bool, False, "ask for progress notifications (shmwatch only)"),
+]
+TXN_COMMANDS = {
+    "put": (PUT_FLAGS, lambda values, args: build_put(values, args, lambda: b"")),
+    "get": (GET_FLAGS, build_get),
+    "del": (DEL_FLAGS, build_del),
+}
+
+
+# ------------------------------------------------------------------ client commands
+
+
+class Invocation:
+    """One client command being run: its flags, arguments and output."""
+
+    def __init__(self, values: dict, args: list[str]):
+        self.values = values
+        self.args = args
+        self.fmt: str = values["write-out"]
+        self.hex: bool = values["hex"]
+        self.out = sys.stdout.buffer
+        self.cluster_id = 0
+
+    def write(self, data: bytes) -> None:
+        self.out.write(data)
+        self.out.flush()
+
+
+def _cluster_id(c) -> int:
+    return c._words[L.CTL_CLUSTER_ID] if c._words is not None else 0
+
+
+def run_put(c, inv: Invocation, op: PutOp) -> None:
+    r = c.put(op.key, op.value, prev_kv=op.prev_kv, ignore_value=op.ignore_value)
+    inv.write(json_put(r, inv.cluster_id) if inv.fmt == "json" else simple_put(r, inv.hex))
+
+
+def run_range(c, req: GetRequest) -> RangeResponse:
+    op = req.wire_op()
+    return req.finish(c.get(op.key, op.range_end, revision=op.revision, limit=op.limit,
+                            keys_only=op.keys_only, count_only=op.count_only))
+
+
+def run_get(c, inv: Invocation, req: GetRequest) -> None:
+    r = run_range(c, req)
+    if inv.fmt == "json":
+        inv.write(json_get(r, inv.cluster_id))
+    elif inv.fmt == "table":
+        inv.write(table_get(r, inv.hex))
+    else:
+        inv.write(simple_get(r, inv.hex, inv.values["print-value-only"]))
+
+
+def run_del(c, inv: Invocation, op: DeleteOp) -> None:
+    r = c.delete(op.key, op.range_end, prev_kv=op.prev_kv)
+    inv.write(json_del(r, inv.cluster_id) if inv.fmt == "json" else simple_del(r, inv.hex))
+
+
+def run_txn(c, inv: Invocation, txn) -> None:
+    def wire(ops):
+        return [op.wire_op() if isinstance(op, GetRequest) else op for op in ops]
+
+    r = c.txn(txn.compares, wire(txn.success), wire(txn.failure))
+    ran = txn.success if r.succeeded else txn.failure
+    r = TxnResponse(r.revision, r.succeeded,
+                    [op.finish(sub) if isinstance(op, GetRequest) else sub
+                     for op, sub in zip(ran, r.responses)])
+    inv.write(json_txn(r, inv.cluster_id) if inv.fmt == "json" else simple_txn(r, inv.hex))
+
+
+def run_compaction(c, inv: Invocation, revision: int) -> None:
+    c.compact(revision)  # applied before the reply: --physical changes nothing here
+    inv.write(b"compacted revision %d\n" % revision)  # in every format, as etcdctl
+
+
+def _canceled_reason(resp) -> str:
+    if resp.compact_revision:
+        return errors.CompactedError.default_message
+    return resp.cancel_reason or "canceled"
+
+
+def run_watch(c, inv: Invocation, spec: tuple) -> None:
+    key, end, prefix = spec
+    v = inv.values
+    w = c.watch(key, end, prefix=prefix, start_revision=max(0, v["rev"]), prev_kv=v["prev-kv"],
+                progress_notify=v["progress-notify"])
+    for resp in w:
+        if resp.created and not resp.canceled:
+            continue
+        if resp.canceled:
+            sys.stderr.write(f"watch was canceled ({_canceled_reason(resp)})\n")
+            if inv.fmt == "json":
+                inv.write(JSON_WATCH_REFUSED if resp.created else json_watch(resp, inv.cluster_id))
+            break
+        if resp.is_progress_notify:
+            inv.write(b"progress notify: %d\n" % resp.revision)
+        inv.write(json_watch(resp, inv.cluster_id) if inv.fmt == "json"
+                  else simple_watch(resp, inv.hex))
+    raise CliError(EXIT_INTERRUPTED, "watch is canceled by the server")
+
+
+@dataclass(frozen=True)
+class ClientCommand:
+    synopsis: str
+    summary: str
+    flags: list[Flag]
+    formats: tuple[str, ...]
+    prepare: Callable[[Invocation], object]  # arguments -> request (etcdctl's checks)
+    run: Callable[..., None]  # (client, invocation, request)
+
+
+def _prepare_put(inv: Invocation) -> PutOp:
+    return build_put(inv.values, inv.args, lambda: sys.stdin.buffer.read())
+
+
+def _prepare_get(inv: Invocation) -> GetRequest:
+    req = build_get(inv.values, inv.args)
+    if inv.values["print-value-only"] and inv.fmt != "simple":
+        raise CliError(EXIT_BAD_ARGS, "print-value-only is only for `--write-out=simple`")
+    return req
+
+
+def _prepare_del(inv: Invocation) -> DeleteOp:
+    return build_del(inv.values, inv.args)
+
+
+def _prepare_txn(inv: Invocation):
+    if inv.args:
+        raise CliError(EXIT_BAD_ARGS, "txn command does not accept argument")
+
+    def prompt(text: str) -> None:
+        inv.write(text.encode() + b"\n")
+
+    return read_txn(sys.stdin.buffer.readline, TXN_COMMANDS,
+                    prompt if inv.values["interactive"] else None)
+
+
+def _prepare_compaction(inv: Invocation) -> int:
+    if len(inv.args) != 1:
+        raise CliError(EXIT_BAD_ARGS, "compaction command needs 1 argument")
+    try:
+        return go_parse_int(inv.args[0], 10)
+    except ValueError as exc:
+        raise CliError(EXIT_ERROR, str(exc)) from None
+
+
+def _prepare_watch(inv: Invocation) -> tuple:
+    args, v = inv.args, inv.values
+    if not args:
+        raise CliError(EXIT_BAD_ARGS, "bad number of arguments")
+    if len(args) == 2 and v["prefix"]:
+        raise CliError(EXIT_BAD_ARGS, "`range_end` and `--prefix` are mutually exclusive")
+    key = arg_bytes(args[0])
+    end = arg_bytes(args[1]) if len(args) == 2 else None
+    if v["from-key"]:
+        end = b"\0"
+    return key, end, v["prefix"]
+
+
+CLIENT_COMMANDS: dict[str, ClientCommand] = {
+    "put": ClientCommand("put [options] <key> [value] (the value is read from stdin if not given)",
+                         "Puts the given key into the store", PUT_FLAGS, ("simple", "json"),
+                         _prepare_put, run_put),
+    "get": ClientCommand("get [options] <key> [range_end]", "Gets the key or a range of keys",
+                         GET_FLAGS + [Flag("count-only", bool, False, "Get only the count")],
+                         ("simple", "json", "table"), _prepare_get, run_get),
+    "del": ClientCommand("del [options] <key> [range_end]",
+                         "Removes the specified key or range of keys [key, range_end)",
+                         DEL_FLAGS, ("simple", "json"), _prepare_del, run_del),
+    "txn": ClientCommand("txn [options] < compares, success and failure requests",
+                         "Txn processes all the requests in one transaction",
+                         [Flag("interactive", bool, False, "Input transaction in interactive mode", "i")],
+                         ("simple", "json"), _prepare_txn, run_txn),
+    "compaction": ClientCommand("compaction [options] <revision>",
+                                "Compacts the event history (also: compact)",
+                                [Flag("physical", bool, False,
+                                      "accepted; compaction is always complete when it returns")],
+                                ("simple", "json", "table"), _prepare_compaction, run_compaction),
+    "watch": ClientCommand("watch [options] <key> [range_end]",
+                           "Watches events stream on keys or prefixes",
+                           WATCH_FLAGS,
+                           ("simple", "json"), _prepare_watch, run_watch),
+}
+CLIENT_COMMANDS["compact"] = CLIENT_COMMANDS["compaction"]
+OUTPUT_FORMATS = ("simple", "json", "table", "fields", "protobuf")  # what etcdctl's -w knows
+
+
+def _flags_for(name: str) -> list[Flag]:
+    return GLOBAL_FLAGS + CLIENT_COMMANDS[name].flags
+
+
+def _check_format(fmt: str, formats: tuple[str, ...]) -> None:
+    if fmt not in OUTPUT_FORMATS:
+        raise CliError(EXIT_BAD_FEATURE, "unsupported output format")
+    if fmt not in formats:
+        raise CliError(EXIT_BAD_FEATURE, f"{fmt} not supported as output format")
+
+
+def run_client_command(name: str, argv: list[str]) -> int:
+    """Parse, check, connect, request, print: etcdctl's order of checks, except that a
+    format a command cannot print is refused before anything is sent (etcdctl applies a
+    `put -w table` and then fails to print it)."""
+    cmd = CLIENT_COMMANDS[name]
+    if name == "watch" and "--" in argv:
+        raise CliError(EXIT_BAD_ARGS, "shmwatch watch runs no command per event (etcdctl's `-- command`)")
+    text = usage(name, cmd.synopsis, cmd.summary, _flags_for(name))
+    try:
+        values, args, want_help = parse_flags(_flags_for(name), argv)
+    except CliError:
+        sys.stdout.write(text)  # with the error, as cobra does
+        raise
+    if want_help:
+        sys.stdout.write(text)
         return 0
+    inv = Invocation(values, args)
+    request = cmd.prepare(inv)
+    _check_format(inv.fmt, cmd.formats)
+    broker_name = values["name"] or os.environ.get("SHMWATCH_NAME") or "default"
+    with connect(broker_name, timeout=values["timeout"]) as c:
+        inv.cluster_id = _cluster_id(c)
+        cmd.run(c, inv, request)
     return 0
+
+
+# ------------------------------------------------------------------ status
+
+
+def _shm_bytes(name: str) -> int:
+    """Bytes of /dev/shm that broker `name`'s segments hold (its "db size")."""
+    prefix = f"shmwatch.{name}."
+    total = 0
+    for entry in os.listdir("/dev/shm"):
+        if entry.startswith(prefix):
+            try:
+                total += os.stat(os.path.join("/dev/shm", entry)).st_size
+            except FileNotFoundError:
+                pass
+    return total
+
+
+STATUS_HEADER = ["name", "pid", "version", "revision", "compact revision", "log fill",
+                 "clients", "watchers", "db size"]
+
+
+def broker_status(name: str) -> dict:
+    """etcdctl `endpoint status`'s Status for a broker, read from its control segment and
+    published stats: no request reaches the broker."""
+    from broker.admin import broker_info, read_stats
+
+    info = broker_info(name)
+    if info["state"] != "alive":
+        why = "is not running" if info["state"] == "absent" else f"is {info['state']}"
+        raise CliError(EXIT_ERROR, f"shmwatch: broker {name!r} {why}"
+                       + (f" ({info['error']})" if "error" in info else ""))
+    if "error" in info:
+        raise CliError(EXIT_ERROR, f"shmwatch: broker {name!r}: {info['error']}")
+    try:
+        stats = read_stats(name)
+    except (ShmError, TimeoutError) as exc:  # a broker still starting, or just gone
+        raise CliError(EXIT_ERROR, f"shmwatch: broker {name!r} has no stats to read ({exc})") from None
+    log = stats["log"]
+    return {"name": name, "pid": info["pid"], "version": __version__,
+            "cluster_id": info["cluster_id"],
+            "revision": info["revision"], "compact_revision": info["compact_revision"],
+            "log_used": log["used"], "log_capacity": log["capacity"],
+            "log_revisions": log["count"], "clients": info["clients"],
+            "watchers": stats["watchers"]["total"], "db_size": _shm_bytes(name)}
+
+
+def status_row(s: dict) -> list[str]:
+    fill = f"{humanize_bytes(s['log_used'])} / {humanize_bytes(s['log_capacity'])}"
+    return [s["name"], str(s["pid"]), s["version"], str(s["revision"]),
+            str(s["compact_revision"]), fill, str(s["clients"]), str(s["watchers"]),
+            humanize_bytes(s["db_size"])]
+
+
+def status_json(s: dict) -> list:
+    """etcdctl's `endpoint status -w json` shape: one {"Endpoint", "Status"} per broker,
+    camelCase fields, zero fields omitted."""
+    fields = {"header": json_header(s["cluster_id"], s["revision"]), "version": s["version"],
+              "dbSize": s["db_size"], "pid": s["pid"], "compactRevision": s["compact_revision"],
+              "logUsed": s["log_used"], "logCapacity": s["log_capacity"],
+              "logRevisions": s["log_revisions"], "clients": s["clients"],
+              "watchers": s["watchers"]}
+    return [{"Endpoint": s["name"],
+             "Status": {k: v for k, v in fields.items() if v not in (0, "", {})}}]
+
+
+def cmd_status(argv: list[str]) -> int:
+    flags = [GLOBAL_FLAGS[0], GLOBAL_FLAGS[1]]
+    values, args, want_help = parse_flags(flags, argv)
+    if want_help:
+        sys.stdout.write(usage("status", "status [--name NAME] [-w simple|json|table]",
+                               "Prints a broker's status (etcdctl endpoint status)", flags))
+        return 0
+    if args:
+        raise CliError(EXIT_BAD_ARGS, "status command takes no argument")
+    _check_format(values["write-out"], ("simple", "json", "table"))
+    s = broker_status(values["name"] or os.environ.get("SHMWATCH_NAME") or "default")
+    fmt = values["write-out"]
+    if fmt == "json":
+        data = json_bytes(status_json(s))
+    elif fmt == "table":
+        data = table_bytes(STATUS_HEADER, [status_row(s)])
+    else:
+        data = (", ".join(status_row(s)) + "\n").encode()
+    sys.stdout.buffer.write(data)
+    return 0
+
+
+# ------------------------------------------------------------------ broker tools
 
 
 def cmd_serve(a) -> int:
@@ -181,7 +557,7 @@ def cmd_ls(a) -> int:
 
     rows = list_brokers()
     if a.write_out == "json":
-        _emit(rows)
+        sys.stdout.buffer.write(json_bytes(rows))
         return 0
     if not rows:
         print("no brokers")
@@ -192,55 +568,24 @@ def cmd_ls(a) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser():
+    """The parser of the broker tools; it also lists the client commands for --help
+    (those parse their own flags, as etcdctl does: see run_client_command)."""
+    import argparse
+
     from broker.__main__ import add_broker_options
 
     p = argparse.ArgumentParser(prog="shmwatch", description="etcd v3 watch over shared memory")
     p.add_argument("--version", action="version", version=f"shmwatch {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    def client_cmd(name: str, help_: str) -> argparse.ArgumentParser:
-        sp = sub.add_parser(name, help=help_)
-        sp.add_argument("--name", default=os.environ.get("SHMWATCH_NAME", "default"),
-                        help="broker name (default: $SHMWATCH_NAME or 'default')")
-        sp.add_argument("-w", "--write-out", choices=("simple", "json"), default="simple")
-        sp.add_argument("--timeout", type=float, default=5.0)
-        return sp
-
     s = sub.add_parser("serve", help="run a broker (in the foreground unless --detach)")
     add_broker_options(s)
 
-    sp = client_cmd("put", "put a key")
-    sp.add_argument("key")
-    sp.add_argument("value", nargs="?", default="")
-    sp.add_argument("--prev-kv", action="store_true")
-    sp.add_argument("--ignore-value", action="store_true")
-
-    for verb, help_ in (("get", "read keys"), ("del", "delete keys")):
-        sp = client_cmd(verb, help_)
-        sp.add_argument("key")
-        sp.add_argument("range_end", nargs="?")
-        sp.add_argument("--prefix", action="store_true")
-        sp.add_argument("--from-key", action="store_true")
-        if verb == "get":
-            sp.add_argument("--rev", type=int, default=0)
-            sp.add_argument("--limit", type=int, default=0)
-            sp.add_argument("--keys-only", action="store_true")
-            sp.add_argument("--count-only", action="store_true")
-        else:
-            sp.add_argument("--prev-kv", action="store_true")
-
-    sp = client_cmd("watch", "watch a key, range or prefix")
-    sp.add_argument("key")
-    sp.add_argument("range_end", nargs="?")
-    sp.add_argument("--prefix", action="store_true")
-    sp.add_argument("--from-key", action="store_true")
-    sp.add_argument("--rev", type=int, default=0)
-    sp.add_argument("--prev-kv", action="store_true")
-    sp.add_argument("--progress-notify", action="store_true")
-
-    sp = client_cmd("compact", "compact the history")
-    sp.add_argument("revision", type=int)
+    for name, cmd in CLIENT_COMMANDS.items():
+        if name != "compact":
+            sub.add_parser(name, help=cmd.summary, add_help=False)
+    sub.add_parser("status", help="a broker's status, from its published stats", add_help=False)
 
     sp = sub.add_parser("cleanup", help="remove what dead brokers left in /dev/shm")
     sp.add_argument("--name", default=None, help="only this broker's leftovers")
@@ -265,8 +610,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 TOOLS = {"stress": "shmwatch.tools.stress", "top": "shmwatch.tools.top", "bench": "shmwatch.tools.bench"}
 
-CLIENT_COMMANDS = {"put": cmd_put, "get": cmd_get, "del": cmd_del, "watch": cmd_watch,
-                   "compact": cmd_compact}
+
+def _die_of_sigint() -> None:
+    """End as etcdctl does on Ctrl-C: killed by SIGINT (exit status 130 in a shell),
+    after everything printed so far is out."""
+    sys.stdout.flush()
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGINT)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -275,21 +625,32 @@ def main(argv: list[str] | None = None) -> int:
         import importlib
 
         return importlib.import_module(TOOLS[argv[0]]).main(argv[1:])
+    if argv and (argv[0] in CLIENT_COMMANDS or argv[0] == "status"):
+        # A closed pipe ends us as it ends etcdctl (`shmwatch get ... | head`).
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+        try:
+            if argv[0] == "status":
+                return cmd_status(argv[1:])
+            return run_client_command(argv[0], argv[1:])
+        except CliError as exc:
+            sys.stdout.flush()
+            sys.stderr.write(f"Error: {exc.message}\n")
+            return exc.code
+        except errors.ShmwatchError as exc:
+            sys.stdout.flush()
+            sys.stderr.write(f"Error: {exc}\n")
+            return EXIT_ERROR
+        except KeyboardInterrupt:
+            _die_of_sigint()
+            raise
     a = build_parser().parse_args(argv)
     if a.cmd == "serve":
         return cmd_serve(a)
     if a.cmd == "cleanup":
         return cmd_cleanup(a)
-    if a.cmd == "ls":
-        return cmd_ls(a)
     if a.cmd == "repair":
         return cmd_repair(a)
-    try:
-        with connect(a.name, timeout=a.timeout) as c:
-            return CLIENT_COMMANDS[a.cmd](c, a)
-    except errors.ShmwatchError as exc:
-        print(f"Error: {exc}", file=sys.stderr)
-        return 1
+    return cmd_ls(a)
 
 
 if __name__ == "__main__":

@@ -132,9 +132,10 @@ def _ready(port: int) -> bool:
 
 
 def start_etcd(binary: str, startup_timeout: float = 15.0,
-               extra_args: tuple[str, ...] = ()) -> EtcdServer:
+               extra_args: tuple[str, ...] = (), name: str = "diff") -> EtcdServer:
     """Start one fresh single-member etcd on loopback; retry on a lost port race.
-    `extra_args` are added to etcd's command line (e.g. --max-request-bytes)."""
+    `extra_args` are added to etcd's command line (e.g. --max-request-bytes); `name` is
+    the member's name (member list shows it)."""
     last = ""
     for _attempt in range(3):
         data_dir = tempfile.mkdtemp(prefix="shmwatch-etcd-")
@@ -146,13 +147,13 @@ def start_etcd(binary: str, startup_timeout: float = 15.0,
         log_path = os.path.join(data_dir, "etcd.log")
         args = [
             binary,
-            "--name", "diff",
+            "--name", name,
             "--data-dir", os.path.join(data_dir, "data"),
             "--listen-client-urls", client_url,
             "--advertise-client-urls", client_url,
             "--listen-peer-urls", peer_url,
             "--initial-advertise-peer-urls", peer_url,
-            "--initial-cluster", f"diff={peer_url}",
+            "--initial-cluster", f"{name}={peer_url}",
             "--initial-cluster-state", "new",
             # a single member elects itself after one tick: a short tick starts it fast
             "--heartbeat-interval", "10",

@@ -23,6 +23,7 @@ import pytest
 import broker
 import clientlib
 from broker.admin import cleanup_stale, read_stats
+from clientlib.cli_output import humanize_bytes
 from tests.mp_workers import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,7 +101,8 @@ def test_put_get_del_compact_simple(broker_proc):
     assert run("get", *n, "foo").stdout == "foo\nbaz\n"
     assert run("get", *n, "fo", "--prefix").stdout == "foo\nbaz\nfop\n1\n"
     assert run("get", *n, "foo", "fop").stdout == "foo\nbaz\n"  # [foo, fop)
-    assert run("get", *n, "fo", "--from-key", "--keys-only").stdout == "foo\nfop\n"
+    # --keys-only: each key, then the (empty) value line, as etcdctl prints it
+    assert run("get", *n, "fo", "--from-key", "--keys-only").stdout == "foo\n\nfop\n\n"
     assert run("get", *n, "foo", "--rev", "2").stdout == "foo\nbar\n"
     assert run("get", *n, "nothing").stdout == ""
     assert run("del", *n, "foo").stdout == "1\n"
@@ -130,8 +132,8 @@ def test_put_get_del_compact_json(broker_proc):
     out = json.loads(run("del", *n, "foo", "--prev-kv").stdout)
     assert out["header"]["revision"] == 4 and out["deleted"] == 1
     assert out["prev_kvs"][0]["value"] == b64("baz")
-    out = json.loads(run("compact", *n, "4").stdout)
-    assert out["header"]["revision"] == 4
+    # etcdctl's compaction prints its line whatever -w says
+    assert run("compact", *n, "4").stdout == "compacted revision 4\n"
 
 
 @pytest.mark.timeout(60)
@@ -155,8 +157,8 @@ def test_watch_simple_live_and_from_rev_1(broker_proc):
             assert live.take(5) == ["PUT", "wk", "v3", "wk", "v4"]  # prev_kv, then kv
             assert hist.take(6) == ["PUT", "wk", "v3", "PUT", "wk", "v4"]
             for w in (hist, live):
-                w.proc.send_signal(signal.SIGINT)  # ^C: etcdctl ends quietly
-                assert w.proc.wait(20) == 0, w.stderr()
+                w.proc.send_signal(signal.SIGINT)  # ^C: killed by SIGINT, as etcdctl is
+                assert w.proc.wait(20) == -signal.SIGINT, w.stderr()
         finally:
             hist.close()
             live.close()
@@ -201,7 +203,8 @@ def test_watch_json_from_rev_1_then_terminated(broker_proc):
 
 def test_watch_refused_and_no_broker_errors(broker_proc):
     p = run("watch", "--name", broker_proc.name, "b", "a", rc=5)  # etcdctl: ExitInterrupted
-    assert p.stderr.startswith("watch was canceled (mvcc: watcher range is empty)\n")
+    assert p.stderr == ("watch was canceled (mvcc: watcher range is empty)\n"
+                        "Error: watch is canceled by the server\n")
     p = run("put", "--name", "nosuchbroker-" + os.urandom(4).hex(), "k", "v", rc=1)
     assert p.stderr.startswith("Error: shmwatch: no broker named")
 
@@ -318,3 +321,97 @@ def test_cleanup_never_removes_a_starting_broker():
                 if b is not None:
                     b.stop()
         assert not shm_entries(name)
+
+
+def test_get_table(broker_proc):
+    """`get -w table` (etcdctl 3.4 has none): etcdctl's table style, long cells wrapped
+    at spaces, keys and values raw (or \\xHH with --hex)."""
+    with clientlib.connect(broker_proc.name, timeout=10) as c:
+        c.put("a", "1")
+        c.put("key with spaces", "the quick brown fox jumps over the lazy dog, again and again")
+        c.put("a", "22")
+    n = ["--name", broker_proc.name, "-w", "table"]
+    assert run("get", *n, "", "--from-key").stdout == """\
++-----------------+--------------------------------+-----------------+--------------+---------+-------+
+|       KEY       |             VALUE              | CREATE REVISION | MOD REVISION | VERSION | LEASE |
++-----------------+--------------------------------+-----------------+--------------+---------+-------+
+|               a |                             22 |               2 |            4 |       2 |     0 |
+| key with spaces | the quick brown fox jumps over |               3 |            3 |       1 |     0 |
+|                 |  the lazy dog, again and again |                 |              |         |       |
++-----------------+--------------------------------+-----------------+--------------+---------+-------+
+"""
+    assert run("get", *n, "a", "--hex", "--keys-only").stdout == """\
++------+-------+-----------------+--------------+---------+-------+
+| KEY  | VALUE | CREATE REVISION | MOD REVISION | VERSION | LEASE |
++------+-------+-----------------+--------------+---------+-------+
+| \\x61 |       |               2 |            4 |       2 |     0 |
++------+-------+-----------------+--------------+---------+-------+
+"""
+    assert run("get", *n, "nothing").stdout.count("\n") == 4  # rule, header, rule, rule
+    p = run("get", *n, "a", "--print-value-only", rc=128)
+    assert p.stderr == "Error: print-value-only is only for `--write-out=simple`\n"
+
+
+def test_status(broker_proc):
+    """`status` (etcdctl endpoint status): from the control segment and the published
+    stats, in simple (one comma-separated line), json and table form."""
+    name = broker_proc.name
+    with clientlib.connect(name, timeout=10) as c:
+        for i in range(3):
+            c.put(f"k{i}", "v" * 100)
+        c.compact(3)
+        w = c.watch("k", prefix=True)
+        w.get(10)
+        # compact(3) leaves revisions 3 and 4 in the log
+        wait_for(lambda: read_stats(name)["watchers"]["total"] == 1
+                 and read_stats(name)["log"]["count"] == 2, 20, "the stats to show the watch")
+        stats = read_stats(name)
+        shm = sum(os.stat(f"/dev/shm/{e}").st_size for e in shm_entries(name)
+                  if not e.startswith("sem."))
+        out = json.loads(run("status", "--name", name, "-w", "json").stdout)
+        assert out == [{"Endpoint": name, "Status": {
+            "header": {"cluster_id": c._words[11], "member_id": c._words[11] ^ 0x53484D57,
+                       "revision": 4},
+            "version": clientlib.__version__, "dbSize": shm, "pid": broker_proc.pid, "compactRevision": 3,
+            "logUsed": stats["log"]["used"], "logCapacity": stats["log"]["capacity"],
+            "logRevisions": 2, "clients": 1, "watchers": 1}}]
+        fill = f"{humanize_bytes(stats['log']['used'])} / {humanize_bytes(stats['log']['capacity'])}"
+        row = [name, str(broker_proc.pid), clientlib.__version__, "4", "3", fill, "1", "1",
+               humanize_bytes(shm)]
+        assert run("status", "--name", name).stdout == ", ".join(row) + "\n"
+        table = run("status", "--name", name, "-w", "table").stdout.splitlines()
+        assert [c.strip() for c in table[1].strip("|").split("|")] == [
+            "NAME", "PID", "VERSION", "REVISION", "COMPACT REVISION", "LOG FILL", "CLIENTS",
+            "WATCHERS", "DB SIZE"]
+        assert [c.strip() for c in table[3].strip("|").split("|")] == row
+        assert len(table) == 5 and table[0] == table[2] == table[4]
+        w.cancel()
+    p = run("status", "--name", "nosuchbroker-" + os.urandom(4).hex(), rc=1)
+    assert p.stderr.startswith("Error: shmwatch: broker 'nosuchbroker-") and "is not running" in p.stderr
+    assert run("status", "--name", name, "-w", "fields", rc=4).stderr == \
+        "Error: fields not supported as output format\n"
+    assert run("status", "--name", name, "extra", rc=128).stderr == \
+        "Error: status command takes no argument\n"
+
+
+def test_refusals_that_send_nothing(broker_proc):
+    """A format a command cannot print, or a bad argument, is refused before anything
+    reaches the broker (etcdctl applies a `put -w table` and then fails to print it;
+    its `watch -w table` waits for the first event to fail)."""
+    n = ["--name", broker_proc.name]
+    p = run("put", *n, "k", "v", "-w", "table", rc=4)
+    assert p.stderr == "Error: table not supported as output format\n"
+    assert run("watch", *n, "k", "-w", "table", rc=4).stdout == ""
+    assert run("watch", *n, "k", "--", "echo", rc=128).stderr.startswith("Error: shmwatch watch runs")
+    assert run("get", *n, "k").stdout == ""
+    with clientlib.connect(broker_proc.name, timeout=10) as c:
+        assert c.get("k").revision == 1  # nothing was ever written
+
+
+def test_help_lists_flags():
+    out = run("get", "--help").stdout
+    assert out.startswith("get - Gets the key or a range of keys\n")
+    for flag in ("--sort-by", "--order", "--print-value-only", "--hex", "--consistency",
+                 "--keys-only", "--count-only", "-w, --write-out"):
+        assert flag in out
+    assert "status" in run("--help").stdout
