@@ -285,7 +285,7 @@ def global_cleanup_scenario() -> None:
         with clientlib.connect(live.name, timeout=10) as lc:
             assert lc.watch("x").get(10).created
             before = {"dead": shm_entries(dead.name), "live": shm_entries(live.name)}
-            r = subprocess.run([sys.executable, "-m", "clientlib.cli", "cleanup"],
+            r = subprocess.run([sys.executable, "-m", "shmwatch.tools.cli", "cleanup"],
                                check=False, capture_output=True, text=True, timeout=60)
             after = {"dead": shm_entries(dead.name), "live": shm_entries(live.name)}
             rev = lc.put("x", "1").revision

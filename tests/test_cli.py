@@ -1,4 +1,4 @@
-"""The `shmwatch` command (clientlib/cli.py) as a user runs it, against a spawned broker.
+"""The `shmwatch` command (tools/cli/) as a user runs it, against a spawned broker.
 
 Output shapes follow etcdctl 3.4: `put` prints OK; `get` prints key and value lines;
 `del` prints the count; `watch` prints event type, key and value lines; `-w json` is
@@ -23,7 +23,7 @@ import pytest
 import broker
 import clientlib
 from broker.admin import cleanup_stale, read_stats
-from clientlib.cli_output import humanize_bytes
+from shmwatch.tools.cli.output import humanize_bytes
 from tests.mp_workers import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,7 +40,7 @@ def shm_entries(name: str) -> set[str]:
 
 
 def run(*args: str, rc: int = 0) -> subprocess.CompletedProcess:
-    p = subprocess.run([sys.executable, "-m", "clientlib.cli", *args], capture_output=True,
+    p = subprocess.run([sys.executable, "-m", "shmwatch.tools.cli", *args], capture_output=True,
                        text=True, timeout=60, cwd=ROOT, env=ENV, check=False)
     assert p.returncode == rc, f"shmwatch {' '.join(args)}: exit {p.returncode}\n" \
         f"stdout: {p.stdout}\nstderr: {p.stderr}"
@@ -51,7 +51,7 @@ class Lines:
     """A long-running `shmwatch` subprocess whose stdout lines are read with a timeout."""
 
     def __init__(self, *args: str):
-        self.proc = subprocess.Popen([sys.executable, "-m", "clientlib.cli", *args],
+        self.proc = subprocess.Popen([sys.executable, "-m", "shmwatch.tools.cli", *args],
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      text=True, cwd=ROOT, env=ENV)
         self.q: queue.Queue = queue.Queue()
@@ -267,7 +267,7 @@ def compacted_history(c) -> None:
 def test_watch_of_a_compacted_revision_json(broker_proc):
     with clientlib.connect(broker_proc.name, timeout=10) as c:
         compacted_history(c)
-    p = subprocess.run([sys.executable, "-m", "clientlib.cli", "watch", "--name",
+    p = subprocess.run([sys.executable, "-m", "shmwatch.tools.cli", "watch", "--name",
                         broker_proc.name, "-w", "json", "ck", "--rev", "1"],
                        capture_output=True, text=True, timeout=60, cwd=ROOT, env=ENV,
                        check=False)
@@ -285,7 +285,7 @@ def test_watch_of_a_compacted_revision_fails_with_etcds_message(broker_proc):
         compacted_history(c)
     want = "watch was canceled (etcdserver: mvcc: required revision has been compacted)"
     for fmt in ("simple", "json"):
-        p = subprocess.run([sys.executable, "-m", "clientlib.cli", "watch", "--name",
+        p = subprocess.run([sys.executable, "-m", "shmwatch.tools.cli", "watch", "--name",
                             broker_proc.name, "-w", fmt, "ck", "--rev", "1"],
                            capture_output=True, text=True, timeout=60, cwd=ROOT, env=ENV,
                            check=False)

@@ -3,7 +3,7 @@
 Each test starts a fresh etcd (tests/etcd_support.py) and a fresh broker, so both
 stores count revisions from 1, then runs every command line twice: through
 `ETCDCTL_API=3 etcdctl --endpoints http://127.0.0.1:PORT ...` and through
-`python -m clientlib.cli ...` (the broker picked by $SHMWATCH_NAME), and requires the
+`python -m shmwatch.tools.cli ...` (the broker picked by $SHMWATCH_NAME), and requires the
 same stdout bytes, the same `Error:` / `watch was canceled` lines on stderr and the same
 exit code. JSON lines are compared as bytes after dropping the header fields that name
 the cluster (`cluster_id`, `member_id`, `raft_term`: a broker is not a raft member).
@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 import broker
-from clientlib.cli_output import humanize_bytes, render_table
+from shmwatch.tools.cli.output import humanize_bytes, render_table
 from tests.etcd_support import EtcdServer, etcd_binary, start_etcd
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,7 +72,7 @@ class Pair:
     def __init__(self, etcd: EtcdServer, broker_name: str, etcdctl: str):
         self.etcd = etcd
         self.etcdctl_argv: list[Arg] = [etcdctl, "--endpoints", etcd.url]
-        self.shmwatch_argv: list[Arg] = [sys.executable, "-m", "clientlib.cli"]
+        self.shmwatch_argv: list[Arg] = [sys.executable, "-m", "shmwatch.tools.cli"]
         self.etcd_env = {**os.environ, "ETCDCTL_API": "3"}
         self.shm_env = {**os.environ, "PYTHONPATH": str(ROOT), "SHMWATCH_NAME": broker_name}
 

@@ -1,4 +1,4 @@
-"""The CLI's pure parts (clientlib/cli_args.py, cli_txn.py, cli_output.py) without a
+"""The CLI's pure parts (tools/cli/args.py, txn.py, output.py) without a
 broker or an etcd: Go's number and string syntax, pflag's parsing, the txn grammar.
 The expected values are Go's and etcdctl's (the same cases run against a real etcdctl
 in tests/test_cli_etcdctl.py where etcdctl can show them)."""
@@ -9,9 +9,9 @@ import io
 
 import pytest
 
-from clientlib.cli_args import EXIT_ERROR, EXIT_INVALID_INPUT, CliError, Flag, go_parse_int, parse_flags
-from clientlib.cli_output import humanize_bytes, render_table
-from clientlib.cli_txn import argify, go_quote, parse_compare, read_txn
+from shmwatch.tools.cli.args import EXIT_ERROR, EXIT_INVALID_INPUT, CliError, Flag, go_parse_int, parse_flags
+from shmwatch.tools.cli.output import humanize_bytes, render_table
+from shmwatch.tools.cli.txn import argify, go_quote, parse_compare, read_txn
 from shmwatch.wire.ops import Compare
 
 

@@ -307,7 +307,7 @@ def test_corrupt_wal_refuses_the_start(tmp_path, damage):
         assert f"WAL {wal} is not a shmwatch WAL" in line, line
     else:
         assert f"WAL {wal} is corrupt at offset {offset}:" in line, line
-    cli = (sys.executable, "-m", "clientlib.cli", "serve")
+    cli = (sys.executable, "-m", "shmwatch.tools.cli", "serve")
     # The same reason, after the command's own name.
     assert start_refused(name, data, *cli).split(": error: ")[1] == line.split(": error: ")[1]
     assert dir_bytes(data) == before
@@ -407,7 +407,7 @@ def test_restart_with_a_smaller_log_replays_an_explicit_compaction_it_wrapped_pa
 
 
 def shmwatch(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "clientlib.cli", *args], check=False,
+    return subprocess.run([sys.executable, "-m", "shmwatch.tools.cli", *args], check=False,
                           capture_output=True, text=True, timeout=60)
 
 

@@ -357,7 +357,7 @@ def test_unpublished_and_partial_requests_of_an_abandoned_client_are_never_appli
 
 
 def _cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "clientlib.cli", *args],
+    return subprocess.run([sys.executable, "-m", "shmwatch.tools.cli", *args],
                           check=False, capture_output=True, text=True, timeout=timeout)
 
 

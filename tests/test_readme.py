@@ -45,7 +45,7 @@ def _shims(tmp_path) -> str:
     interpreter (the installed `shmwatch` may belong to another checkout)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    for tool, line in (("shmwatch", f'exec "{sys.executable}" -m clientlib.cli "$@"'),
+    for tool, line in (("shmwatch", f'exec "{sys.executable}" -m shmwatch.tools.cli "$@"'),
                        ("python3", f'exec "{sys.executable}" "$@"')):
         path = bin_dir / tool
         path.write_text(f"#!/bin/sh\n{line}\n")

@@ -33,7 +33,7 @@ MiB, KiB = 1 << 20, 1 << 10
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 ENV.pop(sizing.BUDGET_ENV, None)
 CLI = {"python -m broker": [sys.executable, "-m", "broker"],
-       "shmwatch serve": [sys.executable, "-m", "clientlib.cli", "serve"]}
+       "shmwatch serve": [sys.executable, "-m", "shmwatch.tools.cli", "serve"]}
 ERROR_LINE = re.compile(r"^(python -m broker|shmwatch serve): error: \S.*\n$")
 
 
@@ -245,7 +245,7 @@ def test_serve_detach_returns_once_ready_and_leaves_the_broker_running():
 
 
 def test_version():
-    r = subprocess.run([sys.executable, "-m", "clientlib.cli", "--version"], env=ENV,
+    r = subprocess.run([sys.executable, "-m", "shmwatch.tools.cli", "--version"], env=ENV,
                        capture_output=True, text=True, timeout=60, check=False)
     assert r.returncode == 0 and r.stdout == f"shmwatch {clientlib.__version__}\n"
     assert re.fullmatch(r"\d+\.\d+\.\d+", clientlib.__version__)
@@ -261,7 +261,7 @@ import os, signal, subprocess, sys, time
 from broker.admin import broker_info
 st = os.statvfs("/dev/shm")
 print("free", st.f_bavail * st.f_frsize)
-cli = [sys.executable, "-m", "clientlib.cli"]
+cli = [sys.executable, "-m", "shmwatch.tools.cli"]
 stress = subprocess.run([*cli, "stress", "--duration", "3", "--quiet"], capture_output=True,
                         text=True)
 print("stress", stress.returncode, "PASSED" in stress.stdout)

@@ -7,7 +7,7 @@ arguments; `--flag=value` and `--flag value` both work; a boolean flag takes an 
 pflag's own text. Every failure here is a `CliError` carrying etcdctl's exit code, so a
 script written against etcdctl sees the same codes and `Error:` lines from shmwatch.
 
-This module is pure: no I/O, no client. The txn grammar (`clientlib.cli_txn`) parses its
+This module is pure: no I/O, no client. The txn grammar (`txn.py` here) parses its
 `put`/`get`/`del` lines with the same flag tables as the commands themselves.
 """
 

@@ -40,7 +40,7 @@ from shmwatch.wire.ops import (
     compare_version,
 )
 
-from .cli_args import EXIT_INVALID_INPUT, CliError, Flag, go_parse_int, parse_flags
+from .args import EXIT_INVALID_INPUT, CliError, Flag, go_parse_int, parse_flags
 
 # ------------------------------------------------------------------ Go string literals
 

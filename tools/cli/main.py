@@ -23,7 +23,7 @@ from shmwatch.wire import errors
 from shmwatch.wire.ops import DeleteOp, PutOp, RangeOp, op_delete, op_put, resolve_range
 from shmwatch.wire.types import RangeResponse, TxnResponse
 
-from .cli_args import (
+from .args import (
     EXIT_BAD_ARGS,
     EXIT_BAD_FEATURE,
     EXIT_ERROR,
@@ -34,7 +34,7 @@ from .cli_args import (
     parse_flags,
     usage,
 )
-from .cli_output import (
+from .output import (
     JSON_WATCH_REFUSED,
     humanize_bytes,
     json_bytes,
@@ -52,8 +52,8 @@ from .cli_output import (
     table_bytes,
     table_get,
 )
-from .cli_txn import read_txn
-from .client import connect
+from .txn import read_txn
+from clientlib import connect
 
 # ------------------------------------------------------------------ requests from arguments
 
@@ -608,7 +608,9 @@ def build_parser():
     return p
 
 
-TOOLS = {"stress": "shmwatch.tools.stress", "top": "shmwatch.tools.top", "bench": "shmwatch.tools.bench"}
+# The tools beside this one, imported only when asked for (they pull in rich, psutil
+# sampling, peers' clients): `shmwatch stress ...` is `shmwatch.tools.stress.main(...)`.
+TOOLS = ("stress", "top", "bench")
 
 
 def _die_of_sigint() -> None:
@@ -622,9 +624,9 @@ def _die_of_sigint() -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in TOOLS:
-        import importlib
+        from importlib import import_module
 
-        return importlib.import_module(TOOLS[argv[0]]).main(argv[1:])
+        return import_module(f"..{argv[0]}", __package__).main(argv[1:])
     if argv and (argv[0] in CLIENT_COMMANDS or argv[0] == "status"):
         # A closed pipe ends us as it ends etcdctl (`shmwatch get ... | head`).
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
