@@ -34,15 +34,13 @@ import threading
 import time
 from collections.abc import Iterable
 
-from . import client as _client
 from shmwatch.wire import errors
 from shm.errors import ShmError
 
-from .client import (
-    WAIT_SLICE_S,
-    Client,
+from . import forks
+from .client import DEFAULT_TIMEOUT, WAIT_SLICE_S, Client, from_shm
+from .flows import (
     Pipelined,
-    Watch,
     flow_compact,
     flow_kv,
     flow_progress,
@@ -50,11 +48,11 @@ from .client import (
     flow_put_many,
     flow_txn,
     flow_watch,
-    from_shm,
     watch_spec,
 )
+from .watch import Watch
 from shmwatch.wire.ops import op_delete, op_get
-from shmwatch.wire.protocol import OP_WATCH_CANCEL, packb
+from shmwatch.wire.protocol import number, watch_cancel_request
 from shmwatch.wire.types import (
     CompactResponse,
     DeleteRangeResponse,
@@ -69,7 +67,7 @@ __all__ = ["AsyncClient", "AsyncWatch", "connect"]
 WRITE_RETRY_S = 0.0005  # the request ring is full (the broker is behind): retry after this
 
 
-def connect(name: str, timeout: float = _client.DEFAULT_TIMEOUT, **kwargs) -> "_Connecting":
+def connect(name: str, timeout: float = DEFAULT_TIMEOUT, **kwargs) -> "_Connecting":
     """Attach to the broker called `name` from asyncio: `c = await aio.connect(name)`, or
     `async with aio.connect(name) as c:`. `timeout` is the default for every call;
     other keyword arguments are `clientlib.connect`'s."""
@@ -119,7 +117,7 @@ class AsyncClient:
         self._closed = False
         self._dead: errors.ShmwatchError | None = None
         self._taken = threading.Event()  # the loop took what the helper handed over
-        self._fork_gen = _client._fork_generation
+        self._fork_gen = forks.generation
         self._thread = threading.Thread(target=self._helper, daemon=True,
                                         name=f"shmwatch-aio-{client.name}")
         self._thread.start()
@@ -211,7 +209,7 @@ class AsyncClient:
     # ------------------------------------------------------------ calls
 
     def _check(self) -> None:
-        if self._fork_gen != _client._fork_generation:
+        if self._fork_gen != forks.generation:
             raise errors.ShmwatchError(
                 "shmwatch: an AsyncClient belongs to the process that created it; "
                 "connect again in this one")
@@ -251,8 +249,8 @@ class AsyncClient:
         waiting: list[tuple[int, int, asyncio.Future]] = []
         async with self._send_lock:
             for i, msg in enumerate(msgs):
-                rid = msg[1] = c._req_id + 1
-                data = packb(msg)
+                rid = c._req_id + 1
+                data = number(msg, rid)
                 if len(data) > c.max_request_bytes:
                     out[i] = errors.RequestTooLargeError()
                     continue
@@ -486,7 +484,7 @@ class AsyncWatch:
             return
         w._clean_end = True
         ac = self._ac
-        await ac._call([OP_WATCH_CANCEL, 0, w.watch_id], timeout)
+        await ac._call(watch_cancel_request(w.watch_id), timeout)
         deadline = ac._c._deadline(timeout)
         while True:
             with ac._c._cond:

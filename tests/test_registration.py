@@ -23,7 +23,7 @@ import pytest
 
 import clientlib
 from broker import registry
-from clientlib.client import _label_bytes, default_label
+from clientlib.attach import _label_bytes, default_label
 from shm import layout as L
 from shm.lock import try_lock, unlock
 from shm.segment import HEADER_SIZE, Segment

@@ -1,0 +1,169 @@
+"""The etcd API as flows: each verb as a generator that yields the requests it needs
+and is sent their replies. No I/O here: `Client._run` drives a flow with blocking
+calls, `AsyncClient._run` (clientlib.aio) with awaits, so both clients share one
+implementation of every verb (requests built by shmwatch.wire.protocol, replies decoded
+there too).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from shm import layout as L
+from shm.errors import ShmError
+from shm.ring import Ring
+from shm.segment import Segment
+from shmwatch.wire import errors
+from shmwatch.wire.ops import DeleteOp, PutOp, RangeOp, TxnOp, op_put, op_txn, resolve_range, to_bytes
+from shmwatch.wire.protocol import (
+    FILTER_NODELETE,
+    FILTER_NOPUT,
+    WatchSpec,
+    arena_request,
+    compact_request,
+    decode_arena,
+    decode_put_response,
+    decode_response,
+    decode_watch_created,
+    kv_request,
+    progress_request,
+    put_request,
+    watch_create_request,
+)
+
+from .watch import Watch
+
+# A watch response is bounded by the broker (a catch-up by its ring's free space or one
+# revision); a revision with prev_kv can exceed --max-response-bytes, so the reader's
+# bound is gRPC's own default message limit (math.MaxInt32).
+MAX_WATCH_RESPONSE = (1 << 31) - 1
+INT64 = range(-(1 << 63), 1 << 63)
+_FILTERS = {"noput": FILTER_NOPUT, "nodelete": FILTER_NODELETE,
+            "NOPUT": FILTER_NOPUT, "NODELETE": FILTER_NODELETE}
+
+
+class Pipelined:
+    """What a flow yields to send several requests at once (replies: a list, errors in
+    place rather than raised)."""
+
+    __slots__ = ("msgs",)
+
+    def __init__(self, msgs: list[list]):
+        self.msgs = msgs
+
+
+def flow_kv(op):
+    """Any KV op (range, delete, txn) -> its response."""
+    return decode_response((yield kv_request(op)))
+
+
+def flow_put(key, value, prev_kv: bool, ignore_value: bool):
+    return decode_put_response((yield put_request(to_bytes(key), to_bytes(value, "value"),
+                                                  bool(prev_kv), bool(ignore_value))))
+
+
+def flow_put_many(items: Iterable[tuple], prev_kv: bool):
+    msgs = [kv_request(op_put(k, v, prev_kv)) for k, v in items]
+    if not msgs:
+        return []
+    out: list = []
+    first: int | None = None
+    for i, body in enumerate((yield Pipelined(msgs))):
+        if isinstance(body, errors.ShmwatchError):
+            if first is None:
+                first = i
+            out.append(body)
+        else:
+            out.append(decode_response(body))
+    if first is not None:
+        err = out[first]
+        failed = sum(isinstance(r, errors.ShmwatchError) for r in out)
+        exc = type(err)(f"put_many: item {first} of {len(out)} failed ({failed} failed "
+                        f"in all; the others were applied): {err.message}")
+        for name, value in err.wire_fields().items():
+            setattr(exc, name, value)
+        exc.index = first
+        exc.results = out
+        raise exc
+    return out
+
+
+def flow_txn(compare: Iterable, success: Iterable, failure: Iterable):
+    success, failure = tuple(success), tuple(failure)
+    for op in (*success, *failure):
+        if not isinstance(op, (PutOp, RangeOp, DeleteOp, TxnOp)):
+            raise TypeError(f"not a txn op: {op!r} (build ops with clientlib.op_put etc.)")
+    return (yield from flow_kv(op_txn(compare, success, failure)))
+
+
+def flow_compact(revision: int):
+    return decode_response((yield compact_request(revision)))
+
+
+def flow_progress():
+    yield progress_request()
+
+
+def watch_spec(key, range_end, prefix: bool, start_revision: int, prev_kv: bool,
+               filters: Iterable[str], progress_notify: bool, fragment: bool,
+               watch_id: int | None) -> tuple[WatchSpec, int]:
+    """A watch's wire spec and the id asked for, checked client-side."""
+    k, end = resolve_range(key, range_end, prefix)
+    bits = 0
+    for f in filters:
+        if f not in _FILTERS:
+            raise ValueError(f"unknown watch filter {f!r} (noput, nodelete)")
+        bits |= _FILTERS[f]
+    want = int(watch_id or 0)
+    if want not in INT64:
+        raise ValueError(f"watch_id must be an int64, got {watch_id}")
+    return WatchSpec(k, end, int(start_revision), bool(prev_kv), bits, bool(progress_notify),
+                     bool(fragment)), want
+
+
+def flow_watch(c, spec: WatchSpec, want: int, resume: bool):
+    """Create a watch -> `Watch` (a refused one carries its refusal)."""
+    wid, rev, reason, code, ring_slot, ring = yield from flow_create_watch(c, spec, want)
+    if code:
+        err = errors.error_from_code(code, reason)
+        return Watch(c, -1, None, None, refused=(rev, reason, err))
+    w = Watch(c, wid, ring_slot, ring, spec=spec, resume=resume)
+    with c._cond:
+        c._watches[wid] = w
+    return w
+
+
+def flow_create_watch(c, spec: WatchSpec, want_id: int):
+    """Take a free watcher ring of `c` (asking the broker for a new arena of them when
+    none is left) and create the watch on it."""
+    ring_slot = yield from flow_take_ring(c)
+    try:
+        wid, rev, reason, code = decode_watch_created(
+            (yield watch_create_request(ring_slot[0], ring_slot[1], spec, want_id)))
+    except BaseException:
+        c._free_rings.append(ring_slot)
+        raise
+    if code:
+        c._free_rings.append(ring_slot)
+        return wid, rev, reason, code, None, None
+    a, i = ring_slot
+    rs = c._watch_ring_size
+    ring = Ring(c._arenas[a].payload[i * rs:(i + 1) * rs], max_message=MAX_WATCH_RESPONSE)
+    return wid, rev, reason, 0, ring_slot, ring
+
+
+def flow_take_ring(c):
+    """A free watcher ring of `c` (arena, index), asking the broker for a new arena of
+    them when none is left."""
+    if not c._free_rings:
+        k, name = decode_arena((yield arena_request()))
+        if k != len(c._arenas):
+            raise errors.ProtocolError("shmwatch: arena numbering out of step")
+        try:
+            seg = Segment.open(name, kind=L.KIND_ARENA, boot_id=c._boot_id)
+        except ShmError:
+            c._arenas.append(None)  # keeps step with the broker's numbering; never used
+            raise
+        c._arenas.append(seg)
+        c._free_rings.extend((k, i) for i in range(c._rings_per_arena - 1, -1, -1))
+    return c._free_rings.pop()
