@@ -64,14 +64,16 @@ from itertools import islice
 
 from sortedcontainers import SortedList
 
+from . import mvcc_state
+from .mvcc_state import History
+from .txn_rules import FROM_KEY, _check_intervals, _check_txn_request, _covers
+
 from shmwatch.wire.errors import (
     CompactedError,
-    DuplicateKeyError,
     EmptyKeyError,
     FutureRevisionError,
     KeyNotFoundError,
     ProtocolError,
-    TooManyOpsError,
     ValueProvidedError,
 )
 from shmwatch.wire.ops import Compare, DeleteOp, Op, PutOp, RangeOp, TxnOp
@@ -88,30 +90,8 @@ from shmwatch.wire.types import (
 )
 
 MAX_TXN_OPS = 128  # etcd's default --max-txn-ops
-FROM_KEY = b"\0"  # range end meaning "every key >= key"
-SNAPSHOT_FORMAT = 1
 
 _MISSING = KeyValue(b"")  # what compares see for a missing key: every number 0
-
-
-class _History:
-    """The retained versions of one key, oldest first.
-
-    ``revs[i]`` is the main revision of entry i, ``kvs[i]`` its KeyValue or None for a
-    tombstone. One txn may write a key twice (delete then put, or put then delete); both
-    entries then share the main revision and list order is etcd's sub-revision order.
-    """
-
-    __slots__ = ("kvs", "revs")
-
-    def __init__(self) -> None:
-        self.revs: list[int] = []
-        self.kvs: list[KeyValue | None] = []
-
-    def at(self, rev: int) -> KeyValue | None:
-        """The key's KeyValue at revision `rev` (None: absent). O(log h)."""
-        i = bisect_right(self.revs, rev) - 1
-        return self.kvs[i] if i >= 0 else None
 
 
 class _TxnCtx:
@@ -128,10 +108,6 @@ class _TxnCtx:
         self.keys: list[bytes] = []
 
 
-def _fail(msg: str) -> None:
-    raise AssertionError(msg)
-
-
 class MVCCStore:
     """etcd's MVCC store, in memory. Revisions start at 1 (a fresh etcd is at revision 1;
     the first write makes revision 2).
@@ -145,7 +121,7 @@ class MVCCStore:
         # etcd's compactMainRev: -1 until the first compaction (etcd accepts compact(0)
         # once on a fresh store, and then rejects a second compact(0) as compacted).
         self._compact_main: int = -1
-        self._hist: dict[bytes, _History] = {}
+        self._hist: dict[bytes, History] = {}
         self._keys: SortedList = SortedList()  # keys of _hist
         self._live: dict[bytes, KeyValue] = {}
         self._live_keys: SortedList = SortedList()  # keys of _live
@@ -293,7 +269,7 @@ class MVCCStore:
         self._live[key] = kv
         h = self._hist.get(key)
         if h is None:
-            h = self._hist[key] = _History()
+            h = self._hist[key] = History()
             self._keys.add(key)
         h.revs.append(rev)
         h.kvs.append(kv)
@@ -559,151 +535,17 @@ class MVCCStore:
     # ------------------------------------------------------------------ durability
 
     def snapshot(self) -> dict:
-        """The whole state, retained history included, as plain msgpack-able data.
-
-        ``{"format": 1, "rev": int, "compact_rev": int (-1: never), "keys": [[key,
-        [entry, ...]], ...]}`` with keys sorted and entries oldest first, an entry being
-        ``[mod_revision, value, create_revision, version, lease]`` or ``[mod_revision]``
-        for a tombstone. O(total retained versions).
-        """
-        keys = []
-        for key in self._keys:
-            h = self._hist[key]
-            entries = [
-                [r] if kv is None else [r, kv.value, kv.create_revision, kv.version, kv.lease]
-                for r, kv in zip(h.revs, h.kvs)
-            ]
-            keys.append([key, entries])
-        return {
-            "format": SNAPSHOT_FORMAT,
-            "rev": self.rev,
-            "compact_rev": self._compact_main,
-            "keys": keys,
-        }
+        """The whole state as data (see broker.mvcc_state.snapshot). O(retained versions)."""
+        return mvcc_state.snapshot(self)
 
     @classmethod
     def restore(cls, data: dict) -> MVCCStore:
-        """Rebuild a store from `snapshot()` data; raises ValueError if it is inconsistent.
-        O(N log N), N = retained versions."""
-        if data.get("format") != SNAPSHOT_FORMAT:
-            raise ValueError(f"unknown MVCC snapshot format {data.get('format')!r}")
-        s = cls()
-        try:
-            s.rev = int(data["rev"])
-            s._compact_main = int(data["compact_rev"])
-            s._log_start = max(2, s._compact_main + 1)
-            changed: dict[int, list[bytes]] = {}
-            for key, entries in data["keys"]:
-                key = bytes(key)
-                h = _History()
-                for e in entries:
-                    r = int(e[0])
-                    h.revs.append(r)
-                    if len(e) == 1:
-                        h.kvs.append(None)
-                    else:
-                        h.kvs.append(KeyValue(key, bytes(e[1]), int(e[2]), r, int(e[3]), int(e[4])))
-                    if r >= s._log_start:
-                        changed.setdefault(r, []).append(key)
-                if not h.revs:
-                    raise ValueError(f"key {key!r} without history")
-                s._hist[key] = h
-                last = h.kvs[-1]
-                if last is not None:
-                    s._live[key] = last
-            s._keys = SortedList(s._hist)
-            s._live_keys = SortedList(s._live)
-            for r in range(s._log_start, s.rev + 1):
-                keys = changed.pop(r, None)
-                if not keys:
-                    raise ValueError(f"revision {r} has no change")
-                s._log.append(keys[0] if len(keys) == 1 else tuple(keys))
-            if changed:
-                raise ValueError(f"changes beyond revision {s.rev}")
-            s._check()
-        except (KeyError, IndexError, TypeError, AssertionError) as e:
-            raise ValueError(f"inconsistent MVCC snapshot: {e}") from e
-        return s
-
-    # ------------------------------------------------------------------ invariants
+        """Rebuild a store from `snapshot()` data; ValueError if it is inconsistent."""
+        return mvcc_state.restore(cls(), data)
 
     def _check(self) -> None:
         """Assert every internal invariant (raises AssertionError, also under -O). O(N)."""
-        if self.rev < 1:
-            _fail(f"rev {self.rev} < 1")
-        if not -1 <= self._compact_main <= self.rev:
-            _fail(f"compact_main {self._compact_main} outside [-1, {self.rev}]")
-        if list(self._keys) != sorted(self._hist):
-            _fail("_keys differs from the keys of _hist")
-        if list(self._live_keys) != sorted(self._live):
-            _fail("_live_keys differs from the keys of _live")
-        if self._log_start != max(2, self._compact_main + 1):
-            _fail(f"log start {self._log_start}, compact_main {self._compact_main}")
-        if len(self._log) != max(0, self.rev - self._log_start + 1):
-            _fail(f"log has {len(self._log)} entries for revisions {self._log_start}..{self.rev}")
-        logged: set[tuple[int, bytes]] = set()
-        for i, entry in enumerate(self._log):
-            r = self._log_start + i
-            for k in (entry,) if type(entry) is bytes else entry:
-                logged.add((r, k))
-        seen: set[tuple[int, bytes]] = set()
-        for key, h in self._hist.items():
-            revs, kvs = h.revs, h.kvs
-            if not revs or len(revs) != len(kvs):
-                _fail(f"{key!r}: empty or ragged history")
-            if kvs[0] is None:
-                _fail(f"{key!r}: history starts with a tombstone")
-            below = 0
-            prev: KeyValue | None = None
-            for i, (r, kv) in enumerate(zip(revs, kvs)):
-                if r > self.rev or r < 2:
-                    _fail(f"{key!r}: revision {r} outside [2, {self.rev}]")
-                if i and r < revs[i - 1]:
-                    _fail(f"{key!r}: revisions not ascending")
-                if i and r == revs[i - 1] and (kv is None) == (kvs[i - 1] is None):
-                    _fail(f"{key!r}: two entries of one kind at revision {r}")
-                if r <= self._compact_main:
-                    below += 1
-                    if kv is None:
-                        _fail(f"{key!r}: tombstone {r} kept at or below compaction")
-                if r >= self._log_start:
-                    seen.add((r, key))
-                    if (r, key) not in logged:
-                        _fail(f"{key!r}: change at {r} missing from the log")
-                if kv is None:
-                    if i and kvs[i - 1] is None:
-                        _fail(f"{key!r}: tombstone of a dead key at {r}")
-                else:
-                    if kv.key != key or kv.mod_revision != r or kv.lease != 0:
-                        _fail(f"{key!r}: bad KeyValue {kv!r} at {r}")
-                    if i == 0:
-                        if kv.version < 1 or not 1 < kv.create_revision <= r:
-                            _fail(f"{key!r}: bad first KeyValue {kv!r}")
-                        if kv.version == 1 and kv.create_revision != r:
-                            _fail(f"{key!r}: version 1 not created at {r}")
-                    elif prev is None:
-                        if kv.version != 1 or kv.create_revision != r:
-                            _fail(f"{key!r}: re-creation {kv!r} not version 1 at {r}")
-                    elif (
-                        kv.version != prev.version + 1
-                        or kv.create_revision != prev.create_revision
-                        or r == prev.mod_revision
-                    ):
-                        _fail(f"{key!r}: {kv!r} does not follow {prev!r}")
-                prev = kv
-            if below > 1:
-                _fail(f"{key!r}: {below} versions kept at or below compaction")
-            last = kvs[-1]
-            if last is None:
-                if key in self._live:
-                    _fail(f"{key!r}: deleted but live")
-            elif self._live.get(key) is not last:
-                _fail(f"{key!r}: live entry differs from its newest version")
-        if len(self._live) > len(self._hist) or any(k not in self._hist for k in self._live):
-            _fail("live key without history")
-        if seen != logged:
-            _fail(f"log entries without a change: {sorted(logged - seen)[:5]}")
-
+        mvcc_state.check(self)
 
 def events_at_compact_rev(events: Sequence[Event]) -> list[Event]:
     """The events of revision ``compact_rev`` as etcd 3.4 still delivers them to a watch
@@ -721,104 +563,3 @@ def events_at_compact_rev(events: Sequence[Event]) -> list[Event]:
         for i, e in enumerate(events)
         if e.type == PUT and last[e.kv.key] == i
     ]
-
-
-def _covers(d: tuple[bytes, bytes | None], key: bytes) -> bool:
-    """Does the delete range d = (key, end) include `key`?"""
-    k, end = d
-    if end is None:
-        return key == k
-    if end == FROM_KEY:
-        return key >= k
-    return k <= key < end
-
-
-# ---------------------------------------------------------------------- request checks
-
-
-def _check_txn_request(compare, success, failure, budget: int) -> None:
-    """etcd v3rpc checkTxnRequest: op count, empty keys, ignore_value with a value."""
-    opc = max(len(compare), len(success), len(failure))
-    if opc > budget:
-        raise TooManyOpsError()
-    for c in compare:
-        if not c.key:
-            raise EmptyKeyError()
-    for ops in (success, failure):
-        for op in ops:
-            t = type(op)
-            if t is TxnOp:
-                _check_txn_request(op.compare, op.success, op.failure, budget - opc)
-            elif t is PutOp:
-                if not op.key:
-                    raise EmptyKeyError()
-                if op.ignore_value and op.value:
-                    raise ValueProvidedError()
-            elif t is RangeOp or t is DeleteOp:
-                if not op.key:
-                    raise EmptyKeyError()
-            else:
-                raise ProtocolError(f"shmwatch: unknown txn op {t.__name__}")
-
-
-class _Dels:
-    """The delete intervals of etcd's checkIntervals, queried by single keys.
-
-    etcd keeps [key, range_end) as a literal interval: a from-key delete (range_end
-    b"\\0") or one with range_end <= key intersects nothing; a single-key delete is the
-    point [key, key + b"\\0")."""
-
-    __slots__ = ("points", "ranges")
-
-    def __init__(self) -> None:
-        self.points: set[bytes] = set()
-        self.ranges: list[tuple[bytes, bytes]] = []
-
-    def add(self, key: bytes, end: bytes | None) -> None:
-        if end is None:
-            self.points.add(key)
-        elif key < end:
-            self.ranges.append((key, end))
-
-    def update(self, other: _Dels) -> None:
-        self.points |= other.points
-        self.ranges.extend(other.ranges)
-
-    def hits(self, key: bytes) -> bool:
-        return key in self.points or any(b <= key < e for b, e in self.ranges)
-
-
-def _check_intervals(ops) -> tuple[set[bytes], _Dels]:
-    """etcd v3rpc checkIntervals: puts and deletes of one txn branch must not overlap.
-
-    Returns (puts, deletes) of the branch, nested txns included. Mirrors etcd's order
-    exactly: this level's deletes, then each nested txn (its puts against the deletes
-    gathered so far, then its deletes join), then this level's puts against everything.
-    So a put in an earlier nested txn and a delete of that key in a later one pass."""
-    dels = _Dels()
-    for op in ops:
-        if type(op) is DeleteOp:
-            dels.add(op.key, op.range_end)
-    puts: set[bytes] = set()
-    for op in ops:
-        if type(op) is not TxnOp:
-            continue
-        puts_then, dels_then = _check_intervals(op.success)
-        puts_else, dels_else = _check_intervals(op.failure)
-        for k in puts_then:
-            if k in puts or dels.hits(k):
-                raise DuplicateKeyError()
-            puts.add(k)
-        for k in puts_else:
-            if (k in puts and k not in puts_then) or dels.hits(k):
-                raise DuplicateKeyError()
-            puts.add(k)
-        dels.update(dels_then)
-        dels.update(dels_else)
-    for op in ops:
-        if type(op) is PutOp:
-            k = op.key
-            if k in puts or dels.hits(k):
-                raise DuplicateKeyError()
-            puts.add(k)
-    return puts, dels

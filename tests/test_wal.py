@@ -21,7 +21,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from broker.wal import KIND_COMPACT, KIND_KV, DataDir, WalCorrupt, repair
+from broker.wal import KIND_COMPACT, KIND_KV, DataDir, WalCorrupt
+from broker.wal_repair import repair
 
 HEADER = 12
 FUZZ = settings(max_examples=300, deadline=None, database=None,
@@ -206,7 +207,10 @@ def test_sequence_gaps_are_refused(tmp_path):
     (b"", "0 bytes, shorter than the 12-byte header"),
     (b"\x05\x00\x00\x00" + b"\x00" * 30, "not a shmwatch WAL"),  # the unversioned format
     (b"shmwsnap" + b"\x01\x00\x00\x00", "not a shmwatch WAL"),
-    (b"shmwwal\x00" + b"\x02\x00\x00\x00", "format version 2; this shmwatch reads version 1"),
+    (b"shmwwal\x00" + b"\x03\x00\x00\x00",
+     "format version 3, written by a newer shmwatch; this one reads version 2"),
+    (b"shmwwal\x00" + b"\x01\x00\x00\x00",
+     "format version 1, written by an older shmwatch; this one reads version 2"),
 ])
 def test_a_wal_of_another_format_is_refused(tmp_path, content, match):
     d = str(tmp_path / "data")
@@ -280,7 +284,7 @@ def test_snapshot_that_passes_its_checksum_but_is_not_a_snapshot_is_refused(tmp_
     d = snap_dir(tmp_path)
     body = msgpack.packb({"seq": "x"})
     length = struct.pack("<Q", len(body))
-    put_file(d, "snap", b"shmwsnap\x01\0\0\0" + length
+    put_file(d, "snap", b"shmwsnap\x02\0\0\0" + length
              + struct.pack("<I", zlib.crc32(body, zlib.crc32(length))) + body)
     refused(d, "passes its checksum but does not hold a snapshot")
 

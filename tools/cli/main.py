@@ -533,8 +533,8 @@ def cmd_serve(a) -> int:
 
 
 def cmd_repair(a) -> int:
-    """Check a --data-dir; with --yes cut a damaged WAL back (broker.wal.repair)."""
-    from broker.wal import repair
+    """Check a --data-dir; with --yes cut a damaged WAL back (broker.wal_repair.repair)."""
+    from broker.wal_repair import repair
 
     status, lines = repair(a.data_dir, apply=a.yes)
     print("\n".join(lines))
