@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import traceback
+from typing import Callable
 
 from . import log
 from .procs import TrialError
@@ -116,7 +117,7 @@ class Session:
         self.errors.append(msg)
         log("  FAILED " + msg + (("\n" + detail) if detail else ""))
 
-    def guarded(self, label: str, fn, *args):
+    def guarded(self, label: str, fn: Callable, *args):
         """fn(*args) for a workload that runs its own processes; an exception is recorded
         as a failure under `label` (with its traceback on stderr) and gives None."""
         try:

@@ -170,7 +170,7 @@ def _read(r, trial: Trial, idx: int, sync: Sync) -> dict:
     idle_ns = int(trial.idle_s * 1e9)
     target = sync.target
     lat = array("q") if trial.pace else None
-    unpack = STAMP_AT.unpack_from
+    unpack, at = STAMP_AT.unpack_from, SENT_AT  # locals: this loop runs per record
     recv = r.recv
     count = first = last = 0
     while True:
@@ -183,7 +183,7 @@ def _read(r, trial: Trial, idx: int, sync: Sync) -> dict:
                 first = t
             if lat is not None:
                 for v in vals:
-                    lat.append(t - unpack(v, SENT_AT)[0])
+                    lat.append(t - unpack(v, at)[0])
             tv = target.value
             if tv and count >= tv:
                 break
