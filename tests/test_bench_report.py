@@ -1,0 +1,146 @@
+"""The report writer of tools/bench, from a canned run: BENCHMARKS.md and --json are pure
+functions of the figures (no process is started here).
+
+The canned run has two repetitions of every workload, shmwatch and two peers, one
+skipped peer and one failed trial; the expected cells are worked out by hand from it.
+"""
+
+from __future__ import annotations
+
+import json
+
+from shmwatch.tools.benchkit import report
+from shmwatch.tools.benchkit.profiles import PROFILES
+from shmwatch.tools.benchkit.report.sections import SECTIONS
+from shmwatch.tools.benchkit.results import Results, Run
+from shmwatch.tools.benchkit.workloads import NAMES
+
+MACHINE = {
+    "git": "abc1234", "cpu": "Test CPU", "cores": 2, "python": "3.11.7",
+    "platform": "Linux-test", "memory_gb": 8.0, "date": "2026-01-01T00:00:00+00:00",
+    "command": "tools/bench --json x.json", "versions": {"msgpack": "1.0"},
+    "external_at_start": [],
+    "load": {"busy_pct": 80.0, "steal_pct": 0.0, "ours_pct": 75.0, "others_pct": 5.0,
+             "loadavg_start": [2.0, 2.0, 2.0], "loadavg_end": [2.5, 2.0, 2.0],
+             "seconds": 60.0},
+}
+
+
+def canned_run() -> Run:
+    R = Results()
+    for rep in range(2):
+        k = 1.0 + rep / 10  # repetition 2 is 10% faster than repetition 1
+        for v in ("1 writer", "4 writers"):
+            R.add("W1", v, "shmwatch", {"rate": 20_000 * k, "delivered": 1.0,
+                                        "cpu_writers": 0.5, "cpu_readers": 0.4,
+                                        "cpu_server": 0.9, "cpu_us_per_record": 90.0})
+            R.add("W1", v, "queue", {"rate": 100_000 * k, "delivered": 1.0})
+            R.add("W1", v, "zmq", {"rate": 400_000, "delivered": 0.5})
+        R.add("W1", "batched", "shmwatch", {"rate": 300_000 * k, "delivered": 1.0})
+        R.add("W2", "sync writes", "shmwatch", {"rate": 50_000 * k, "delivered": 1.0})
+        R.add("W2", "sync writes", "zmq", {"rate": 1_000_000 * k, "delivered": 1.0})
+        R.add("W2", "batched", "shmwatch", {"rate": 2_000_000 * k, "delivered": 1.0})
+        R.add("W3", "paced", "shmwatch", {"rate": 5000.0, "p50": 50.0, "p99": 250.0,
+                                          "p999": 400.0, "samples": 30_000, "late_p99": 5.0,
+                                          "late_max": 9000.0, "stalls": rep, "max": 9000.0})
+        R.add("W4", "3 fast", "shmwatch", {"fast_rate": 40_000.0, "fast_delivered": 1.0})
+        R.add("W4", "3 fast + 1 stalled", "shmwatch", {
+            "fast_rate": 38_000.0, "fast_delivered": 1.0, "victims_entered": 2 + rep,
+            "stalled_got": 1000 + rep, "sent": 1000 + rep, "stalled_all": 1.0,
+            "catchup_s": 0.5})
+        R.add("W4", "kept", "shmwatch", {"kept": 0.95})
+        for n in (1, 10000):
+            R.add("W5", f"keys {n}", "shmwatch", {
+                "write_rate": 10_000.0 if n == 1 else 9_000.0, "cpu_us_per_write": 30.0,
+                "delivered": 100, "expected": 100, "setup_s": 1.0})
+    R.add("MEM", "0 watchers", "shmwatch", {"anon@0": 15.0, "rss@0": 25.0,
+                                            "anon@1000": 16.0, "rss@1000": 27.0,
+                                            "write_rate": 50_000.0})
+    prof = PROFILES["full"]
+    return Run(profile=prof, machine=MACHINE, results=R,
+               skipped={"etcd": "etcd is not installed (apt-get install etcd-server)"},
+               errors=["W1 1 writer redis: redis writer 0 failed:\nTraceback (most recent)"],
+               elapsed_s=600.0)
+
+
+def test_every_workload_has_a_report_section_in_workload_order():
+    assert tuple(SECTIONS) == NAMES
+
+
+def test_markdown_of_a_canned_run():
+    md = report.markdown(canned_run())
+    lines = md.splitlines()
+    assert lines[0] == "# shmwatch benchmarks"
+    assert "- Code: abc1234" in lines
+    assert "- Skipped etcd 3.4 watch (JSON gateway): etcd is not installed " \
+           "(apt-get install etcd-server)" in lines
+    assert any(ln.startswith("- Command: `tools/bench --json x.json` (profile `full`: "
+                             "3 repetitions, 3 s of writing per throughput trial")
+               for ln in lines)
+    # no machine path, no issue number: the report stands on its own
+    assert "/work/" not in md and "issue" not in md.lower()
+    heads = [ln for ln in lines if ln.startswith("## ")]
+    assert [h.split()[1] for h in heads] == [
+        "Machine", "Targets", "W1", "W2", "W3", "W4", "W5", "Memory:", "Failed"]
+    # W1: medians (min–max) over the 2 repetitions, rows in transport order
+    assert "| transport | 1 writer | 4 writers | batched |" in lines
+    assert "| shmwatch | 21k (20k–22k) | 21k (20k–22k) | 315k (300k–330k) |" in lines
+    assert "| multiprocessing.Queue | 105k (100k–110k) | 105k (100k–110k) | - |" in lines
+    # ratios are paired by repetition: 20k/100k and 22k/110k are both 0.20
+    assert "| multiprocessing.Queue | 0.20x (0.20–0.20) | 0.20x (0.20–0.20) | - |" in lines
+    assert "| pyzmq PUB/SUB (ipc) | 0.05x (0.05–0.06) | 0.05x (0.05–0.06) | - |" in lines
+    assert ("| shmwatch | 0.50 / 0.40 / 0.90 | 90.0 | 0.50 / 0.40 / 0.90 | 90.0 | - | - |"
+            in lines)
+    assert ("- pyzmq PUB/SUB (ipc) (1 writer) dropped records: it delivered 50.0% of them "
+            "in the worst repetition.") in lines
+    # targets: met, not met, not measured
+    assert ("| W1, 4 writers, synchronous puts: >= 2x multiprocessing.Queue | "
+            "0.20x (0.20–0.20) | **not met** |") in lines
+    assert "| W1, 4 writers, synchronous puts: >= 50x etcd | - | not measured |" in lines
+    assert ("| W1 batched write path (txn of 64 puts): >= 250k events/s | "
+            "315k (300k–330k) events/s | **met** |") in lines
+    assert ("| W2 fan-out to 8: >= 1.5x pyzmq total delivered | batched writes "
+            "2.00x (2.00–2.00); synchronous puts 0.05x (0.05–0.05) | **met** |") in lines
+    assert ("| W3 at 5,000/s: p50 <= 60 us and p99 <= 300 us | p50 50.0 us, p99 250 us | "
+            "**met** |") in lines
+    assert any(ln.startswith("| W4: fast watchers keep >= 90%") and "kept 95% (95–95)" in ln
+               and "1,000/1,000, 1,001/1,001" in ln and ln.endswith("**met** |")
+               for ln in lines)
+    assert ("| W5: write rate with 10,000 single-key watchers >= 80% of that with 1 | "
+            "90% (90–90) | **met** |") in lines
+    # W3, W4, W5, MEM rows
+    assert ("| shmwatch | 5.0k | 50.0 (50.0–50.0) | 250 (250–250) | 400 (400–400) | "
+            "9,000 (9,000–9,000) | 30k | 5.0 (5.0–5.0) | 0, 1 |") in lines
+    assert ("| shmwatch | 40k (40k–40k) | 38k (38k–38k) | 95% (95–95) | "
+            "1,000/1,000, 1,001/1,001 | 0.50 (0.50–0.50) |") in lines
+    assert "victim entries per repetition 2, 3" in md
+    assert "`broker.spawn(watch_ring_bytes=64<<10, log_bytes=256<<20)`" in md
+    assert ("| keys 10000 | 9.0k (9.0k–9.0k) | 30.0 (30.0–30.0) | 100/100, 100/100 | "
+            "1.00 (1.00–1.00) |") in lines
+    assert "- keys: write rate with 10,000 watchers / with 1: 0.90x (0.90–0.90)" in lines
+    assert "| broker | after 0 writes | after 1,000 writes |" in lines
+    assert "| 0 watchers (RssAnon / VmRSS) | 15.0 / 25.0 MiB | 16.0 / 27.0 MiB |" in lines
+    # a failed trial: its first line only
+    assert lines[-3:] == ["", "- W1 1 writer redis: redis writer 0 failed:", ""]
+
+
+def test_json_round_trip_rewrites_the_same_report():
+    run = canned_run()
+    doc = json.loads(json.dumps(report.as_json(run), default=str))
+    assert list(doc) == ["machine", "profile", "skipped", "errors", "elapsed_s", "targets",
+                         "workloads"]
+    figs = doc["workloads"]["W1"]["1 writer"]["shmwatch"]["rate"]
+    assert figs == {"values": [20_000.0, 22_000.0], "median": 21_000.0, "min": 20_000.0,
+                    "max": 22_000.0, "n": 2}
+    again = report.run_from_json(doc)
+    assert report.markdown(again) == report.markdown(run)
+    assert json.loads(json.dumps(report.as_json(again), default=str)) == doc
+
+
+def test_a_workload_without_figures_has_no_section():
+    run = canned_run()
+    del run.results.data["W3"], run.results.data["MEM"]
+    md = report.markdown(run)
+    assert "## W3" not in md and "## Memory" not in md
+    assert "| W3 at 5,000/s: p50 <= 60 us and p99 <= 300 us | p50 - us, p99 - us | " \
+           "not measured |" in md.splitlines()

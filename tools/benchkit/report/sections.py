@@ -1,0 +1,198 @@
+"""One BENCHMARKS.md section per workload: what was run, in words, then its tables.
+
+SECTIONS maps a workload's name to a function of the run returning the section's lines
+(ending with a blank line); the report calls it only when the workload has figures. The
+sizes and options named in the text come from the profile and the workloads' own
+constants, so the text says what ran.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from ..results import Run, ratios, summary
+from ..transports import LABELS, ORDER
+from ..transports.etcd_watch import ETCD_IDLE_S, ETCD_PACE
+from ..workloads import many_watchers, memory, stall, throughput
+from ..workloads.latency import RATE as W3_RATE
+from .cells import cell, cpu_table, fmt_num, loss_lines, pct_cell, ratio_cell, ratio_table, table
+
+
+def _present(run: Run, wl: str, variants) -> list[str]:
+    return [v for v in variants if v in run.results.variants(wl)]
+
+
+def _opts(opts: dict) -> str:
+    """broker options as written in code: watch_ring_bytes=16<<10, log_bytes=16<<20."""
+    def size(n: int) -> str:
+        for shift in (20, 10):
+            if n >= 1 << shift and n % (1 << shift) == 0:
+                return f"{n >> shift}<<{shift}"
+        return str(n)
+
+    return ", ".join(f"{k}={size(v)}" for k, v in opts.items())
+
+
+def w1(run: Run) -> list[str]:
+    R = run.results
+    vs = _present(run, "W1", throughput.Unicast.VARIANTS)
+    L = ["## W1 unicast put -> watch (records/s delivered to 1 watcher process)", "",
+         "`1 writer`, `4 writers`: synchronous writes, one at a time per writer "
+         "(shmwatch `put` waits for its reply; etcd `/v3/kv/put`; Redis `PUBLISH`; "
+         "Queue `put` and zmq `send` do not wait). `batched`: 64 records per call "
+         "(shmwatch `txn` of 64 puts = one revision of 64 events; etcd `/v3/kv/txn` "
+         "of 64 puts; Redis a pipeline of 64 publishes). `pipelined`: 64 separate writes "
+         "sent in one go, each its own revision (shmwatch `put_many` of 64: one broker "
+         "wake-up, 64 replies; Redis the same pipeline of 64 publishes).", ""]
+    L += table(R, "W1", vs, "rate")
+    L += ratio_table(R, "W1", vs, "rate")
+    L += cpu_table(R, "W1", vs, run.machine["cores"])
+    return L + loss_lines(R, "W1", vs) + [""]
+
+
+def w2(run: Run) -> list[str]:
+    R = run.results
+    vs = _present(run, "W2", throughput.FanOut.VARIANTS)
+    L = [f"## W2 fan-out: 1 writer -> {run.profile.fanout} watcher processes on one prefix "
+         "(total records/s delivered)", ""]
+    L += table(R, "W2", vs, "rate")
+    L += ratio_table(R, "W2", vs, "rate")
+    L += cpu_table(R, "W2", vs, run.machine["cores"])
+    rb = ratios(R.get("W2", "batched", "shmwatch", "rate"),
+                R.get("W2", "sync writes", "zmq", "rate"))
+    if rb:
+        L += ["", f"shmwatch batched / pyzmq: {ratio_cell(rb)} (zmq has no separate "
+              "batched path: its `send` never waits)."]
+    return L + loss_lines(R, "W2", vs) + [""]
+
+
+def w3(run: Run) -> list[str]:
+    L = ["## W3 one-way latency at a paced rate (us)", "",
+         "The writer stamps the intended send time of record i (start + i/rate) "
+         "into the value and sends it then (or at once if late); the watcher "
+         "computes receive time minus intended time, so a stall of the writer or "
+         "the transport counts against every record it delays (no coordinated "
+         f"omission). shmwatch and the peers at {W3_RATE:,.0f}/s, etcd at {ETCD_PACE:,.0f}/s. "
+         "`writer late p99` is how late the writer itself sent (sleep granularity, CPU "
+         "contention, a synchronous write that blocked), included in the figures; "
+         "`writer stalls` counts, per repetition, the episodes where the writer fell "
+         "more than 5 ms behind its schedule: one such stall delays every record "
+         "scheduled during it, so a single one can decide p99 and p99.9.", "",
+         "| transport | rate /s | p50 | p99 | p99.9 | max | samples | writer late p99 "
+         "| writer stalls > 5 ms |",
+         "|---|---|---|---|---|---|---|---|---|"]
+    for tn in run.results.transports("W3", ORDER):
+        g = functools.partial(run.results.get, "W3", "paced", tn)
+        L.append(f"| {LABELS[tn]} | {fmt_num(summary(g('rate'))['median'])} | "
+                 f"{cell(g('p50'), 'us')} | {cell(g('p99'), 'us')} | "
+                 f"{cell(g('p999'), 'us')} | {cell(g('max'), 'us')} | "
+                 f"{fmt_num(summary(g('samples'))['median'])}"
+                 f" | {cell(g('late_p99'), 'us')} | "
+                 f"{', '.join(str(x) for x in g('stalls')) or '-'} |")
+    return L + [""]
+
+
+def w4(run: Run) -> list[str]:
+    R, P = run.results, run.profile
+    alone, beside = stall.ALONE, stall.BESIDE
+    opts = {"watch_ring_bytes": stall.RING_BYTES, "log_bytes": P.stall_log_bytes}
+    L = ["## W4 one stalled watcher beside 3 fast ones", "",
+         "Run back to back, in alternating order across repetitions. "
+         "1 writer (its fastest path: shmwatch 64-put txns, Redis pipelines of 64, "
+         "etcd 64-put txns, Queue/zmq one record per call) to 4 watcher processes on "
+         "one prefix; the stalled one reads nothing until the writer is done and the "
+         "fast ones have finished, then reads until it has every record (or nothing "
+         f"came for {P.idle_s:g} s; etcd {ETCD_IDLE_S:g} s). shmwatch here: "
+         f"`broker.spawn({_opts(opts)})`, so the stalled "
+         "watcher's ring fills and it becomes a victim that replays from the log.", "",
+         "| transport | fast watcher rate, 3 fast | with 1 stalled | kept | "
+         "stalled one got (per repetition) | its catch-up (s) |",
+         "|---|---|---|---|---|---|"]
+    for tn in R.transports("W4", ORDER):
+        g = functools.partial(R.get, "W4", transport=tn)
+        got, sent = g(beside, metric="stalled_got"), g(beside, metric="sent")
+        gs = ", ".join(f"{x:,}/{y:,}" for x, y in zip(got, sent)) or "-"
+        L.append(f"| {LABELS[tn]} | {cell(g(alone, metric='fast_rate'))} | "
+                 f"{cell(g(beside, metric='fast_rate'))} | "
+                 f"{pct_cell(g('kept', metric='kept'))} | {gs} | "
+                 f"{cell(g(beside, metric='catchup_s'))} |")
+    ve = R.get("W4", beside, "shmwatch", "victims_entered")
+    if ve:
+        L += ["", "shmwatch broker counters (`broker.admin.read_stats`), with the "
+              "stalled watcher: victim entries per repetition "
+              + ", ".join(str(x) for x in ve) + " (0 would mean the stalled watcher "
+              "never filled its ring and the test did not exercise victims)."]
+    fl = []
+    for tn in R.transports("W4", ORDER):
+        for v in (alone, beside):
+            d = R.get("W4", v, tn, "fast_delivered")
+            if d and min(d) < 1.0:
+                fl.append(f"{LABELS[tn]} ({v}): the fast watchers got only "
+                          f"{min(d) * 100:.1f}% of the records in the worst repetition")
+    if fl:
+        L += [""] + ["- " + x for x in fl]
+    return L + [""]
+
+
+def w5(run: Run) -> list[str]:
+    R, P = run.results, run.profile
+    L = ["## W5 many watchers (shmwatch)", "",
+         f"N watches (single keys, or ranges of {many_watchers.RANGE_KEYS} keys) held by "
+         f"min(N, {P.w5_procs}) processes (many watches per client), broker "
+         f"`{_opts(many_watchers.BROKER_OPTS)}`; one writer puts synchronously for "
+         f"{P.w5_dur:g} s, 1 write in {many_watchers.HIT_EVERY} to a watched key (round "
+         "robin), the rest to keys nobody watches (for ranges: between the ranges). The "
+         "writer alternates between the brokers of all watcher counts in "
+         f"{many_watchers.SLICE_S:g} s slices (order rotated each cycle), so the counts are "
+         "compared under the same noise. Broker CPU is the broker's on-CPU time "
+         "(/proc/<pid>/schedstat) during its slices, per write.",
+         "", "| watchers | write rate /s | broker CPU per write (us) | "
+         "events delivered / expected | set-up (s) |", "|---|---|---|---|---|"]
+    for v in R.variants("W5"):
+        g = functools.partial(R.get, "W5", v, "shmwatch")
+        dl = ", ".join(f"{a}/{e}" for a, e in zip(g("delivered"), g("expected")))
+        L.append(f"| {v} | {cell(g('write_rate'))} | {cell(g('cpu_us_per_write'), 'us')}"
+                 f" | {dl} | {cell(g('setup_s'))} |")
+    big = max(P.w5_counts, default=1)
+    for kind in many_watchers.KINDS:
+        r = ratios(R.get("W5", f"{kind} {big}", "shmwatch", "write_rate"),
+                   R.get("W5", f"{kind} 1", "shmwatch", "write_rate"))
+        if r:
+            L += ["", f"- {kind}: write rate with {big:,} watchers / with 1: {ratio_cell(r)}"]
+    return L + [""]
+
+
+def _mem_points(run: Run) -> list[int]:
+    """The write counts at which the broker's memory was read."""
+    pts = set()
+    for ts in run.results.data.get("MEM", {}).values():
+        pts |= {int(k[5:]) for k in ts.get("shmwatch", {}) if k.startswith("anon@")}
+    return sorted(pts)
+
+
+def mem(run: Run) -> list[str]:
+    R, P = run.results, run.profile
+    pts = _mem_points(run)
+    opts = memory.BROKER_OPTS
+    L = ["## Memory: broker RSS with stalled watchers (shmwatch)", "",
+         f"{P.mem_watchers:,} watchers on one prefix in {memory.HOLDERS} processes that "
+         f"never read (each becomes a victim once its {opts['watch_ring_bytes'] >> 10} KiB "
+         "ring is full: it keeps one pending response and replays from the log later), "
+         f"while one writer commits {P.mem_writes:,} puts (txns of 64, {memory.KEYS:,} "
+         f"distinct keys); broker with `{_opts({'log_bytes': opts['log_bytes']})}` so the "
+         "log wraps and compacts. Beside it the same writes with no watcher. RssAnon is "
+         "the broker's private memory (heap); VmRSS adds the shared-memory pages it "
+         "touched (log, rings). Measured once per run.",
+         "", "| broker | " + " | ".join(f"after {w:,} writes" for w in pts) + " |",
+         "|---|" + "---|" * len(pts)]
+    for v in R.variants("MEM"):
+        cells = []
+        for w in pts:
+            a = R.median("MEM", v, "shmwatch", f"anon@{w}")
+            r = R.median("MEM", v, "shmwatch", f"rss@{w}")
+            cells.append("-" if a is None else f"{a:.1f} / {r:.1f} MiB")
+        L.append(f"| {v} (RssAnon / VmRSS) | " + " | ".join(cells) + " |")
+    return L + [""]
+
+
+SECTIONS = {"W1": w1, "W2": w2, "W3": w3, "W4": w4, "W5": w5, "MEM": mem}
