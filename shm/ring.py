@@ -53,6 +53,12 @@ TAIL_OFFSET = 64
 CONSUMER_SLEEPING_OFFSET = 128
 PRODUCER_BLOCKED_OFFSET = 132
 CAPACITY_OFFSET = 136
+# Word indexes of those offsets in the header's u64 view (`_hq`) and u32 view (`_iq`).
+_HEAD = HEAD_OFFSET // 8
+_TAIL = TAIL_OFFSET // 8
+_CAP = CAPACITY_OFFSET // 8
+_SLEEPING = CONSUMER_SLEEPING_OFFSET // 4
+_BLOCKED = PRODUCER_BLOCKED_OFFSET // 4
 RECORD_HEADER = 8
 MIN_CAPACITY = 64
 WRAP = 0xFFFFFFFF
@@ -135,20 +141,20 @@ class Ring:
         self._max_single = min(self.max_chunk, max_message)
         self._buf = buf
         header = buf[:RING_HEADER]
-        self._hq = header.cast("Q")   # [0] head, [8] tail, [17] capacity stamp
-        self._iq = header.cast("I")   # [32] consumer_sleeping, [33] producer_blocked
+        self._hq = header.cast("Q")   # [_HEAD], [_TAIL], [_CAP]
+        self._iq = header.cast("I")   # [_SLEEPING], [_BLOCKED]
         header.release()
         self._data = buf[RING_HEADER:RING_HEADER + cap]
         self._dq = self._data.cast("Q")
         if init:
             buf[:RING_HEADER] = bytes(RING_HEADER)
-            self._hq[CAPACITY_OFFSET // 8] = cap
+            self._hq[_CAP] = cap
         else:
-            stamp = self._hq[CAPACITY_OFFSET // 8]
+            stamp = self._hq[_CAP]
             if stamp not in (0, cap):
                 raise RingCorrupt(f"ring header says capacity {stamp}, buffer gives {cap}")
-        head = self._hq[0]
-        tail = self._hq[TAIL_OFFSET // 8]
+        head = self._hq[_HEAD]
+        tail = self._hq[_TAIL]
         if head & 7 or tail & 7 or not tail <= head <= tail + cap:
             raise RingCorrupt(f"ring counters invalid at attach: head={head} tail={tail}")
         self._head = head          # producer: local, unpublished head
@@ -245,7 +251,7 @@ class Ring:
         return offset
 
     def _refresh_tail(self) -> int:
-        t = self._hq[8]
+        t = self._hq[_TAIL]
         if t & 7 or t < self._tail_seen or t > self._head:
             raise RingCorrupt(
                 f"consumer published a bad tail {t} (last seen {self._tail_seen}, "
@@ -258,7 +264,7 @@ class Ring:
         """Make everything written so far visible (one 8-byte store; no-op if unchanged)."""
         h = self._head
         if h != self._published:
-            self._hq[0] = h
+            self._hq[_HEAD] = h
             self._published = h
 
     def free(self) -> int:
@@ -283,7 +289,7 @@ class Ring:
         store of tail.
         """
         t = self._tail
-        h = self._hq[0]
+        h = self._hq[_HEAD]
         if h == t:
             return None
         if self._partial is None and self._skip is None:
@@ -297,7 +303,7 @@ class Ring:
                     msg = self._data[pos + 8:pos + 8 + n].tobytes()
                     if _crc32(msg) != v >> 32:
                         raise RingCorrupt(f"CRC mismatch in record at {t} (length {n})")
-                    self._hq[8] = self._tail = t + rec
+                    self._hq[_TAIL] = self._tail = t + rec
                     return msg
         return self._read_slow(h)
 
@@ -339,7 +345,7 @@ class Ring:
             skip = self._skip
             if skip is not None:  # the rest of a message over max_message: drop it
                 skip[1] += n
-                self._hq[8] = self._tail = t
+                self._hq[_TAIL] = self._tail = t
                 if not more:
                     self._skip = None
                     raise MessageTooLarge(skip[0], skip[1], self.max_message)
@@ -348,9 +354,9 @@ class Ring:
             if partial is None:
                 if not more:
                     if n > self.max_message:
-                        self._hq[8] = self._tail = t
+                        self._hq[_TAIL] = self._tail = t
                         raise MessageTooLarge(chunk[:MessageTooLarge.HEAD], n, self.max_message)
-                    self._hq[8] = self._tail = t
+                    self._hq[_TAIL] = self._tail = t
                     return chunk
                 partial = self._partial = bytearray()
             if len(partial) + n > self.max_message:
@@ -359,53 +365,53 @@ class Ring:
                 self._skip = [bytes((partial + chunk)[:MessageTooLarge.HEAD]),
                               len(partial) + n]
                 self._partial = None
-                self._hq[8] = self._tail = t
+                self._hq[_TAIL] = self._tail = t
                 if not more:
                     skip, self._skip = self._skip, None
                     raise MessageTooLarge(skip[0], skip[1], self.max_message)
                 continue
             partial += chunk
-            self._hq[8] = self._tail = t
+            self._hq[_TAIL] = self._tail = t
             if not more:
                 self._partial = None
                 return bytes(partial)
-        self._hq[8] = self._tail = t
+        self._hq[_TAIL] = self._tail = t
         return None
 
     def readable(self) -> bool:
         """Whether the producer published bytes this consumer has not read (one load)."""
-        return self._hq[0] != self._tail
+        return self._hq[_HEAD] != self._tail
 
     def used(self) -> int:
         """Published bytes not yet consumed (head - tail), from either side; for metrics."""
         hq = self._hq
-        return hq[0] - hq[8]
+        return hq[_HEAD] - hq[_TAIL]
 
     # -- shared values and flags ------------------------------------------------------
 
     @property
     def head(self) -> int:
-        return self._hq[0]
+        return self._hq[_HEAD]
 
     @property
     def tail(self) -> int:
-        return self._hq[8]
+        return self._hq[_TAIL]
 
     @property
     def consumer_sleeping(self) -> int:
-        return self._iq[32]
+        return self._iq[_SLEEPING]
 
     @consumer_sleeping.setter
     def consumer_sleeping(self, value: int) -> None:
-        self._iq[32] = value
+        self._iq[_SLEEPING] = value
 
     @property
     def producer_blocked(self) -> int:
-        return self._iq[33]
+        return self._iq[_BLOCKED]
 
     @producer_blocked.setter
     def producer_blocked(self, value: int) -> None:
-        self._iq[33] = value
+        self._iq[_BLOCKED] = value
 
     @property
     def consumer_sleeping_word(self) -> memoryview:
@@ -424,9 +430,9 @@ class Ring:
         tail and this object's head (published, and unpublished if this is the producer).
         O(bytes in the ring)."""
         cap = self.capacity
-        head = self._hq[0]
-        tail = self._hq[8]
-        stamp = self._hq[CAPACITY_OFFSET // 8]
+        head = self._hq[_HEAD]
+        tail = self._hq[_TAIL]
+        stamp = self._hq[_CAP]
         assert stamp in (0, cap), (stamp, cap)
         assert head % 8 == 0 and tail % 8 == 0, (head, tail)
         assert tail <= head <= tail + cap, (tail, head, cap)
@@ -467,7 +473,7 @@ class Ring:
         assert t == end, (t, end)  # a trailing MORE chunk is legal: producer mid-message
 
     def __repr__(self) -> str:
-        return (f"<Ring capacity={self.capacity} head={self._hq[0]} tail={self._hq[8]} "
+        return (f"<Ring capacity={self.capacity} head={self._hq[_HEAD]} tail={self._hq[_TAIL]} "
                 f"local_head={self._head}>")
 
 

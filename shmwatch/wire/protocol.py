@@ -27,7 +27,7 @@ from typing import NamedTuple
 import msgpack
 
 from .errors import ProtocolError, error_from_code
-from .ops import Compare, DeleteOp, PutOp, RangeOp, TxnOp
+from .ops import RESULTS, TARGETS, Compare, DeleteOp, PutOp, RangeOp, TxnOp
 from .types import (
     CompactResponse,
     DeleteRangeResponse,
@@ -70,6 +70,7 @@ K_DELETE = 2
 K_TXN = 3
 
 _EV_TYPES = ("PUT", "DELETE")
+_RESULTS = frozenset(RESULTS.values())
 
 
 def packb(obj) -> bytes:
@@ -277,9 +278,9 @@ def decode_compare(c) -> Compare:
     if not isinstance(c, list) or len(c) != 5:
         raise ProtocolError("shmwatch: malformed compare")
     key, target, result, value, end = c
-    if target not in ("VALUE", "VERSION", "CREATE", "MOD", "LEASE"):
+    if target not in TARGETS:
         raise ProtocolError(f"shmwatch: unknown compare target {target!r}")
-    if result not in ("EQUAL", "NOT_EQUAL", "GREATER", "LESS"):
+    if result not in _RESULTS:
         raise ProtocolError(f"shmwatch: unknown compare result {result!r}")
     if target == "VALUE":
         value = _bytes(value, "compare value")
