@@ -106,6 +106,8 @@ def restore(s, data: dict):
     return s
 
 
+# Over 60 lines on purpose: one assertion per invariant, in one list a reader can
+# check against the store's fields; split, the list of invariants would scatter.
 def check(store) -> None:
     """Assert every internal invariant (raises AssertionError, also under -O). O(N)."""
     if store.rev < 1:

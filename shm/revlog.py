@@ -161,6 +161,8 @@ class RevLog:
 
     # -- writing ----------------------------------------------------------------------
 
+    # 61 lines: the append is one sequence of steps (check, evict until it fits, wrap,
+    # write, publish the header) that reads best whole.
     def append(self, rev: int, payload: bytes) -> list[int]:
         """Append the record of revision `rev`, evicting the oldest records until it fits.
 

@@ -307,6 +307,8 @@ class Ring:
                     return msg
         return self._read_slow(h)
 
+    # Over 60 lines on purpose: every check of an untrusted counter and record, in the
+    # order they must happen, in one loop; split, that order would be hard to see.
     def _read_slow(self, h: int) -> bytes | None:
         cap = self.capacity
         t = self._tail
