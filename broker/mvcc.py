@@ -148,79 +148,92 @@ class MVCCStore:
         limit: int = 0,
         keys_only: bool = False,
         count_only: bool = False,
+        **options,
     ) -> RangeResponse:
         """etcd Range: the keys in [key, end) (end None: just key; b"\\0": every key >= key).
 
-        Sorted by key; ``count`` counts every key in range, ``more`` = limit > 0 and count >
-        limit (False with count_only). ``revision`` <= 0 reads the current revision; the
-        response revision is always the current revision.
+        Sorted by key unless `options` say otherwise (RangeOp's sort_order, sort_target,
+        min/max_mod_revision, min/max_create_revision, as etcd's RangeRequest);
+        ``count`` counts every key in range (before the revision filters, as etcd),
+        ``more`` = limit > 0 and keys beyond it. ``revision`` <= 0 reads the current
+        revision; the response revision is always the current revision.
 
         Raises EmptyKeyError, FutureRevisionError (revision > current), CompactedError
         (revision < compaction revision; the compaction revision itself is readable).
 
         Complexity: current revision O(log n + k) (count_only O(log n)); past revision
-        O(log n + m log h), m = keys with retained history in range.
+        O(log n + m log h), m = keys with retained history in range; sorting or
+        filtering reads the whole range, O(k log k).
         """
+        op = RangeOp(key, end, revision, limit, keys_only, count_only, **options)
         if not key:
             raise EmptyKeyError()
         if revision > self.rev:
             raise FutureRevisionError()
-        return self._range(key, end, revision, limit, keys_only, count_only, self.rev)
+        return self._range(op, self.rev)
 
-    def _range(self, key, end, revision, limit, keys_only, count_only, cur) -> RangeResponse:
-        if revision <= 0:
-            revision = cur
+    def _range(self, op: RangeOp, cur: int) -> RangeResponse:
+        revision = op.revision if op.revision > 0 else cur
         if revision < self._compact_main:
             raise CompactedError()
+        limit = op.limit
+        # etcd (v3 server, apply Range): to sort or filter, read everything first.
+        shaped = (op.sort_order != "NONE" or op.sort_target != "KEY" or op.min_mod_revision
+                  or op.max_mod_revision or op.min_create_revision or op.max_create_revision)
+        kvs, count = self._read_range(op.key, op.range_end, revision, cur,
+                                      0 if shaped else limit, op.count_only)
+        if op.count_only:
+            return RangeResponse(cur, [], count, False)
+        if shaped:
+            kvs = _shape(kvs, op)
+            more = limit > 0 and len(kvs) > limit
+        else:
+            more = limit > 0 and count > limit
+        if more and len(kvs) > limit:
+            del kvs[limit:]
+        if op.keys_only:
+            kvs = [kv._replace(value=b"") for kv in kvs]
+        return RangeResponse(cur, kvs, count, more)
+
+    def _read_range(self, key, end, revision, cur, limit, count_only) -> tuple[list, int]:
+        """(key-values in key order, at most `limit` of them if > 0; how many are in range)."""
         if revision == cur:  # the live state (inside a txn: including its changes)
             if end is None:
                 kv = self._live.get(key)
                 kvs = [kv] if kv is not None else []
-                count = len(kvs)
+                return kvs, len(kvs)
+            lk = self._live_keys
+            lo = lk.bisect_left(key)
+            if end == FROM_KEY:
+                hi = len(lk)
+            elif key >= end:
+                hi = lo
             else:
-                lk = self._live_keys
-                lo = lk.bisect_left(key)
-                if end == FROM_KEY:
-                    hi = len(lk)
-                elif key >= end:
-                    hi = lo
-                else:
-                    hi = lk.bisect_left(end)
-                count = hi - lo
-                if count_only:
-                    return RangeResponse(cur, [], count, False)
-                n = count if limit <= 0 or limit >= count else limit
-                live = self._live
-                kvs = [live[k] for k in islice(lk.islice(lo, hi), n)]
-        else:
-            kvs = []
-            if end is None:
-                h = self._hist.get(key)
-                kv = h.at(revision) if h is not None else None
+                hi = lk.bisect_left(end)
+            count = hi - lo
+            if count_only:
+                return [], count
+            n = count if limit <= 0 or limit >= count else limit
+            live = self._live
+            return [live[k] for k in islice(lk.islice(lo, hi), n)], count
+        kvs = []
+        if end is None:
+            h = self._hist.get(key)
+            kv = h.at(revision) if h is not None else None
+            if kv is not None:
+                kvs.append(kv)
+        elif end == FROM_KEY or key < end:
+            hist = self._hist
+            it = (
+                self._keys.irange(key)
+                if end == FROM_KEY
+                else self._keys.irange(key, end, inclusive=(True, False))
+            )
+            for k in it:
+                kv = hist[k].at(revision)
                 if kv is not None:
                     kvs.append(kv)
-            elif end == FROM_KEY or key < end:
-                hist = self._hist
-                it = (
-                    self._keys.irange(key)
-                    if end == FROM_KEY
-                    else self._keys.irange(key, end, inclusive=(True, False))
-                )
-                for k in it:
-                    kv = hist[k].at(revision)
-                    if kv is not None:
-                        kvs.append(kv)
-            count = len(kvs)
-        if count_only:
-            return RangeResponse(cur, [], count, False)
-        more = False
-        if limit > 0 and count > limit:
-            more = True
-            if len(kvs) > limit:
-                del kvs[limit:]
-        if keys_only:
-            kvs = [kv._replace(value=b"") for kv in kvs]
-        return RangeResponse(cur, kvs, count, more)
+        return kvs, len(kvs)
 
     def _live_keys_in(self, key: bytes, end: bytes | None) -> list[bytes]:
         """Sorted live keys in the range. O(log n + k)."""
@@ -421,8 +434,7 @@ class MVCCStore:
             t = type(op)
             if t is RangeOp:
                 cur = ctx.new if ctx.changed else ctx.begin
-                # RangeOp's fields are _range's parameters, in order
-                responses.append(self._range(*op, cur))
+                responses.append(self._range(op, cur))
             elif t is PutOp:
                 key = op.key
                 prev = live.get(key)
@@ -515,17 +527,11 @@ class MVCCStore:
         if t is PutOp:
             return self.put(op.key, op.value, prev_kv=op.prev_kv, ignore_value=op.ignore_value)
         if t is RangeOp:
-            return (
-                self.range(
-                    op.key,
-                    op.range_end,
-                    revision=op.revision,
-                    limit=op.limit,
-                    keys_only=op.keys_only,
-                    count_only=op.count_only,
-                ),
-                [],
-            )
+            if not op.key:
+                raise EmptyKeyError()
+            if op.revision > self.rev:
+                raise FutureRevisionError()
+            return self._range(op, self.rev), []
         if t is DeleteOp:
             return self.delete_range(op.key, op.range_end, prev_kv=op.prev_kv)
         if t is TxnOp:
@@ -546,6 +552,35 @@ class MVCCStore:
     def _check(self) -> None:
         """Assert every internal invariant (raises AssertionError, also under -O). O(N)."""
         mvcc_state.check(self)
+
+_SORT_KEYS = {
+    "KEY": lambda kv: kv.key,
+    "VERSION": lambda kv: kv.version,
+    "CREATE": lambda kv: kv.create_revision,
+    "MOD": lambda kv: kv.mod_revision,
+    "VALUE": lambda kv: kv.value,
+}
+
+
+def _shape(kvs: list[KeyValue], op: RangeOp) -> list[KeyValue]:
+    """etcd's Range after reading: drop what the revision bounds exclude, then sort. A
+    target other than KEY with no order sorts ascending (etcd's default); ties keep key
+    order (etcd's Go sort leaves their order unspecified). O(k log k)."""
+    lo_mod, hi_mod = op.min_mod_revision, op.max_mod_revision
+    lo_create, hi_create = op.min_create_revision, op.max_create_revision
+    if lo_mod or hi_mod or lo_create or hi_create:
+        kvs = [kv for kv in kvs
+               if not (hi_mod and kv.mod_revision > hi_mod)
+               and not (lo_mod and kv.mod_revision < lo_mod)
+               and not (hi_create and kv.create_revision > hi_create)
+               and not (lo_create and kv.create_revision < lo_create)]
+    order = op.sort_order
+    if op.sort_target != "KEY" and order == "NONE":
+        order = "ASCEND"
+    if order != "NONE":
+        kvs = sorted(kvs, key=_SORT_KEYS[op.sort_target], reverse=order == "DESCEND")
+    return kvs
+
 
 def events_at_compact_rev(events: Sequence[Event]) -> list[Event]:
     """The events of revision ``compact_rev`` as etcd 3.4 still delivers them to a watch

@@ -319,10 +319,15 @@ class AsyncClient:
 
     async def get(self, key, range_end=None, prefix: bool = False, revision: int = 0,
                   limit: int = 0, keys_only: bool = False, count_only: bool = False, *,
-                  timeout: float | None = None) -> RangeResponse:
+                  sort_order: str = "none", sort_target: str = "key", min_mod_revision: int = 0,
+                  max_mod_revision: int = 0, min_create_revision: int = 0,
+                  max_create_revision: int = 0, timeout: float | None = None) -> RangeResponse:
         """etcd Range (see `Client.get`)."""
-        return await self._run(flow_kv(op_get(key, range_end, prefix, revision, limit,
-                                              keys_only, count_only)), timeout)
+        return await self._run(flow_kv(op_get(
+            key, range_end, prefix, revision, limit, keys_only, count_only,
+            sort_order=sort_order, sort_target=sort_target, min_mod_revision=min_mod_revision,
+            max_mod_revision=max_mod_revision, min_create_revision=min_create_revision,
+            max_create_revision=max_create_revision)), timeout)
 
     async def delete(self, key, range_end=None, prefix: bool = False, prev_kv: bool = False, *,
                      timeout: float | None = None) -> DeleteRangeResponse:

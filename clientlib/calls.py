@@ -81,11 +81,21 @@ class Calls:
 
     def get(self, key, range_end=None, prefix: bool = False, revision: int = 0,
             limit: int = 0, keys_only: bool = False, count_only: bool = False, *,
-            timeout: float | None = None) -> RangeResponse:
+            sort_order: str = "none", sort_target: str = "key", min_mod_revision: int = 0,
+            max_mod_revision: int = 0, min_create_revision: int = 0,
+            max_create_revision: int = 0, timeout: float | None = None) -> RangeResponse:
         """etcd Range: one key, [key, range_end), a prefix, or every key >= key
-        (range_end=b"\\0"), at the current or a retained past revision."""
-        return self._run(flow_kv(op_get(key, range_end, prefix, revision, limit, keys_only,
-                                        count_only)), timeout)
+        (range_end=b"\\0"), at the current or a retained past revision.
+
+        As etcd's RangeRequest: `sort_order` none/ascend/descend and `sort_target`
+        key/version/create/mod/value (a target other than key sorts ascending unless
+        told), `min_`/`max_mod_revision` and `min_`/`max_create_revision` keep only the
+        keys within those bounds (0: no bound); `count` still counts the whole range."""
+        return self._run(flow_kv(op_get(
+            key, range_end, prefix, revision, limit, keys_only, count_only,
+            sort_order=sort_order, sort_target=sort_target, min_mod_revision=min_mod_revision,
+            max_mod_revision=max_mod_revision, min_create_revision=min_create_revision,
+            max_create_revision=max_create_revision)), timeout)
 
     def delete(self, key, range_end=None, prefix: bool = False, prev_kv: bool = False, *,
                timeout: float | None = None) -> DeleteRangeResponse:

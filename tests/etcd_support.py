@@ -41,6 +41,7 @@ from shmwatch.wire.ops import (
     PutOp,
     RangeOp,
     TxnOp,
+    op_get,
     prefix_range_end,
     resolve_range,
     to_bytes,
@@ -286,6 +287,14 @@ def range_json(op: RangeOp) -> dict:
         out["keys_only"] = True
     if op.count_only:
         out["count_only"] = True
+    if op.sort_order != "NONE":
+        out["sort_order"] = op.sort_order
+    if op.sort_target != "KEY":
+        out["sort_target"] = op.sort_target
+    for field in ("min_mod_revision", "max_mod_revision", "min_create_revision",
+                  "max_create_revision"):
+        if getattr(op, field):
+            out[field] = getattr(op, field)
     return out
 
 
@@ -529,9 +538,8 @@ class EtcdClient:
         return put_response(self._call("/v3/kv/put", put_json(op)))
 
     def get(self, key, range_end=None, prefix: bool = False, revision: int = 0, limit: int = 0,
-            keys_only: bool = False, count_only: bool = False) -> RangeResponse:
-        k, end = resolve_range(key, range_end, prefix)
-        op = RangeOp(k, end, int(revision), int(limit), bool(keys_only), bool(count_only))
+            keys_only: bool = False, count_only: bool = False, **options) -> RangeResponse:
+        op = op_get(key, range_end, prefix, revision, limit, keys_only, count_only, **options)
         return range_response(self._call("/v3/kv/range", range_json(op)))
 
     def delete(self, key, range_end=None, prefix: bool = False,

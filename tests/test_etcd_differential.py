@@ -1138,6 +1138,44 @@ def scenario_large_values(c):
 
 
 @scenario({
+    "by mod desc": {"count": 5, "kvs.0.key": b"s/c", "kvs.4.key": b"s/d"},
+    "by create asc limit 2": {"count": 5, "more": True, "kvs#": 2, "kvs.0.key": b"s/c"},
+    "by version (asc by default)": {"kvs.0.key": b"s/b", "kvs.4.key": b"s/c"},
+    "by value desc": {"kvs.0.value": b"z"},
+    "max create 4": {"count": 5, "kvs#": 2, "kvs.0.key": b"s/c", "kvs.1.key": b"s/d"},
+    "min mod 6 limit 1": {"count": 5, "more": True, "kvs#": 1},
+    "mod 5..6 keys_only": {"count": 5, "kvs#": 1, "kvs.0.key": b"s/e", "kvs.0.value": b""},
+    "filters and count_only": {"count": 5, "kvs": []},
+    "txn get by create desc": {"responses.0.kvs.0.key": b"s/a", "responses.0.more": True},
+})
+def scenario_range_sort_and_filters(c):
+    """etcd's RangeRequest sort_order / sort_target and min/max mod/create revision: the
+    count is the whole range, filters apply first, then the sort, then the limit."""
+    t = T(c)
+    for k, v in (("s/c", "m"), ("s/d", "z"), ("s/b", "a"), ("s/e", "b"), ("s/a", "m")):
+        t.do(f"put {k}", c.put, k, v)  # revisions 2..6: c=2 d=3 b=4 e=5 a=6
+    t.do("put a again", c.put, "s/a", "n")  # 7: a has version 2
+    t.do("put c again", c.put, "s/c", "o")  # 8: c has version 2
+    t.do("by mod desc", c.get, "s/", prefix=True, sort_order="descend", sort_target="mod")
+    t.do("by create asc limit 2", c.get, "s/", prefix=True, sort_order="ascend",
+         sort_target="create", limit=2)
+    t.do("by version (asc by default)", c.get, "s/", prefix=True, sort_target="version")
+    t.do("by value desc", c.get, "s/", prefix=True, sort_order="descend", sort_target="value")
+    t.do("by key desc", c.get, "s/", prefix=True, sort_order="descend")
+    t.do("max create 4", c.get, "s/", prefix=True, max_create_revision=3)
+    t.do("min mod 6 limit 1", c.get, "s/", prefix=True, min_mod_revision=6, limit=1)
+    t.do("mod 5..6 keys_only", c.get, "s/", prefix=True, min_mod_revision=5,
+         max_mod_revision=6, keys_only=True)
+    t.do("filters and count_only", c.get, "s/", prefix=True, min_create_revision=4,
+         count_only=True)
+    t.do("past revision, by create desc", c.get, "s/", prefix=True, revision=6,
+         sort_order="descend", sort_target="create")
+    t.do("txn get by create desc", c.txn, success=[
+        op_get("s/", prefix=True, sort_order="descend", sort_target="create", limit=1)])
+    return t.out
+
+
+@scenario({
     "w0.ev": {"revision": 2, "events.0.kv.key": b"\x00"},
     "wp.ev": {"revision": 3, "events.0.kv.key": b"a\x00b"},
     "get from \\0": {"count": 4},

@@ -66,25 +66,37 @@ class Model:
                 state[k] = v
         return state
 
-    def read(self, state, key, end, limit, keys_only, count_only, cur) -> RangeResponse:
-        kvs = [state[k] for k in sorted(state) if in_range(k, key, end)]
-        count = len(kvs)
-        if count_only:
+    def read(self, state, op: RangeOp, cur) -> RangeResponse:
+        kvs = [state[k] for k in sorted(state) if in_range(k, op.key, op.range_end)]
+        count = len(kvs)  # etcd counts the range before its revision filters
+        if op.count_only:
             return RangeResponse(cur, [], count, False)
-        more = 0 < limit < count
-        if limit > 0:
-            kvs = kvs[:limit]
-        if keys_only:
+        kvs = [kv for kv in kvs
+               if (not op.min_mod_revision or kv.mod_revision >= op.min_mod_revision)
+               and (not op.max_mod_revision or kv.mod_revision <= op.max_mod_revision)
+               and (not op.min_create_revision or kv.create_revision >= op.min_create_revision)
+               and (not op.max_create_revision or kv.create_revision <= op.max_create_revision)]
+        order = op.sort_order
+        if order == "NONE" and op.sort_target != "KEY":
+            order = "ASCEND"
+        if order != "NONE":
+            field = {"KEY": "key", "VERSION": "version", "CREATE": "create_revision",
+                     "MOD": "mod_revision", "VALUE": "value"}[op.sort_target]
+            kvs.sort(key=lambda kv: getattr(kv, field), reverse=order == "DESCEND")
+        more = 0 < op.limit < len(kvs)
+        if op.limit > 0:
+            kvs = kvs[:op.limit]
+        if op.keys_only:
             kvs = [KeyValue(k.key, b"", k.create_revision, k.mod_revision, k.version) for k in kvs]
         return RangeResponse(cur, kvs, count, more)
 
-    def range(self, key, end, revision, limit, keys_only, count_only):
-        if revision > self.rev:
+    def range(self, op: RangeOp):
+        if op.revision > self.rev:
             raise FutureRevisionError()
-        rev = revision if revision > 0 else self.rev
+        rev = op.revision if op.revision > 0 else self.rev
         if rev < self.compacted:
             raise CompactedError()
-        return self.read(self.at(rev), key, end, limit, keys_only, count_only, self.rev), []
+        return self.read(self.at(rev), op, self.rev), []
 
     def put(self, key, value, prev_kv, ignore_value):
         return self._single(PutOp(key, value, prev_kv, ignore_value))
@@ -172,8 +184,7 @@ class Model:
                     out.append(None)
                     continue
                 state = work if op.revision <= 0 else self.at(op.revision)
-                args = (op.key, op.range_end, op.limit, op.keys_only, op.count_only, cur)
-                out.append(self.read(state, *args))
+                out.append(self.read(state, op, cur))
             elif type(op) is PutOp:
                 prev = work.get(op.key)
                 if op.ignore_value and prev is None:
@@ -255,7 +266,11 @@ puts = st.one_of(
 )
 deletes = st.builds(DeleteOp, keys, ends, st.booleans())
 ranges = st.builds(
-    RangeOp, keys, ends, st.integers(-1, 14), st.integers(0, 3), st.booleans(), st.booleans()
+    RangeOp, keys, ends, st.integers(-1, 14), st.integers(0, 3), st.booleans(), st.booleans(),
+    st.sampled_from(["NONE", "NONE", "ASCEND", "DESCEND"]),
+    st.sampled_from(["KEY", "KEY", "VERSION", "CREATE", "MOD", "VALUE"]),
+    st.sampled_from([0, 0, 3, 6]), st.sampled_from([0, 0, 5, 9]),
+    st.sampled_from([0, 0, 3, 6]), st.sampled_from([0, 0, 5, 9]),
 )
 compares = st.one_of(
     st.builds(
@@ -364,7 +379,7 @@ class MVCCMachine(RuleBasedStateMachine):
     def read(self, op, back, relative):
         if relative:  # aim at the retained window
             op = op._replace(revision=self.model.rev - back)
-        same(lambda: self.store.apply(op), lambda: self.model.range(*op))
+        same(lambda: self.store.apply(op), lambda: self.model.range(op))
 
     @rule()
     def snapshot_round_trip(self):

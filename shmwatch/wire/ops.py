@@ -70,8 +70,12 @@ class PutOp(NamedTuple):
     ignore_value: bool = False
 
 
+SORT_ORDERS = ("NONE", "ASCEND", "DESCEND")
+SORT_TARGETS = ("KEY", "VERSION", "CREATE", "MOD", "VALUE")
+
+
 class RangeOp(NamedTuple):
-    """etcd's RangeRequest inside a txn; build it with `op_get`."""
+    """etcd's RangeRequest (inside a txn too); build it with `op_get`."""
 
     key: bytes
     range_end: bytes | None = None
@@ -79,6 +83,12 @@ class RangeOp(NamedTuple):
     limit: int = 0
     keys_only: bool = False
     count_only: bool = False
+    sort_order: str = "NONE"  # SORT_ORDERS
+    sort_target: str = "KEY"  # SORT_TARGETS
+    min_mod_revision: int = 0  # 0: no bound
+    max_mod_revision: int = 0
+    min_create_revision: int = 0
+    max_create_revision: int = 0
 
 
 class DeleteOp(NamedTuple):
@@ -138,11 +148,25 @@ def op_put(key, value=b"", prev_kv: bool = False, ignore_value: bool = False) ->
     return PutOp(to_bytes(key), to_bytes(value, "value"), bool(prev_kv), bool(ignore_value))
 
 
+def _choice(value: str, choices: tuple[str, ...], what: str) -> str:
+    v = str(value).upper()
+    if v not in choices:
+        raise ValueError(f"{what} must be one of {', '.join(c.lower() for c in choices)}, "
+                         f"not {value!r}")
+    return v
+
+
 def op_get(key, range_end=None, prefix: bool = False, revision: int = 0, limit: int = 0,
-           keys_only: bool = False, count_only: bool = False) -> RangeOp:
+           keys_only: bool = False, count_only: bool = False, *, sort_order: str = "none",
+           sort_target: str = "key", min_mod_revision: int = 0, max_mod_revision: int = 0,
+           min_create_revision: int = 0, max_create_revision: int = 0) -> RangeOp:
     """A range read inside a txn (clientv3's `OpGet`); the arguments are `Client.get`'s."""
     k, end = resolve_range(key, range_end, prefix)
-    return RangeOp(k, end, int(revision), int(limit), bool(keys_only), bool(count_only))
+    return RangeOp(k, end, int(revision), int(limit), bool(keys_only), bool(count_only),
+                   _choice(sort_order, SORT_ORDERS, "sort_order"),
+                   _choice(sort_target, SORT_TARGETS, "sort_target"),
+                   int(min_mod_revision), int(max_mod_revision), int(min_create_revision),
+                   int(max_create_revision))
 
 
 def op_delete(key, range_end=None, prefix: bool = False, prev_kv: bool = False) -> DeleteOp:

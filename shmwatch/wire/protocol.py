@@ -27,7 +27,17 @@ from typing import NamedTuple
 import msgpack
 
 from .errors import ProtocolError, error_from_code
-from .ops import RESULTS, TARGETS, Compare, DeleteOp, PutOp, RangeOp, TxnOp
+from .ops import (
+    RESULTS,
+    SORT_ORDERS,
+    SORT_TARGETS,
+    TARGETS,
+    Compare,
+    DeleteOp,
+    PutOp,
+    RangeOp,
+    TxnOp,
+)
 from .types import (
     CompactResponse,
     DeleteRangeResponse,
@@ -243,7 +253,7 @@ def encode_op(op) -> list:
     if isinstance(op, PutOp):
         return [K_PUT, op.key, op.value, op.prev_kv, op.ignore_value]
     if isinstance(op, RangeOp):
-        return [K_RANGE, op.key, op.range_end, op.revision, op.limit, op.keys_only, op.count_only]
+        return [K_RANGE, *op]
     if isinstance(op, DeleteOp):
         return [K_DELETE, op.key, op.range_end, op.prev_kv]
     if isinstance(op, TxnOp):
@@ -299,10 +309,16 @@ def decode_op(o, depth: int = 0):
             return PutOp(_bytes(key, "key"), _bytes(value, "value"), _bool(prev_kv, "prev_kv"),
                          _bool(ignore_value, "ignore_value"))
         if kind == K_RANGE:
-            _, key, end, rev, limit, keys_only, count_only = o
+            (_, key, end, rev, limit, keys_only, count_only, order, target, min_mod, max_mod,
+             min_create, max_create) = o
+            if order not in SORT_ORDERS or target not in SORT_TARGETS:
+                raise ProtocolError("shmwatch: unknown sort order or target")
             return RangeOp(_bytes(key, "key"), _opt_bytes(end, "range_end"), _int(rev, "revision"),
                            _int(limit, "limit"), _bool(keys_only, "keys_only"),
-                           _bool(count_only, "count_only"))
+                           _bool(count_only, "count_only"), order, target,
+                           _int(min_mod, "min_mod_revision"), _int(max_mod, "max_mod_revision"),
+                           _int(min_create, "min_create_revision"),
+                           _int(max_create, "max_create_revision"))
         if kind == K_DELETE:
             _, key, end, prev_kv = o
             return DeleteOp(_bytes(key, "key"), _opt_bytes(end, "range_end"), _bool(prev_kv, "prev_kv"))

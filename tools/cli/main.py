@@ -21,7 +21,6 @@ from shm.errors import ShmError
 from shmwatch import __version__
 from shmwatch.wire import errors
 from shmwatch.wire.ops import DeleteOp, PutOp, RangeOp, op_delete, op_put, resolve_range
-from shmwatch.wire.types import RangeResponse, TxnResponse
 
 from .args import (
     EXIT_BAD_ARGS,
@@ -64,41 +63,9 @@ def arg_bytes(s: str) -> bytes:
     return s.encode("utf-8", "surrogateescape")
 
 
-# etcdctl's --sort-by words -> the KeyValue field they sort on
-SORT_TARGETS = {"CREATE": "create_revision", "KEY": "key", "MODIFY": "mod_revision",
-                "VALUE": "value", "VERSION": "version"}
-
-
-@dataclass(frozen=True)
-class GetRequest:
-    """A range read as etcdctl asks for it. etcd sorts on the server; the broker does
-    not sort, so a sorted read fetches the whole range (as etcd does internally: sort,
-    then cut to `limit`) and sorts here."""
-
-    op: RangeOp
-    sort_field: str | None = None  # a KeyValue field, or None: key order
-    descend: bool = False
-
-    def wire_op(self) -> RangeOp:
-        """What to ask the broker: for a sorted read, every kv of the range, values too."""
-        if self.sort_field is None:
-            return self.op
-        return self.op._replace(limit=0, keys_only=False)
-
-    def finish(self, r: RangeResponse) -> RangeResponse:
-        """The response etcd would give: sorted (stable: ties keep key order, as Go's
-        sort does for the 12 or fewer items it insertion-sorts), cut to `limit`.
-        O(n log n) in the size of the range."""
-        if self.sort_field is None:
-            return r
-        field = self.sort_field
-        kvs = sorted(r.kvs, key=lambda kv: getattr(kv, field), reverse=self.descend)
-        more = 0 < self.op.limit < len(kvs)
-        if more:
-            kvs = kvs[:self.op.limit]
-        if self.op.keys_only:
-            kvs = [kv._replace(value=b"") for kv in kvs]
-        return RangeResponse(r.revision, kvs, r.count, more)
+# etcdctl's --sort-by words -> etcd's RangeRequest sort targets
+SORT_TARGETS = {"CREATE": "CREATE", "KEY": "KEY", "MODIFY": "MOD", "VALUE": "VALUE",
+                "VERSION": "VERSION"}
 
 
 def build_put(values: dict, args: list[str], read_stdin: Callable[[], bytes]) -> PutOp:
@@ -134,7 +101,7 @@ def _range(args: list[str], prefix: bool, from_key: bool) -> tuple[bytes, bytes 
     return k, (arg_bytes(args[1]) or None) if len(args) > 1 else None
 
 
-def build_get(values: dict, args: list[str]) -> GetRequest:
+def build_get(values: dict, args: list[str]) -> RangeOp:
     """etcdctl's getGetOp, checks in its order."""
     if not args:
         raise CliError(EXIT_BAD_ARGS,
@@ -154,13 +121,12 @@ def build_get(values: dict, args: list[str]) -> GetRequest:
     if target not in SORT_TARGETS:
         raise CliError(EXIT_BAD_FEATURE, f"bad sort target {values['sort-by']}")
     key, end = _range(args, values["prefix"], values["from-key"])
-    op = RangeOp(key, end, max(0, values["rev"]), max(0, values["limit"]),
-                 values["keys-only"], values.get("count-only", False))
-    # clientv3 drops ASCEND on KEY (the natural order); etcd sorts any other target
-    # ascending when no order is given.
-    if target == "KEY" and order != "DESCEND":
-        return GetRequest(op)
-    return GetRequest(op, SORT_TARGETS[target], order == "DESCEND")
+    # clientv3 drops ASCEND on KEY (the natural order); the broker, as etcd, sorts any
+    # other target ascending when no order is given.
+    sort_order = order if order and not (target == "KEY" and order == "ASCEND") else "NONE"
+    return RangeOp(key, end, max(0, values["rev"]), max(0, values["limit"]),
+                   values["keys-only"], values.get("count-only", False), sort_order,
+                   SORT_TARGETS[target])
 
 
 def build_del(values: dict, args: list[str]) -> DeleteOp:
@@ -249,14 +215,10 @@ def run_put(c, inv: Invocation, op: PutOp) -> None:
     inv.write(json_put(r, inv.cluster_id) if inv.fmt == "json" else simple_put(r, inv.hex))
 
 
-def run_range(c, req: GetRequest) -> RangeResponse:
-    op = req.wire_op()
-    return req.finish(c.get(op.key, op.range_end, revision=op.revision, limit=op.limit,
-                            keys_only=op.keys_only, count_only=op.count_only))
-
-
-def run_get(c, inv: Invocation, req: GetRequest) -> None:
-    r = run_range(c, req)
+def run_get(c, inv: Invocation, op: RangeOp) -> None:
+    r = c.get(op.key, op.range_end, revision=op.revision, limit=op.limit,
+              keys_only=op.keys_only, count_only=op.count_only, sort_order=op.sort_order,
+              sort_target=op.sort_target)
     if inv.fmt == "json":
         inv.write(json_get(r, inv.cluster_id))
     elif inv.fmt == "table":
@@ -271,14 +233,7 @@ def run_del(c, inv: Invocation, op: DeleteOp) -> None:
 
 
 def run_txn(c, inv: Invocation, txn) -> None:
-    def wire(ops):
-        return [op.wire_op() if isinstance(op, GetRequest) else op for op in ops]
-
-    r = c.txn(txn.compares, wire(txn.success), wire(txn.failure))
-    ran = txn.success if r.succeeded else txn.failure
-    r = TxnResponse(r.revision, r.succeeded,
-                    [op.finish(sub) if isinstance(op, GetRequest) else sub
-                     for op, sub in zip(ran, r.responses)])
+    r = c.txn(txn.compares, txn.success, txn.failure)
     inv.write(json_txn(r, inv.cluster_id) if inv.fmt == "json" else simple_txn(r, inv.hex))
 
 
@@ -327,7 +282,7 @@ def _prepare_put(inv: Invocation) -> PutOp:
     return build_put(inv.values, inv.args, lambda: sys.stdin.buffer.read())
 
 
-def _prepare_get(inv: Invocation) -> GetRequest:
+def _prepare_get(inv: Invocation) -> RangeOp:
     req = build_get(inv.values, inv.args)
     if inv.values["print-value-only"] and inv.fmt != "simple":
         raise CliError(EXIT_BAD_ARGS, "print-value-only is only for `--write-out=simple`")
