@@ -335,7 +335,8 @@ def test_py_typed_and_the_version_ship_with_the_package(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     for pkg in ("clientlib", "broker", "shmwatch"):
         assert (tmp_path / "out" / pkg / "py.typed").is_file(), pkg
-    assert (tmp_path / "out" / "shmwatch" / "tools" / "stress.py").is_file()
+    for module in ("stress/__main__.py", "stress/workers.py", "top/__main__.py", "top/live.py"):
+        assert (tmp_path / "out" / "shmwatch" / "tools" / module).is_file(), module
     assert (tmp_path / "out" / "shmwatch" / "wire" / "protocol.py").is_file()
     assert not (tmp_path / "out" / "tools").exists()
     info = (tmp_path / "shmwatch.egg-info" / "PKG-INFO").read_text()

@@ -468,7 +468,7 @@ def test_a_broker_that_is_not_running(capsys):
 class Tmux:
     """tools/top in a detached tmux server on its own socket, killed by `close()`.
 
-    The pane runs `tools/top ARGS; stty -a > STTY; echo $? > RC`: the RC file appears
+    The pane runs `python3 tools/top ARGS; stty -a > STTY; echo $? > RC`: the RC file appears
     when tools/top has ended (tmux's own #{pane_dead_status} races with its reaping of
     the pane's process), STTY shows the terminal modes it left behind."""
 
