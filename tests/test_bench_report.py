@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import json
 
-from shmwatch.tools.benchkit import report
-from shmwatch.tools.benchkit.profiles import PROFILES
-from shmwatch.tools.benchkit.report.sections import SECTIONS
-from shmwatch.tools.benchkit.results import Results, Run
-from shmwatch.tools.benchkit.workloads import NAMES
+from shmwatch.tools.bench import report
+from shmwatch.tools.bench.profiles import PROFILES
+from shmwatch.tools.bench.report.sections import SECTIONS
+from shmwatch.tools.bench.results import Results, Run
+from shmwatch.tools.bench.workloads import NAMES
 
 MACHINE = {
     "git": "abc1234", "cpu": "Test CPU", "cores": 2, "python": "3.11.7",

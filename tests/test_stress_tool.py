@@ -17,9 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from shmwatch.tools.stress import (
-    START_COMPACT, Compactions, History, Stream, WatchSpec, check_writes, verify_stream,
-    write_record,
+from shmwatch.tools.stress.records import write_record
+from shmwatch.tools.stress.spec import START_COMPACT, WatchSpec
+from shmwatch.tools.stress.verify import (
+    Compactions, History, Stream, check_writes, stream_report, verify_stream,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -241,6 +242,43 @@ def test_the_compaction_revision_may_come_in_etcds_compacted_form(tmp_path):
     assert verify_stream(late, s, h, NONE) == []
     # a log that wrapped on its own: any revision up to the last compaction
     assert verify_stream(sp, stream(tmp_path, h, sp, [8]), h, Compactions(set(), 7, True)) == []
+
+
+def test_a_stream_row_says_how_its_process_ended(tmp_path):
+    h = history()
+    sp = spec()
+    s = stream(tmp_path, h, sp, h.revs)
+    row = stream_report("watcher-fast-1", sp, s, h, NONE, reference_ok=True, killed=False,
+                        exitcode=0)
+    assert (row["status"], row["checked"], row["problems"]) == ("ok", True, [])
+    # from now: the revision after the one its `created` response carried
+    assert (row["first"], row["last"], row["events"]) == (2, 8, s.events)
+    # a killed one is judged by what it recorded until it died
+    killed = stream_report("w", sp, stream(tmp_path, h, sp, [2, 3], tail=None), h, NONE,
+                           reference_ok=True, killed=True, exitcode=-9)
+    assert killed["status"] == "killed" and killed["problems"] == []
+    crashed = stream_report("w", sp, s, h, NONE, reference_ok=True, killed=False, exitcode=1)
+    assert crashed["status"] == "FAILED" and "exit code 1" in crashed["problems"][0]
+    silent = stream_report("w", sp, Stream(), h, NONE, reference_ok=True, killed=False,
+                           exitcode=0)
+    assert silent["problems"] == ["no watch response recorded"]
+    # without a usable reference nothing is checked, and the row says so
+    gap = stream(tmp_path, h, sp, [2, 4])
+    unchecked = stream_report("w", sp, gap, h, NONE, reference_ok=False, killed=False,
+                              exitcode=0)
+    assert unchecked["checked"] is False and unchecked["problems"] == []
+    cancelled = stream(tmp_path, h, spec(start=1), [2, 3, 4], tail=("cancel", 6))
+    assert stream_report("w", spec(start=1), cancelled, h, Compactions({6}, 6, False),
+                         reference_ok=True, killed=False, exitcode=0)["status"] == "compacted"
+
+
+def test_a_replacement_resumes_after_the_last_revision_delivered(tmp_path):
+    h = history()
+    sp = spec(start=3)
+    assert stream(tmp_path, h, sp, [3, 4, 5], tail=None).resume_from() == 6
+    assert stream(tmp_path, h, sp, [], tail=None).resume_from() == 3  # nothing yet
+    assert Stream.from_records([]).resume_from() == 0  # died before its watch: from now
+    assert Stream.from_records([("resp", 0, 7, True, False, 0, "", ())]).resume_from() == 8
 
 
 # =============================================================================== runs

@@ -23,6 +23,7 @@ import broker
 import clientlib
 from broker.admin import read_stats
 from shmwatch.tools import top
+from shmwatch.tools.top import fmt, sampling, screen, state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "tools", "top")
@@ -149,7 +150,7 @@ def test_a_client_that_died_between_refreshes(broker_proc):
         assert p.stdout.readline().strip() == "ready"
         stats = wait_stats(broker_proc.name,
                            lambda s: any(c["pid"] == p.pid for c in s["clients"]))
-        mon = top.Monitor(broker_proc.name)
+        mon = state.Monitor(broker_proc.name)
         before = mon.enrich(stats)
         (row,) = [c for c in before["clients"] if c["pid"] == p.pid]
         assert row["alive"] and row["rss_bytes"] > 0
@@ -163,7 +164,7 @@ def test_a_client_that_died_between_refreshes(broker_proc):
     assert row["name"]  # remembered from when it was alive
     assert row["state"] == "ok"
     console = Console(width=120, record=True, file=io.StringIO())
-    console.print(top.render(after, width=120))
+    console.print(screen.render(after, width=120))
     (line,) = [ln for ln in console.export_text().splitlines() if str(p.pid) in ln]
     assert line.split()[-1] == "exited"
     # and the broker drops it: the next snapshots no longer list it
@@ -172,7 +173,7 @@ def test_a_client_that_died_between_refreshes(broker_proc):
 
 
 def test_recycled_pid_is_not_taken_for_the_client():
-    mon = top.Monitor("nobody")
+    mon = state.Monitor("nobody")
     me = psutil.Process()
     stats = {"pid": os.getpid(), "started": time.time() - 5, "time": time.time(),
              "writes": 0, "events_delivered": 0, "clients": [
@@ -187,32 +188,80 @@ def test_recycled_pid_is_not_taken_for_the_client():
 def test_unreadable_stats_of_a_live_broker_are_not_an_exit(monkeypatch):
     """A snapshot that never settles (or is not published yet) is a transient failure;
     only the broker's lock says whether it has exited."""
-    state = {"state": "alive"}
+    lock = {"state": "alive"}
 
     def no_stats(name):
         raise TimeoutError("did not publish a settled snapshot")
 
-    monkeypatch.setattr(top, "broker_info", lambda name: dict(state, name=name))
-    monkeypatch.setattr(top, "read_stats", no_stats)
-    mon = top.Monitor("x")
-    with pytest.raises(top.StatsUnavailable):
+    monkeypatch.setattr(sampling, "broker_info", lambda name: dict(lock, name=name))
+    monkeypatch.setattr(sampling, "read_stats", no_stats)
+    mon = state.Monitor("x")
+    with pytest.raises(sampling.StatsUnavailable):
         mon.sample()
-    state["state"] = "stale"
-    with pytest.raises(top.BrokerGone):
+    lock["state"] = "stale"
+    with pytest.raises(sampling.BrokerGone):
         mon.sample()
+
+
+class FakeMonitor:
+    """Answers `sample()` from a script: a view, or an exception to raise."""
+
+    def __init__(self, *answers):
+        self.answers = list(answers)
+
+    def sample(self) -> dict:
+        a = self.answers.pop(0)
+        if isinstance(a, Exception):
+            raise a
+        return a
+
+    def history(self):
+        return [1.0], [2.0]
+
+
+def test_live_state_follows_a_broker_that_goes_and_comes_back():
+    """The live view's state without a terminal: unreadable stats keep the last view; a
+    broker gone is waited for `wait_broker` seconds, then the exit message."""
+    mon = FakeMonitor({"pid": 1}, sampling.StatsUnavailable("unsettled"),
+                      sampling.BrokerGone("stale"), {"pid": 2}, sampling.BrokerGone("absent"),
+                      sampling.BrokerGone("absent"), sampling.BrokerGone("absent"))
+    ls = state.LiveState("demo", wait_broker=4)
+    assert ls.refresh(mon, 0) is None and ls.last == {"pid": 1}
+    assert ls.refresh(mon, 1) is None
+    assert ls.unavailable == "unsettled" and ls.last == {"pid": 1}
+    assert ls.refresh(mon, 2) is None and ls.gone_since == 2
+    assert "shmwatch cleanup" in ls.gone_reason and ls.unavailable is None
+    assert ls.refresh(mon, 3) is None and ls.gone_since is None and ls.last == {"pid": 2}
+    assert ls.refresh(mon, 10) is None and ls.gone_reason == ""
+    assert ls.refresh(mon, 13.9) is None  # not yet waited out
+    assert "exited and no broker of that name came back within 4s" in ls.refresh(mon, 14)
+    never = state.LiveState("demo", wait_broker=0)
+    assert "is not running (waited 0s)" in never.refresh(FakeMonitor(
+        sampling.BrokerGone("absent")), 0)
+
+
+def test_live_state_keys():
+    ls = state.LiveState("demo", wait_broker=1, last={"pid": 1})
+    mon = FakeMonitor()
+    assert ls.press("ss", mon) is False and ls.sort == state.SORTS[2]
+    assert ls.press("p", mon) is False and ls.paused
+    assert ls.frozen == ({"pid": 1}, ([1.0], [2.0]))  # the screen frozen as it was
+    assert ls.press(" ", mon) is False and not ls.paused and ls.frozen is None
+    assert ls.press("S" * (len(state.SORTS) - 2), mon) is False and ls.sort == "lag"
+    assert ls.press("xq", mon) is True
 
 
 def test_formatting_helpers():
-    assert top.sparkline([], 4) == "    "
-    assert top.sparkline([0, 1, 2, 4], 6) == "  ▁▃▅█"
-    assert top.sparkline(range(100), 3) == "███"  # the last 3, scaled to their own max
-    assert top.key_range("a", None) == "a"
-    assert top.key_range("k/", "k0") == "k/ (prefix)"
-    assert top.key_range("a", "\0") == "a (from key)"
-    assert top.key_range("a", "c") == "[a, c)"
-    assert top.fmt_bytes(3 << 20) == "3.0 MiB"
-    assert top.fmt_dur(3725) == "1h 02m 05s"
-    assert [top.client_state(c) for c in (
+    assert fmt.sparkline([], 4) == "    "
+    assert fmt.sparkline([0, 1, 2, 4], 6) == "  ▁▃▅█"
+    assert fmt.sparkline(range(100), 3) == "███"  # the last 3, scaled to their own max
+    assert fmt.key_range("a", None) == "a"
+    assert fmt.key_range("k/", "k0") == "k/ (prefix)"
+    assert fmt.key_range("a", "\0") == "a (from key)"
+    assert fmt.key_range("a", "c") == "[a, c)"
+    assert fmt.fmt_bytes(3 << 20) == "3.0 MiB"
+    assert fmt.fmt_dur(3725) == "1h 02m 05s"
+    assert [state.client_state(c) for c in (
         {"victims": 1, "max_lag": 5}, {"victims": 0, "max_lag": 5},
         {"victims": 0, "max_lag": 0})] == ["victim", "lagging", "ok"]
 
@@ -227,14 +276,14 @@ def _client(slot, pid, *, lag=0, fill=0.0, victims=0, requests=0, label=None, cm
            "rss_bytes": 1 << 20, "requests_per_s": 0.0}
     if label is not None:
         row["label"] = label
-    row["state"] = top.client_state(row)
+    row["state"] = state.client_state(row)
     return row
 
 
 def _rows(view: dict, width: int = 160) -> list[str]:
     """The client rows of the rendered screen, as text, without the victim marker."""
     console = Console(width=width, record=True, file=io.StringIO())
-    console.print(top.render(view, width=width))
+    console.print(screen.render(view, width=width))
     pids = {str(c["pid"]) for c in view["clients"]}
     lines = [ln.strip().removeprefix("!") for ln in console.export_text().splitlines()]
     return [ln for ln in lines if len(ln.split()) > 1 and ln.split()[0] in pids]
@@ -267,20 +316,20 @@ def test_rows_whose_sort_figures_tie_keep_their_order():
     first = clients((0.1, 0.5, 0.3, 0.0), (0, 1, 2, 3, 4))
     second = clients((0.4, 0.0, 0.2, 0.6), (4, 3, 2, 1, 0))
     for snapshot in (first, second):
-        assert [c["pid"] for c in top.sort_clients(snapshot, "lag")] == [50, 10, 20, 30, 40]
+        assert [c["pid"] for c in state.sort_clients(snapshot, "lag")] == [50, 10, 20, 30, 40]
         assert [ln.split()[0] for ln in _rows({"clients": snapshot})] == \
             ["50", "10", "20", "30", "40"]
         # every column: equal figures fall back to pid order
-        for col in top.SORTS:
+        for col in state.SORTS:
             tied = [dict(c, cpu_percent=2.0, rss_bytes=1, worst_fill=0.0, max_lag=0,
                          victims=0, watchers=3, requests_per_s=5.0) for c in snapshot]
-            assert [c["pid"] for c in top.sort_clients(tied, col)] == [10, 20, 30, 40, 50]
+            assert [c["pid"] for c in state.sort_clients(tied, col)] == [10, 20, 30, 40, 50]
     # and a real difference still sorts: the fullest ring first
-    assert [c["pid"] for c in top.sort_clients(second, "fill")][:2] == [40, 30]
+    assert [c["pid"] for c in state.sort_clients(second, "fill")][:2] == [40, 30]
     watchers = [{"pid": p, "watch_id": w, "lag": lag, "fill": f}
                 for p, w, lag, f in ((9, 2, 5, 0.1), (3, 1, 5, 0.9), (9, 1, 5, 0.5),
                                      (4, 0, 8, 0.0))]
-    assert [(w["pid"], w["watch_id"]) for w in top.sort_watchers(watchers)] == \
+    assert [(w["pid"], w["watch_id"]) for w in state.sort_watchers(watchers)] == \
         [(4, 0), (3, 1), (9, 1), (9, 2)]
 
 
@@ -294,7 +343,7 @@ def test_the_header_of_a_broker_that_exited_shows_no_figures():
             "watchers": {"total": 77, "synced": 70, "unsynced": 5, "victim": 2},
             "clients": [_client(0, 101, label="writer-1")]}
     console = Console(width=120, record=True, file=io.StringIO())
-    console.print(top.render_waiting("demo", "broker demo (pid 4321) has exited", last=last,
+    console.print(screen.render_waiting("demo", "broker demo (pid 4321) has exited", last=last,
                                      width=120, height=40, sort="lag"))
     text = console.export_text()
     assert "has exited" in text and "4321" in text
@@ -326,7 +375,7 @@ def test_a_multiprocessing_worker_is_told_apart(broker_proc):
         assert ready.wait(30)
         stats = wait_stats(broker_proc.name,
                            lambda s: any(c["pid"] == p.pid for c in s["clients"]))
-        view = top.Monitor(broker_proc.name).enrich(stats)
+        view = state.Monitor(broker_proc.name).enrich(stats)
         (row,) = [c for c in view["clients"] if c["pid"] == p.pid]
         (line,) = [ln for ln in _rows(view, width=160) if ln.split()[0] == str(p.pid)]
         if "label" in row:
@@ -354,7 +403,7 @@ def test_list_shows_the_broker_alive(broker_proc, client, capsys):
     assert row["state"] == "alive" and row["pid"] == broker_proc.pid
     assert row["clients"] == 1
 
-    # the executable script, as users run it
+    # the checkout's script, as users run it (`python3 tools/top`: the package's folder)
     r = subprocess.run([sys.executable, SCRIPT, "--list"], capture_output=True, text=True,
                        timeout=30, cwd="/", check=False)
     assert r.returncode == 0, r.stderr
@@ -395,7 +444,7 @@ def test_a_broker_that_is_not_running(capsys):
 class Tmux:
     """tools/top in a detached tmux server on its own socket, killed by `close()`.
 
-    The pane runs `tools/top ARGS; stty -a > STTY; echo $? > RC`: the RC file appears
+    The pane runs `python3 tools/top ARGS; stty -a > STTY; echo $? > RC`: the RC file appears
     when tools/top has ended (tmux's own #{pane_dead_status} races with its reaping of
     the pane's process), STTY shows the terminal modes it left behind."""
 

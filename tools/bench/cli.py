@@ -10,14 +10,14 @@ The peers run the same writers and readers over multiprocessing.Queue, pyzmq PUB
 an ipc socket, Redis pub/sub on a loopback redis-server and etcd watch on a loopback etcd
 (its v3 JSON gateway, standard library only). Peers whose software is missing are
 skipped with a line that says so. The workloads (W1..W5, MEM) are described in
-tools/benchkit/workloads/__init__.py and in BENCHMARKS.md.
+tools/bench/workloads/__init__.py and in BENCHMARKS.md.
 
 Repetitions are interleaved: repetition r runs every workload through every transport
 before repetition r+1 starts, so the machine's noise hits everyone alike; the report gives
 medians with min-max, and shmwatch/peer ratios as the median of per-repetition ratios.
 
 This module is the command: its options, the run from start to exit code, and where the
-outputs go. How anything is measured lives in tools/benchkit/ (see its __init__).
+outputs go. How anything is measured lives in the other modules of tools/bench/ (see its __init__).
 Every process the tool starts is stopped by its pid at the end (also on Ctrl-C, SIGTERM
 or an error); brokers through their handles; nothing of ours is left in /dev/shm.
 """
@@ -31,13 +31,13 @@ import sys
 import time
 from dataclasses import replace
 
-from .benchkit import log, report
-from .benchkit.machine import LoadMeter, external_busy, machine_info
-from .benchkit.procs import REG
-from .benchkit.profiles import PROFILES, Profile
-from .benchkit.session import Session
-from .benchkit.transports import PEERS
-from .benchkit.workloads import NAMES, WORKLOADS
+from . import log, report
+from .machine import LoadMeter, external_busy, machine_info
+from .procs import REG
+from .profiles import PROFILES, Profile
+from .session import Session
+from .transports import PEERS
+from .workloads import NAMES, WORKLOADS
 
 USAGE_ERROR = 2
 INTERRUPTED = 130  # as a shell reports a command ended by SIGINT

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import psutil
 
-CHECKOUT = Path(__file__).resolve().parents[2]  # tools/benchkit/machine.py -> the checkout
+CHECKOUT = Path(__file__).resolve().parents[2]  # tools/bench/machine.py -> the checkout
 BUSY_PCT = 10  # another process using this share of a core counts as busy
 VERSIONS_OF = ("msgpack", "zmq", "redis", "posix_ipc")
 SERVERS = ("redis-server", "etcd")  # each answers --version

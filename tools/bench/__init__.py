@@ -1,6 +1,7 @@
-"""The parts of `tools/bench` (the command itself, its options and exit code, is
-tools/bench.py). One job per module:
+"""`tools/bench` (also `shmwatch bench`): shmwatch beside its peers on the same
+workloads. One job per module:
 
+    cli           the command: its options, the run from start to exit code, outputs
     profiles      the sizes of a run: --smoke, --quick, full
     record        what a benchmark record is: key and value layout, the send-time stamp
     results       the figures of a run (what workloads record, what the report reads)
@@ -26,3 +27,10 @@ import sys
 def log(msg: str) -> None:
     """A line of progress on stderr (stdout stays free for whoever runs us)."""
     print(msg, file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmarks (see `cli`)."""
+    from .cli import main as run
+
+    return run(argv)
