@@ -55,9 +55,19 @@ class BrokerConfig:
                            ("--rings-per-arena", self.rings_per_arena),
                            ("--max-request-bytes", self.max_request_bytes),
                            ("--max-watchers-per-sync", self.max_watchers_per_sync),
-                           ("--snapshot-every", self.snapshot_every)):
+                           ("--snapshot-every", self.snapshot_every),
+                           ("--max-watchers-per-client", self.max_watchers_per_client),
+                           ("--max-response-bytes", self.max_response_bytes)):
             if value < 1:
                 raise ValueError(f"{opt} must be at least 1, got {value}")
+        if not 0 < self.progress_notify_interval < float("inf"):  # also refuses nan
+            # 0 or less made an idle broker notify on every pass: a core spinning.
+            raise ValueError(f"--progress-notify-interval must be a positive number of "
+                             f"seconds, got {self.progress_notify_interval}")
+        if self.mode & ~0o777 or self.mode & 0o002:
+            raise ValueError(f"--mode {self.mode:o}: clients refuse a broker whose shared "
+                             f"memory everyone may write; give permission bits such as 600, "
+                             f"or 660 with --group")
         if self.group is not None and not str(self.group).isdigit():
             try:
                 grp.getgrnam(self.group)

@@ -85,7 +85,7 @@ class History:
         revision as a watch still gets it. Raises `HistoryDamaged` (contained)."""
         for rev, record in self._records(lo, hi):
             try:
-                events = read_log_record(record)
+                events = read_log_record(record, rev)
             except ProtocolError:
                 # A record with a valid checksum but not our encoding: written by others.
                 raise self._damaged(rev, f"revision log: undecodable record for revision {rev}") from None

@@ -75,6 +75,9 @@ class StatsWriter:
     def __init__(self, seg: Segment):
         self.seg = seg
         self.words = seg.payload[:16].cast("Q")
+        # The sequence is ours: never computed from the shared word, which anyone with
+        # access can overwrite (2**64-1 + 1 used to raise out of the broker's loop).
+        self.seq = 0
 
     def publish(self, doc: dict) -> bool:
         """Write `doc`; False (nothing written) if it does not fit the segment."""
@@ -83,10 +86,11 @@ class StatsWriter:
         if len(data) > len(buf) - 64:
             return False
         sw = self.words
-        sw[0] += 1
+        self.seq += 2
+        sw[0] = self.seq - 1
         sw[1] = len(data)
         buf[16:16 + len(data)] = data
-        sw[0] += 1
+        sw[0] = self.seq
         return True
 
     def release(self) -> None:

@@ -363,6 +363,13 @@ class Registry:
     def new_arena(self, c: ClientConn) -> tuple[int, str]:
         """Another arena of watch rings for `c`: (its number, its segment's name)."""
         k = len(c.arenas)
+        if k * self.cfg.rings_per_arena >= self.cfg.max_watchers_per_client:
+            # Rings enough for every watch it may hold: the client asks for more only
+            # when all are in use, so its next watch would be refused anyway (and a
+            # client that asks regardless must not fill /dev/shm).
+            raise errors.TooManyWatchersError(
+                f"shmwatch: this client's watch rings already number the broker's "
+                f"--max-watchers-per-client ({self.cfg.max_watchers_per_client})")
         rs = ring_bytes(self.cfg.watch_ring_bytes)
         size = rs * self.cfg.rings_per_arena
         try:

@@ -63,6 +63,10 @@ log = logging.getLogger("shmwatch.broker")
 
 HOUSEKEEPING_S = 0.05  # registrations, liveness and heartbeat at most this often
 STATS_EVERY = 4  # publish metrics every 4th housekeeping pass (~5 times a second)
+# Look at every client slot at least every 20th pass (~1 s), whatever the registration
+# sequence says: it is shared memory, and a value written back behind our back (or
+# wrapped) must not hide a registration.
+SCAN_EVERY = 20
 # metrics walk every watcher: with many, publish less often (measured: 10k watchers at
 # 5 snapshots a second cost an idle broker 7% of a core).
 STATS_WATCHERS_PER_STEP = 2000
@@ -512,7 +516,7 @@ class Broker:
         for c in reg.dead_clients():
             log.info("client %s is gone: reclaiming its watchers and rings", c)
             self._disconnect(c)
-        if reg.registrations():
+        if reg.registrations() or self._house_passes % SCAN_EVERY == 0:
             reg.scan_slots()
 
 

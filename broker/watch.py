@@ -221,7 +221,8 @@ class WatchCore:
     def _write(self, w: Watcher, payload: bytes) -> None:
         """A control response (created, canceled, progress): written now if it fits and
         nothing is pending, else kept in order behind what is (a few dozen bytes,
-        never dropped). O(len)."""
+        never dropped). A synced or unsynced watcher left holding it waits as a victim
+        (its ring is full), so nothing is written ahead of it. O(len)."""
         out = w.out
         before = out.held
         try:
@@ -231,6 +232,10 @@ class WatchCore:
             self.faulted.add(w.owner)
             return
         self._written(w, before)
+        if out.pending and w.state in (S.SYNCED, S.UNSYNCED):
+            if w.state is S.SYNCED:
+                w.min_rev = self.cur_rev + 1  # it has every revision up to now
+            self._move(w, "ring_full")
 
     def _deliver(self, w: Watcher, blobs: list[bytes]) -> bool | None:
         """Write the responses of one revision (or one catch-up) to `w`, which holds
@@ -275,8 +280,16 @@ class WatchCore:
 
     def _has_room(self, w: Watcher) -> bool:
         """Whether `w`'s ring is free enough to be worth a catch-up response."""
-        sink = w.out.sink
-        return sink.free() >= sink.capacity * VICTIM_RESUME_FREE
+        return self._free(w) >= w.out.sink.capacity * VICTIM_RESUME_FREE
+
+    def _free(self, w: Watcher) -> int:
+        """Free bytes of `w`'s ring; -1 if its consumer published a bad tail (the shell
+        drops its owner, as for a failed write: never an exception out of the loop)."""
+        try:
+            return w.out.room()
+        except RingCorrupt:
+            self.faulted.add(w.owner)
+            return -1
 
     # ------------------------------------------------------------ the watch stream
 
@@ -486,7 +499,7 @@ class WatchCore:
                 self._move(w, "ring_full")
             else:
                 limit[w] = (self.max_response_bytes if not w.owner.held
-                            else w.out.room() - RESPONSE_OVERHEAD)
+                            else self._free(w) - RESPONSE_OVERHEAD)
                 group.add(w)
                 lo = w.min_rev if lo is None else min(lo, w.min_rev)
         return group, limit, lo

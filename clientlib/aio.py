@@ -248,20 +248,24 @@ class AsyncClient:
         out: list = [None] * len(msgs)
         waiting: list[tuple[int, int, asyncio.Future]] = []
         async with self._send_lock:
-            for i, msg in enumerate(msgs):
-                rid = c._req_id + 1
-                data = number(msg, rid)
-                if len(data) > c.max_request_bytes:
-                    out[i] = errors.RequestTooLargeError()
-                    continue
-                c._req_id = rid
-                fut = self._loop.create_future()
-                self._futures[rid] = fut
-                waiting.append((i, rid, fut))
-                await self._write(data)
-            if waiting:
-                c._req.publish()
-                c._broker_bell.ring()
+            try:
+                for i, msg in enumerate(msgs):
+                    rid = c._req_id + 1
+                    data = number(msg, rid)
+                    if len(data) > c.max_request_bytes:
+                        out[i] = errors.RequestTooLargeError()
+                        continue
+                    c._req_id = rid
+                    fut = self._loop.create_future()
+                    self._futures[rid] = fut
+                    waiting.append((i, rid, fut))
+                    await self._write(data)
+            finally:
+                # Also when cancelled: what was written goes now, never left in the ring
+                # to be applied whenever a later call publishes (after newer writes).
+                if waiting:
+                    c._req.publish()
+                    c._broker_bell.ring()
         try:
             for i, _rid, fut in waiting:
                 remaining = deadline - time.monotonic()

@@ -63,6 +63,20 @@ WAIT_SLICE_S = 0.05  # a dead broker is noticed within this
 SPIN = 200  # ready() checks before sleeping on the doorbell: ~50 us of spinning
 DEFAULT_TIMEOUT = 5.0
 REPLY_ENVELOPE = 64 << 10  # bytes of a reply beyond the broker's --max-response-bytes
+MAX_RINGS_PER_ARENA = 1 << 20  # a sanity bound on a control word (the default is 32)
+
+
+def _damaged(name: str, what: str, value: int) -> errors.ProtocolError:
+    return errors.ProtocolError(f"shmwatch: the control segment of broker {name!r} is "
+                                f"damaged: {what} {value}")
+
+
+def _ring_size(name: str, words, index: int) -> int:
+    """Bytes of a ring whose capacity is control word `index` (ProtocolError if bad)."""
+    try:
+        return ring_bytes(words[index])
+    except ValueError:
+        raise _damaged(name, "ring capacity", words[index]) from None
 
 
 def connect(name: str, timeout: float = DEFAULT_TIMEOUT, *, label: str | None = None) -> "Client":
@@ -146,7 +160,10 @@ class Client(Calls):
         self._cluster_id = words[L.CTL_CLUSTER_ID]
         self.max_request_bytes = words[L.CTL_MAX_REQUEST_BYTES]
         self._rings_per_arena = words[L.CTL_RINGS_PER_ARENA]
-        self._watch_ring_size = ring_bytes(words[L.CTL_WATCH_RING])
+        # Sizes read from shared memory lay out our rings: checked, never trusted.
+        if not 1 <= self._rings_per_arena <= MAX_RINGS_PER_ARENA:
+            raise _damaged(self.name, "rings per arena", self._rings_per_arena)
+        self._watch_ring_size = _ring_size(self.name, words, L.CTL_WATCH_RING)
         flag = self._ctl.payload[L.CTL_BROKER_SLEEPING * 8:L.CTL_BROKER_SLEEPING * 8 + 4]
         self._broker_bell = Doorbell.open(
             shm_name(self.name, L.bell_part(words[L.CTL_BELL_TOKEN])), flag)
@@ -165,8 +182,10 @@ class Client(Calls):
         self._seg = Segment.open(shm_name(self.name, part), kind=L.KIND_CLIENT,
                                  boot_id=self._boot_id)
         p = self._seg.payload
-        req_size = ring_bytes(words[L.CTL_REQUEST_RING])
-        resp_size = ring_bytes(words[L.CTL_RESPONSE_RING])
+        req_size = _ring_size(self.name, words, L.CTL_REQUEST_RING)
+        resp_size = _ring_size(self.name, words, L.CTL_RESPONSE_RING)
+        if L.CLIENT_HEADER + req_size + resp_size > len(p):
+            raise _damaged(self.name, "request and response ring sizes", req_size + resp_size)
         self._req = Ring(p[L.CLIENT_HEADER:L.CLIENT_HEADER + req_size])
         self._resp = Ring(p[L.CLIENT_HEADER + req_size:L.CLIENT_HEADER + req_size + resp_size],
                           max_message=words[L.CTL_MAX_RESPONSE_BYTES] + REPLY_ENVELOPE)
@@ -179,7 +198,9 @@ class Client(Calls):
         # copy and no mmap's internal dup keeps the parent's lock alive.
         fd = self._lock_fd = os.open(f"/proc/self/fd/{self._ctl.fd}", os.O_RDWR)
         me = psutil.Process()
-        for slot in range(words[L.CTL_MAX_CLIENTS]):
+        # Never past the end of the segment, whatever the (shared) word says.
+        slots = (len(words) - L.CTL_WORDS) // L.SLOT_WORDS
+        for slot in range(min(words[L.CTL_MAX_CLIENTS], slots)):
             if words[L.slot_word(slot, L.SLOT_STATE)] != L.SLOT_FREE:
                 continue
             if not try_lock(fd, L.slot_lock_byte(slot)):
@@ -194,7 +215,8 @@ class Client(Calls):
             self._ctl.payload[off:off + L.SLOT_LABEL_BYTES] = label.ljust(L.SLOT_LABEL_BYTES,
                                                                           b"\0")
             words[L.slot_word(slot, L.SLOT_STATE)] = L.SLOT_REQUESTED
-            words[L.CTL_REG_SEQ] += 1
+            # Wraps: the word is shared memory, and 2**64-1 must not stop a registration.
+            words[L.CTL_REG_SEQ] = (words[L.CTL_REG_SEQ] + 1) & ((1 << 64) - 1)
             self._broker_bell.ring()
             return slot
         raise errors.TooManyClientsError()

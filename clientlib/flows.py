@@ -164,6 +164,12 @@ def flow_take_ring(c):
         except ShmError:
             c._arenas.append(None)  # keeps step with the broker's numbering; never used
             raise
+        if c._rings_per_arena * c._watch_ring_size > len(seg.payload):
+            seg.close()
+            c._arenas.append(None)
+            raise errors.ProtocolError(
+                f"shmwatch: broker {c.name!r} sent an arena smaller than its control segment "
+                f"says ({c._rings_per_arena} x {c._watch_ring_size} bytes)")
         c._arenas.append(seg)
         c._free_rings.extend((k, i) for i in range(c._rings_per_arena - 1, -1, -1))
     return c._free_rings.pop()

@@ -222,7 +222,8 @@ class RevLog:
         if evicted or hq[_H_OLDEST] == 0:
             self._sync_header()
         else:
-            hq[_H_COUNT] += 1
+            # From the index, never from the shared word (anyone may have written it).
+            hq[_H_COUNT] = len(self._revs) - self._first
         return evicted
 
     def _evict_oldest(self) -> int:

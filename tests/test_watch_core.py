@@ -522,6 +522,8 @@ def test_every_watch_stream_equals_the_model(data):
             watchers.append((w, ring, [], start))
         elif r < 0.2:
             core.compact_rev = max(core.compact_rev, rnd.randrange(1, h.rev + 1))
+        elif r < 0.25:
+            core.request_progress(stream_of(core))
         else:
             if rnd.random() < 0.2 and h.kv:
                 commit(core, h, h.delete(rnd.choice(sorted(h.kv))))
@@ -558,6 +560,11 @@ def test_every_watch_stream_equals_the_model(data):
             assert evs == model
         revs = [r for _, _, r in evs]
         assert revs == sorted(revs)
+        # A progress response at R: every event up to R came before it, none after.
+        for i, r in enumerate(got):
+            if r.watch_id == -1:
+                later = [e.kv.mod_revision for x in got[i + 1:] for e in x.events]
+                assert all(rev > r.revision for rev in later), (r.revision, later)
         # Atomic: one revision is never split across responses (no fragment asked).
         seen: dict[int, int] = {}
         for i, r in enumerate(got):

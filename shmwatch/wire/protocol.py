@@ -578,15 +578,23 @@ def log_record(events: Sequence[Event]) -> tuple[bytes, list[LoggedEvent]]:
     return pack(logged), logged
 
 
-def read_log_record(payload: bytes) -> list[LoggedEvent]:
-    """A record written by `log_record`; ProtocolError if it is not one (the log is in
-    shared memory: anyone of the same uid could have written it)."""
+def read_log_record(payload: bytes, rev: int) -> list[LoggedEvent]:
+    """A record of revision `rev` written by `log_record`; ProtocolError if it is not
+    one. The log is in shared memory, which anyone of the same user can write (a valid
+    CRC proves nothing then), and watchers get these bytes as they are: each event is
+    decoded once here and checked to be exactly what its pieces claim. O(size)."""
     try:
         out = [LoggedEvent(*e) for e in msgpack.unpackb(payload, raw=False, use_list=False)]
-    except Exception:  # msgpack's several error types, or a wrong shape
-        raise ProtocolError("shmwatch: undecodable revision-log record") from None
-    for e in out:
-        if (e.type not in _EV_TYPES or type(e.key) is not bytes or type(e.head) is not bytes
-                or type(e.prev) is not bytes):
-            raise ProtocolError("shmwatch: malformed revision-log record")
+        if not out:
+            raise ValueError("no events")
+        for e in out:
+            if type(e.head) is not bytes or type(e.prev) is not bytes:
+                raise TypeError("pieces are not bytes")
+            t, kv, prev = msgpack.unpackb(e.head + e.prev, raw=False, use_list=False)
+            kv, prev = _kv(kv), _kv(prev)
+            if t != e.type or t not in _EV_TYPES or kv.key != e.key or kv.mod_revision != rev:
+                raise ValueError("event does not match its record")
+    except (ProtocolError, ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise ProtocolError(f"shmwatch: malformed revision-log record for revision {rev}: "
+                            f"{exc}") from None
     return out
