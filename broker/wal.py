@@ -400,9 +400,12 @@ def _prepare_dir(path: str) -> None:
             log.warning("data directory %s is mode %04o: other users can see the names in "
                         "it (its files are 0600); chmod 700 it to hide them", path, mode)
         return
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    os.mkdir(path, DIR_MODE)
-    os.chmod(path, DIR_MODE)  # the umask may have narrowed it
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        os.mkdir(path, DIR_MODE)
+        os.chmod(path, DIR_MODE)  # the umask may have narrowed it
+    except OSError as exc:  # a file of that name, no permission, a read-only parent
+        raise DataDirBusy(f"data directory {path!r} cannot be made: {exc.strerror}") from None
 
 
 def _lock(path: str) -> int:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from shm import layout as L
 from shm.errors import ShmError
+from shm.segment import shm_name
 from shmwatch import __version__
 from shmwatch.wire import errors
 from shmwatch.wire.ops import DeleteOp, PutOp, RangeOp, op_delete, op_put, resolve_range
@@ -385,6 +386,10 @@ def run_client_command(name: str, argv: list[str]) -> int:
     request = cmd.prepare(inv)
     _check_format(inv.fmt, cmd.formats)
     broker_name = values["name"] or os.environ.get("SHMWATCH_NAME") or "default"
+    try:
+        shm_name(broker_name, "ctl")
+    except ValueError as exc:  # before connecting: one error line, as for any bad flag
+        raise CliError(EXIT_ERROR, str(exc)) from None
     with connect(broker_name, timeout=values["timeout"]) as c:
         inv.cluster_id = _cluster_id(c)
         cmd.run(c, inv, request)

@@ -106,7 +106,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="compact the store this often, keeping one interval of history "
                         "(default: duration/4 for the embedded broker, 0 = never with --name)")
     p.add_argument("--min-streams", type=int, default=None,
-                   help="streams that must be verified with events to pass "
+                   help="streams that must be verified with events to pass, at least 1 "
                         "(default max(4, --watchers))")
     p.add_argument("--log-bytes", type=parse_size, default="16M",
                    help="embedded broker's revision log (default 16M)")
@@ -121,8 +121,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if a.min_streams is None:
         a.min_streams = max(4, a.watchers)
     if a.duration <= 0 or min(a.writers, a.watchers, a.slow, a.stall, a.stall_long,
-                              a.late, a.min_streams) < 0 or a.keys < 4:
+                              a.late) < 0 or a.keys < 4:
         p.error("--duration must be > 0, counts >= 0, --keys >= 4")
+    if a.min_streams < 1:
+        # A verdict must rest on something: PASSED never means "nothing was verified".
+        p.error("--min-streams must be at least 1")
     if a.compact_every is not None and a.compact_every < 0:
         p.error("--compact-every must be >= 0")
     return a
