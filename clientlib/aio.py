@@ -40,6 +40,7 @@ from shm.errors import ShmError
 from . import forks
 from .client import DEFAULT_TIMEOUT, WAIT_SLICE_S, Client, from_shm
 from .flows import (
+    Late,
     Pipelined,
     flow_compact,
     flow_kv,
@@ -143,10 +144,15 @@ class AsyncClient:
         return False
 
     def _helper(self) -> None:
-        """Sleep on the doorbell; hand what arrived to the loop; notice a dead broker."""
+        """Sleep on the doorbell; hand what arrived to the loop; notice a dead broker,
+        and an event loop that ended without closing us (`asyncio.run` returned): then
+        nothing can use this client any more, so it leaves the broker by itself."""
         c = self._c
         bell = c._bell
         while not self._closed:
+            if self._loop.is_closed():
+                self._orphaned()
+                return
             try:
                 woke = bell.wait(self._ready, WAIT_SLICE_S, spin=0, slice=WAIT_SLICE_S)
                 if not woke:
@@ -163,13 +169,25 @@ class AsyncClient:
             while not self._taken.wait(WAIT_SLICE_S):
                 if self._closed:
                     return
+                if self._loop.is_closed():
+                    self._orphaned()
+                    return
+
+    def _orphaned(self) -> None:
+        """Our loop is closed and we were never closed: close the connection (in this
+        helper thread: the loop can no longer run anything)."""
+        self._closed = True
+        try:
+            self._c.close()
+        except errors.ShmwatchError:
+            pass  # the broker is gone too: nothing to leave
 
     def _hand(self, fn, *args) -> bool:
         try:
             self._loop.call_soon_threadsafe(fn, *args)
             return True
         except RuntimeError:  # the loop is closed: nobody to hand anything to
-            self._closed = True
+            self._orphaned()
             return False
 
     def _on_wake(self) -> None:
@@ -220,53 +238,70 @@ class AsyncClient:
         if self._c._broken is not None:
             raise errors.ProtocolError(self._c._broken)
 
-    async def _write(self, data: bytes) -> None:
-        """Write one request whole; wait (without blocking the loop) while the ring is
-        full. A cancellation while waiting is held until the message is complete."""
+    async def _write(self, data: bytes, deadline: float) -> None:
+        """Write one request; wait (without blocking the loop) while the ring is full.
+        Cut short by the deadline or a cancellation, the request is not sent: a part
+        already streamed into the ring is abandoned with an abort marker (see Client)."""
         c = self._c
         off = 0
-        cancelled = False
         while True:
             off = c._req.write(data, off)
             if off == len(data):
-                break
+                return
             c._req.publish()
             c._broker_bell.ring()
-            c._check_alive()
             try:
+                c._check_alive()
+                if time.monotonic() > deadline:
+                    raise errors.Timeout("shmwatch: request ring full: broker not keeping up "
+                                         "(the request was not sent)")
                 await asyncio.sleep(WRITE_RETRY_S)
-            except asyncio.CancelledError:
-                cancelled = True
-        if cancelled:
-            raise asyncio.CancelledError()
+            except BaseException:
+                c._abort_partial()
+                raise
 
-    async def _call_many(self, msgs: list[list], timeout: float | None) -> list:
-        """Send requests in one go and await every reply (errors in place)."""
+    async def _send_pending(self, deadline: float) -> None:
+        """Before new requests (send lock held): cancels of watches created after their
+        caller gave up (see Client)."""
+        c = self._c
+        while c._to_cancel:
+            rid = c._req_id + 1
+            await self._write(number(watch_cancel_request(c._to_cancel[-1]), rid), deadline)
+            c._req_id = rid
+            c._abandoned[rid] = None
+            c._to_cancel.pop()
+
+    async def _call_many(self, msgs: list[list], timeout: float | None,
+                         on_late=None) -> list:
+        """Send requests in one go and await every reply (errors in place). If the wait
+        is abandoned (timeout, cancellation), `on_late` gets a single request's reply
+        when it comes."""
         self._check()
         c = self._c
         deadline = c._deadline(timeout)
         out: list = [None] * len(msgs)
         waiting: list[tuple[int, int, asyncio.Future]] = []
-        async with self._send_lock:
-            try:
-                for i, msg in enumerate(msgs):
-                    rid = c._req_id + 1
-                    data = number(msg, rid)
-                    if len(data) > c.max_request_bytes:
-                        out[i] = errors.RequestTooLargeError()
-                        continue
-                    c._req_id = rid
-                    fut = self._loop.create_future()
-                    self._futures[rid] = fut
-                    waiting.append((i, rid, fut))
-                    await self._write(data)
-            finally:
-                # Also when cancelled: what was written goes now, never left in the ring
-                # to be applied whenever a later call publishes (after newer writes).
-                if waiting:
+        try:
+            async with self._send_lock:
+                try:
+                    await self._send_pending(deadline)
+                    for i, msg in enumerate(msgs):
+                        rid = c._req_id + 1
+                        data = number(msg, rid)
+                        if len(data) > c.max_request_bytes:
+                            out[i] = errors.RequestTooLargeError()
+                            continue
+                        await self._write(data, deadline)  # published below
+                        c._req_id = rid
+                        fut = self._loop.create_future()
+                        self._futures[rid] = fut
+                        waiting.append((i, rid, fut))
+                finally:
+                    # Also when cut short: what was written goes now, never left in the
+                    # ring to be applied whenever a later call publishes (after newer
+                    # writes).
                     c._req.publish()
                     c._broker_bell.ring()
-        try:
             for i, _rid, fut in waiting:
                 remaining = deadline - time.monotonic()
                 try:
@@ -275,15 +310,21 @@ class AsyncClient:
                     raise errors.Timeout(
                         "shmwatch: no reply from the broker within the timeout") from None
         except BaseException:
+            late = on_late if len(waiting) == 1 else None
             for _, rid, fut in waiting:
-                if self._futures.pop(rid, None) is not None and not fut.done():
-                    c._abandoned.add(rid)  # its reply, when it comes, is dropped
+                if self._futures.pop(rid, None) is None and not fut.done():
+                    continue
+                if fut.done() and not fut.cancelled() and fut.exception() is None:
+                    if late is not None:
+                        late(fut.result())  # it came, but too late for its caller
+                else:
+                    c._abandoned[rid] = late  # its reply, when it comes: dropped or late
                     fut.cancel()
             raise
         return out
 
-    async def _call(self, msg: list, timeout: float | None):
-        result = (await self._call_many([msg], timeout))[0]
+    async def _call(self, msg: list, timeout: float | None, on_late=None):
+        result = (await self._call_many([msg], timeout, on_late))[0]
         if isinstance(result, errors.ShmwatchError):
             raise result
         return result
@@ -303,7 +344,10 @@ class AsyncClient:
                     reply = await self._call_many(msg.msgs, timeout)
                 else:
                     try:
-                        reply = await self._call(msg, timeout)
+                        if isinstance(msg, Late):
+                            reply = await self._call(msg.msg, timeout, msg.on_late)
+                        else:
+                            reply = await self._call(msg, timeout)
                     except errors.ShmwatchError as exc:
                         msg = flow.throw(exc)
                         continue

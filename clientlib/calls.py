@@ -19,6 +19,7 @@ from shmwatch.wire.types import (
 
 from .attach import from_shm
 from .flows import (
+    Late,
     Pipelined,
     flow_compact,
     flow_create_watch,
@@ -53,7 +54,10 @@ class Calls:
                     reply = self._call_many(msg.msgs, timeout)
                 else:
                     try:
-                        reply = self._call(msg, timeout)
+                        if isinstance(msg, Late):
+                            reply = self._call(msg.msg, timeout, msg.on_late)
+                        else:
+                            reply = self._call(msg, timeout)
                     except errors.ShmwatchError as exc:
                         msg = flow.throw(exc)
                         continue

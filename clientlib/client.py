@@ -52,6 +52,7 @@ from shmwatch.wire.protocol import (
     decode_reply,
     number,
     peek_id,
+    watch_cancel_request,
 )
 
 from . import forks
@@ -101,7 +102,11 @@ class Client(Calls):
         self._watch_lock = threading.Lock()
         self._sleeper = False
         self._replies: dict[int, object] = {}
-        self._abandoned: set[int] = set()
+        # Replies nobody waits for any more (timed out, cancelled): dropped when they
+        # come, or handed to a late handler (a watch created after its caller gave up).
+        self._abandoned: dict[int, Callable | None] = {}
+        self._to_cancel: list[int] = []  # watches created late, to cancel at next send
+        self._orphans: set = set()  # those watches: drained until their final response
         self._req_id = 0
         self._watches: dict[int, Watch] = {}
         self._free_rings: list[tuple[int, int]] = []
@@ -315,6 +320,8 @@ class Client(Calls):
         self._watches.clear()
         self._replies.clear()
         self._abandoned.clear()
+        self._to_cancel.clear()
+        self._orphans.clear()
         self._free_rings.clear()
         self._slot = None  # the slot (and its lock) is the parent's
         self._release()
@@ -367,6 +374,8 @@ class Client(Calls):
             self._release()
             self._replies.clear()
             self._abandoned.clear()
+            self._to_cancel.clear()
+            self._orphans.clear()
             self._free_rings.clear()
             self._watches.clear()
             self._seg = self._bell = self._ctl = None
@@ -440,7 +449,9 @@ class Client(Calls):
         """Write one request (caller holds _send_lock); waits for ring space if needed.
 
         With flush=False the request is published only when the ring fills (pipelining:
-        the caller publishes and rings the broker once for the whole batch)."""
+        the caller publishes and rings the broker once for the whole batch). If the
+        deadline passes first, the request is not sent: a part already streamed into
+        the ring is abandoned with an abort marker, which the broker discards."""
         off = 0
         while True:
             off = self._req.write(data, off)
@@ -451,19 +462,49 @@ class Client(Calls):
                 return
             self._req.publish()
             self._broker_bell.ring()
-            self._check_alive()
-            if deadline is not None and time.monotonic() > deadline:
-                raise errors.Timeout("shmwatch: request ring full: broker not keeping up")
-            time.sleep(0.0002)
+            try:
+                self._check_alive()
+                if deadline is not None and time.monotonic() > deadline:
+                    raise errors.Timeout("shmwatch: request ring full: broker not keeping "
+                                         "up (the request was not sent)")
+                time.sleep(0.0002)
+            except BaseException:  # also KeyboardInterrupt in the sleep
+                self._abort_partial()
+                raise
 
-    def _call(self, msg: list, timeout: float | None = None):
-        """Send a request and wait for its reply body; raise the broker's typed error."""
-        result = self._call_many([msg], timeout)[0]
+    def _abort_partial(self) -> None:
+        """Abandon a request streamed into the ring in part (see `_send`). Best effort:
+        a client the broker dropped or closed has no ring to mark."""
+        if self._closed:
+            return
+        try:
+            if self._req.abort():
+                self._req.publish()
+                self._broker_bell.ring()
+        except (ValueError, ShmError):  # released views; a ring the broker damaged
+            pass
+
+    def _send_pending(self, deadline: float | None) -> None:
+        """Before new requests (send lock held): cancels of watches created after their
+        caller gave up."""
+        while self._to_cancel:
+            rid = self._req_id + 1
+            self._send(number(watch_cancel_request(self._to_cancel[-1]), rid), deadline,
+                       flush=False)
+            self._req_id = rid
+            self._abandoned[rid] = None
+            self._to_cancel.pop()
+
+    def _call(self, msg: list, timeout: float | None = None, on_late: Callable | None = None):
+        """Send a request and wait for its reply body; raise the broker's typed error.
+        If the wait is abandoned (timeout), `on_late` gets the reply when it comes."""
+        result = self._call_many([msg], timeout, on_late)[0]
         if isinstance(result, errors.ShmwatchError):
             raise result
         return result
 
-    def _call_many(self, msgs: list[list], timeout: float | None = None) -> list:
+    def _call_many(self, msgs: list[list], timeout: float | None = None,
+                   on_late: Callable | None = None) -> list:
         """Pipeline requests: write them all, wake the broker once, wait for every reply.
 
         Replies come back in request order (the broker serves a client's ring in order),
@@ -479,16 +520,21 @@ class Client(Calls):
         rids = []
         out: list = [None] * len(msgs)
         with self._send_lock:
-            for i, msg in enumerate(msgs):
-                rid = self._req_id + 1
-                data = number(msg, rid)
-                if len(data) > self.max_request_bytes:
-                    out[i] = errors.RequestTooLargeError()
-                    continue
-                self._req_id = rid
-                self._send(data, deadline, flush=False)
-                rids.append((i, rid))
-            if rids:
+            try:
+                self._send_pending(deadline)
+                for i, msg in enumerate(msgs):
+                    rid = self._req_id + 1
+                    data = number(msg, rid)
+                    if len(data) > self.max_request_bytes:
+                        out[i] = errors.RequestTooLargeError()
+                        continue
+                    self._send(data, deadline, flush=False)
+                    self._req_id = rid
+                    rids.append((i, rid))
+            except errors.Timeout:
+                self._abandon([r for _, r in rids], on_late)
+                raise
+            finally:
                 self._req.publish()
                 self._broker_bell.ring()
         if not rids:
@@ -497,14 +543,23 @@ class Client(Calls):
         if not self._wait(lambda: last in self._replies, self._resp_readable, deadline):
             with self._cond:
                 if last not in self._replies:
-                    self._abandoned.update(r for _, r in rids if r not in self._replies)
-                    for _, r in rids:
-                        self._replies.pop(r, None)
+                    self._abandon([r for _, r in rids], on_late)
                     raise errors.Timeout("shmwatch: no reply from the broker within the timeout")
         with self._cond:
             for i, r in rids:
                 out[i] = self._replies.pop(r)
         return out
+
+    def _abandon(self, rids: list[int], on_late: Callable | None) -> None:
+        """Nobody waits for these replies any more (lock held or not needed): drop them
+        when they come, or hand them to `on_late` (single requests only)."""
+        with self._cond:
+            for r in rids:
+                result = self._replies.pop(r, None)
+                if result is not None and on_late is not None:
+                    on_late(result)  # it came just now: too late for its caller
+                elif r not in self._replies:
+                    self._abandoned[r] = on_late if len(rids) == 1 else None
 
     def _resp_readable(self) -> bool:
         r = self._resp
@@ -526,7 +581,7 @@ class Client(Calls):
                 if rid and rid not in self._abandoned:
                     self._replies[rid] = errors.ResponseTooLargeError(
                         f"shmwatch: reply of {exc.size} bytes exceeds this client's limit")
-                self._abandoned.discard(rid)
+                self._abandoned.pop(rid, None)
                 continue
             except RingCorrupt as exc:
                 self._broken = (
@@ -536,14 +591,21 @@ class Client(Calls):
             if data is None:
                 if resp.producer_blocked:
                     self._space_freed(resp)  # the broker holds replies for us: room now
-                return
+                break
             rid, result = decode_reply(data)
             if not rid:
                 continue  # the broker could not read a request id: nobody waits for it
             if rid in self._abandoned:
-                self._abandoned.discard(rid)
+                late = self._abandoned.pop(rid)
+                if late is not None:
+                    late(result)
             else:
                 self._replies[rid] = result
+        for w in list(self._orphans):  # watches nobody holds: read to their end
+            w._drain_to_end()
+            w._buf.clear()
+            if w._final:
+                self._orphans.discard(w)
 
     def _wait(self, done: Callable[[], bool], ready: Callable[[], bool],
               deadline: float | None) -> bool:

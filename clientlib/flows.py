@@ -42,6 +42,18 @@ _FILTERS = {"noput": FILTER_NOPUT, "nodelete": FILTER_NODELETE,
             "NOPUT": FILTER_NOPUT, "NODELETE": FILTER_NODELETE}
 
 
+class Late:
+    """What a flow yields for a request whose effect must not be lost if its caller
+    stops waiting (a timeout, a cancelled task): `on_late(reply)` gets the reply when
+    it comes after all (the drivers register it with the client)."""
+
+    __slots__ = ("msg", "on_late")
+
+    def __init__(self, msg: list, on_late):
+        self.msg = msg
+        self.on_late = on_late
+
+
 class Pipelined:
     """What a flow yields to send several requests at once (replies: a list, errors in
     place rather than raised)."""
@@ -135,41 +147,74 @@ def flow_watch(c, spec: WatchSpec, want: int, resume: bool):
 
 def flow_create_watch(c, spec: WatchSpec, want_id: int):
     """Take a free watcher ring of `c` (asking the broker for a new arena of them when
-    none is left) and create the watch on it."""
+    none is left) and create the watch on it. If the caller stops waiting, the ring
+    stays taken until the late reply says what became of it (`_created_late`)."""
     ring_slot = yield from flow_take_ring(c)
+    request = watch_create_request(ring_slot[0], ring_slot[1], spec, want_id)
     try:
-        wid, rev, reason, code = decode_watch_created(
-            (yield watch_create_request(ring_slot[0], ring_slot[1], spec, want_id)))
+        body = yield Late(request, lambda reply: _created_late(c, ring_slot, spec, reply))
+    except (errors.Timeout, GeneratorExit):
+        raise  # the broker may still create it: its late reply frees or adopts the ring
     except BaseException:
-        c._free_rings.append(ring_slot)
+        c._free_rings.append(ring_slot)  # refused (or the client broke): ring unused
         raise
+    wid, rev, reason, code = decode_watch_created(body)
     if code:
         c._free_rings.append(ring_slot)
         return wid, rev, reason, code, None, None
+    return wid, rev, reason, 0, ring_slot, _ring_of(c, ring_slot)
+
+
+def _ring_of(c, ring_slot) -> Ring:
     a, i = ring_slot
     rs = c._watch_ring_size
-    ring = Ring(c._arenas[a].payload[i * rs:(i + 1) * rs], max_message=MAX_WATCH_RESPONSE)
-    return wid, rev, reason, 0, ring_slot, ring
+    return Ring(c._arenas[a].payload[i * rs:(i + 1) * rs], max_message=MAX_WATCH_RESPONSE)
+
+
+def _created_late(c, ring_slot, spec: WatchSpec, reply) -> None:
+    """The reply to a watch create whose caller gave up (called with the client's lock
+    held, from its reply pump): a refusal frees the ring; a watch it created is
+    cancelled at the next send and read to its end, then its ring is free again."""
+    if isinstance(reply, errors.ShmwatchError):
+        c._free_rings.append(ring_slot)
+        return
+    wid, rev, reason, code = decode_watch_created(reply)
+    if code:
+        c._free_rings.append(ring_slot)
+        return
+    w = Watch(c, wid, ring_slot, _ring_of(c, ring_slot), spec=spec)
+    w._clean_end = True
+    c._orphans.add(w)
+    c._to_cancel.append(wid)
 
 
 def flow_take_ring(c):
     """A free watcher ring of `c` (arena, index), asking the broker for a new arena of
-    them when none is left."""
+    them when none is left (an arena whose caller gave up is still adopted: the
+    broker numbers them in order)."""
     if not c._free_rings:
-        k, name = decode_arena((yield arena_request()))
-        if k != len(c._arenas):
-            raise errors.ProtocolError("shmwatch: arena numbering out of step")
-        try:
-            seg = Segment.open(name, kind=L.KIND_ARENA, boot_id=c._boot_id)
-        except ShmError:
-            c._arenas.append(None)  # keeps step with the broker's numbering; never used
-            raise
-        if c._rings_per_arena * c._watch_ring_size > len(seg.payload):
-            seg.close()
-            c._arenas.append(None)
-            raise errors.ProtocolError(
-                f"shmwatch: broker {c.name!r} sent an arena smaller than its control segment "
-                f"says ({c._rings_per_arena} x {c._watch_ring_size} bytes)")
-        c._arenas.append(seg)
-        c._free_rings.extend((k, i) for i in range(c._rings_per_arena - 1, -1, -1))
+        reply = yield Late(arena_request(), lambda late: _adopt_arena(c, late))
+        _adopt_arena(c, reply)
     return c._free_rings.pop()
+
+
+def _adopt_arena(c, reply) -> None:
+    """Map the arena a reply names and add its rings to the free list."""
+    if isinstance(reply, errors.ShmwatchError):
+        return  # no arena was made
+    k, name = decode_arena(reply)
+    if k != len(c._arenas):
+        raise errors.ProtocolError("shmwatch: arena numbering out of step")
+    try:
+        seg = Segment.open(name, kind=L.KIND_ARENA, boot_id=c._boot_id)
+    except ShmError:
+        c._arenas.append(None)  # keeps step with the broker's numbering; never used
+        raise
+    if c._rings_per_arena * c._watch_ring_size > len(seg.payload):
+        seg.close()
+        c._arenas.append(None)
+        raise errors.ProtocolError(
+            f"shmwatch: broker {c.name!r} sent an arena smaller than its control segment "
+            f"says ({c._rings_per_arena} x {c._watch_ring_size} bytes)")
+    c._arenas.append(seg)
+    c._free_rings.extend((k, i) for i in range(c._rings_per_arena - 1, -1, -1))

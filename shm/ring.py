@@ -17,12 +17,17 @@ Layout (native byte order; every offset a multiple of 8)::
       record = u32 length | u32 crc32(chunk) | chunk | pad to 8
       length bit 31 (MORE): more chunks of this message follow
       length 0xFFFFFFFF: wrap marker, the rest of the data area is skipped
+      length 0xFFFFFFFE: abort marker (8 bytes): the message being streamed in chunks
+                         is abandoned; the consumer discards what it reassembled
 
 A message longer than `max_chunk` (capacity // 4 rounded down to 8, minus the 8-byte
 record header) is streamed as several chunks, so messages of any size pass through a
 ring while the consumer drains it; the consumer reassembles them (bounded by
 `max_message`: a longer message is dropped as it streams and reported by
 `MessageTooLarge`). A message that fits one chunk is written whole or not at all.
+While a chunked message is open the producer keeps 8 bytes free behind it, so it can
+always abandon the message (`abort`) and the next message never reads as its
+continuation.
 
 Memory ordering: the producer stores the record (chunk, then its length/CRC word), and
 only then stores `head`; the consumer loads `head`, then the record, and stores `tail`
@@ -62,6 +67,7 @@ _BLOCKED = PRODUCER_BLOCKED_OFFSET // 4
 RECORD_HEADER = 8
 MIN_CAPACITY = 64
 WRAP = 0xFFFFFFFF
+ABORT = 0xFFFFFFFE
 MORE = 0x80000000
 _LEN_MASK = 0x7FFFFFFF
 
@@ -114,6 +120,7 @@ class Ring:
         "_hq",
         "_iq",
         "_max_single",
+        "_open",
         "_partial",
         "_published",
         "_skip",
@@ -159,6 +166,7 @@ class Ring:
             raise RingCorrupt(f"ring counters invalid at attach: head={head} tail={tail}")
         self._head = head          # producer: local, unpublished head
         self._published = head     # producer: last head stored to shared memory
+        self._open = False         # producer: a chunked message is written in part
         self._tail_seen = tail     # producer: last tail read from shared memory
         self._tail = tail          # consumer: local tail (== shared tail between reads)
         self._partial: bytearray | None = None  # consumer: message being reassembled
@@ -178,7 +186,8 @@ class Ring:
         visible: call `publish()`). A message whose remainder fits one chunk is written
         whole or not at all (`offset` is returned unchanged when it does not fit); a
         longer one is written chunk by chunk as room allows, and the caller calls
-        `write(payload, returned_offset)` again later, with no other message in between.
+        `write(payload, returned_offset)` again later, with no other message in between
+        (or gives up on it with `abort()`).
         `payload` is bytes, bytearray or a format-"B" memoryview (another format raises
         ValueError). `b""` is a message too; as its offset cannot show "not written",
         an empty message that does not fit raises `RingFull`. Calling again with
@@ -203,6 +212,8 @@ class Ring:
                 self._data[pos + 8:pos + 8 + n] = payload
                 self._dq[pos >> 3] = n | (_crc32(payload) << 32)
                 self._head = h + rec
+                if offset:
+                    self._open = False  # the last chunk of a streamed message
                 return offset + n
         return self._write_chunks(payload, offset)
 
@@ -230,6 +241,8 @@ class Ring:
             pos = h % cap
             room = cap - pos
             need = rec if rec <= room else rec + room
+            if flags:
+                need += RECORD_HEADER  # keep room for an abort marker behind it
             if h + need - self._tail_seen > cap and h + need - self._refresh_tail() > cap:
                 break
             if rec > room:  # wrap marker fills the rest; room >= 8 as all is 8-aligned
@@ -241,6 +254,7 @@ class Ring:
             dq[pos >> 3] = (k | flags) | (_crc32(chunk) << 32)
             h += rec
             offset += k
+            self._open = bool(flags)
             if not flags:
                 break
         if not total and h == self._head:
@@ -259,6 +273,22 @@ class Ring:
             )
         self._tail_seen = t
         return t
+
+    def abort(self) -> bool:
+        """Abandon the message being streamed (written in part by `write`): an abort
+        marker follows its chunks, and the consumer discards them. Returns whether there
+        was one to abandon; visible after `publish()`. Never fails for want of room:
+        the producer kept 8 bytes free behind every chunk that left a message open."""
+        if not self._open:
+            return False
+        h = self._head
+        if (h + RECORD_HEADER - self._tail_seen > self.capacity
+                and h + RECORD_HEADER - self._refresh_tail() > self.capacity):
+            raise AssertionError("ring: no room kept for an abort marker")  # pragma: no cover
+        self._dq[(h % self.capacity) >> 3] = ABORT
+        self._head = h + RECORD_HEADER
+        self._open = False
+        return True
 
     def publish(self) -> None:
         """Make everything written so far visible (one 8-byte store; no-op if unchanged)."""
@@ -327,6 +357,13 @@ class Ring:
                 if room + RECORD_HEADER > avail:
                     raise RingCorrupt(f"wrap marker at {t} not followed by a published record")
                 t += room
+                continue
+            if length == ABORT:
+                if self._partial is None and self._skip is None:
+                    raise RingCorrupt(f"abort marker at {t} with no message open")
+                t += RECORD_HEADER
+                self._partial = self._skip = None
+                self._hq[_TAIL] = self._tail = t
                 continue
             more = length & MORE
             n = length & _LEN_MASK
@@ -449,6 +486,8 @@ class Ring:
         end = head
         if self._head >= head:
             assert self._published <= self._head
+            if self._open:
+                assert self._head + RECORD_HEADER - tail <= cap, "no room kept for an abort"
             assert self._tail_seen <= tail, (self._tail_seen, tail)
             assert self._head % 8 == 0 and self._head - tail <= cap, (self._head, tail)
             if self._published == head:
@@ -463,6 +502,9 @@ class Ring:
                 assert pos != 0, t
                 t += cap - pos
                 assert t + RECORD_HEADER <= end, (t, end)
+                continue
+            if length == ABORT:
+                t += RECORD_HEADER
                 continue
             n = length & _LEN_MASK
             assert n <= self.max_chunk, (t, n)

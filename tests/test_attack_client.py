@@ -35,12 +35,6 @@ def _stopped(pid: int):
         os.kill(pid, signal.SIGCONT)
 
 
-XFAIL_ARENA = pytest.mark.xfail(
-    strict=True, reason="a watch() that times out or is cancelled while its arena "
-                        "request is in flight leaves every later watch() failing")
-XFAIL_RING = pytest.mark.xfail(
-    strict=True, reason="a watch() that times out or is cancelled while its create "
-                        "request is in flight leaves every later watch() failing")
 
 
 def _timed_out_watch(name: str, pid: int, arena_exists: bool) -> list:
@@ -60,7 +54,6 @@ def _timed_out_watch(name: str, pid: int, arena_exists: bool) -> list:
         return out
 
 
-@XFAIL_ARENA
 def test_a_watch_timed_out_during_its_arena_request_leaves_watches_working(broker_proc):
     """The client's first watch asks for an arena (OP_ARENA) and times out; the broker
     creates the arena anyway and its reply is dropped as abandoned, so the client's
@@ -71,7 +64,6 @@ def test_a_watch_timed_out_during_its_arena_request_leaves_watches_working(broke
     assert _timed_out_watch(broker_proc.name, broker_proc.pid, False) == [True] * 3
 
 
-@XFAIL_RING
 def test_a_watch_timed_out_during_its_create_request_leaves_watches_working(broker_proc):
     """The create request times out; flow_create_watch's `except BaseException` puts the
     ring back on the free list although the broker created the watch on it, so the
@@ -102,7 +94,6 @@ async def _cancelled_watch_creation(name: str, pid: int, arena_exists: bool) -> 
         return out
 
 
-@XFAIL_ARENA
 @pytest.mark.asyncio
 @pytest.mark.timeout(60)
 async def test_a_cancelled_async_watch_during_its_arena_request_leaves_watches_working(
@@ -112,7 +103,6 @@ async def test_a_cancelled_async_watch_during_its_arena_request_leaves_watches_w
     assert await _cancelled_watch_creation(broker_proc.name, broker_proc.pid, False) == [True] * 3
 
 
-@XFAIL_RING
 @pytest.mark.asyncio
 @pytest.mark.timeout(60)
 async def test_a_cancelled_async_watch_during_its_create_request_leaves_watches_working(
@@ -124,8 +114,6 @@ def _helpers(name: str) -> int:
     return sum(t.name == f"shmwatch-aio-{name}" for t in threading.enumerate())
 
 
-@pytest.mark.xfail(strict=True, reason="an AsyncClient whose event loop ended without "
-                                       "close() keeps its thread and broker slot forever")
 @pytest.mark.timeout(60)
 def test_an_async_client_left_open_when_its_loop_ends_is_released(broker_proc):
     """`asyncio.run(main())` where main forgets `await c.close()`: the loop is closed,
@@ -153,21 +141,20 @@ def test_an_async_client_left_open_when_its_loop_ends_is_released(broker_proc):
 BIG = b"o" * 1_200_000  # more than a 1 MiB request ring: it streams in chunks
 
 
-@pytest.mark.xfail(strict=True, reason="a put that times out half-written swallows the next "
-                                       "call (it times out too)")
 @pytest.mark.timeout(60)
 def test_a_put_timed_out_half_written_leaves_the_next_call_working(broker_proc):
-    """`_send` (client.py) raises Timeout between chunks of a message larger than the
-    free ring: its first chunks are published with MORE set, the rest never comes, and
-    the broker's ring reader appends the next request to that partial message; the
-    merged bytes do not decode, the broker answers request id 0, and the next call
-    waits its whole timeout for a reply that never comes. Suspected fix: an "abort"
-    record that makes the reader drop the partial message, or finish writing it."""
+    """`_send` (client.py) times out between chunks of a message larger than the free
+    ring: its first chunks are published with MORE set and the rest never comes. Once
+    the broker's ring reader appended the next request to that partial message (the
+    merged bytes did not decode and the next call waited its whole timeout). Now the
+    client writes an abort marker: the broker drops the partial message, the timed-out
+    put is never applied, and the next call works."""
     with clientlib.connect(broker_proc.name, timeout=3) as c:
         with _stopped(broker_proc.pid):
-            with pytest.raises(clientlib.Timeout):
+            with pytest.raises(clientlib.Timeout, match="not sent"):
                 c.put("big", BIG, timeout=0.5)
         assert c.put("next", "1").revision >= 2
+        assert c.get("big").kvs == []  # "not sent" holds
 
 
 @pytest.mark.asyncio
@@ -178,7 +165,8 @@ async def test_a_cancelled_async_put_is_never_applied_after_newer_writes(broker_
     after the write loop, which the cancellation skipped, so the request sat complete
     and unpublished in the ring until the client's next call published it — after
     another client's newer write to the same key, which it silently overwrote.
-    (Fixed: published in a `finally`.)"""
+    (Fixed: a cancelled write is abandoned with an abort marker, and what was written
+    is published in a `finally`.)"""
     name = broker_proc.name
     async with aio.connect(name, timeout=5) as c:
         with clientlib.connect(name, timeout=5) as other:
@@ -193,3 +181,4 @@ async def test_a_cancelled_async_put_is_never_applied_after_newer_writes(broker_
             await c.put("unrelated", "1")  # any later call of the cancelling client
             kv = other.get("k").kvs[0]
             assert (kv.value, kv.mod_revision) == (b"newer", newer)
+            assert other.get("k", revision=newer - 1).kvs == []  # never applied at all

@@ -48,7 +48,7 @@ from shmwatch.wire.protocol import (
 )
 from shmwatch.wire.types import Event, KeyValue, WatchResponse
 from shm.errors import MessageTooLarge, RingCorrupt, RingFull
-from shm.ring import MORE, RING_HEADER, WRAP, Ring
+from shm.ring import ABORT, MORE, RING_HEADER, WRAP, Ring
 from tests import fault_workers as fw
 
 FUZZ = settings(max_examples=400, deadline=None, database=None,
@@ -134,6 +134,7 @@ def test_ring_attach_and_read_arbitrary_bytes(raw, max_message):
 record = st.one_of(
     st.tuples(st.just("rec"), st.binary(max_size=80), st.booleans(), st.booleans()),
     st.tuples(st.just("wrap")),
+    st.tuples(st.just("abort")),
     st.tuples(st.just("word"), st.integers(0, 2**64 - 1)),
 )
 
@@ -162,6 +163,9 @@ def test_ring_read_structured_garbage(recs, tail, dhead, stamp, max_message):
         elif r[0] == "wrap":
             struct.pack_into("=I", buf, RING_HEADER + p, WRAP)
             off += CAP - p
+        elif r[0] == "abort":
+            struct.pack_into("=I", buf, RING_HEADER + p, ABORT)
+            off += 8
         else:
             struct.pack_into("=Q", buf, RING_HEADER + p, r[1])
             off += 8

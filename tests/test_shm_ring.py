@@ -351,6 +351,81 @@ def test_small_message_after_partial_is_not_mistaken_for_whole():
     assert ring.read() == small
 
 
+# -- abandoning a streamed message -------------------------------------------------------
+
+
+def test_abort_discards_a_message_written_in_part():
+    """A producer that gives up half way (a timed-out request) leaves an abort marker:
+    the consumer drops the chunks it reassembled and reads the next message whole,
+    never as the abandoned one's continuation."""
+    ring = make_ring(256)  # max chunk 56
+    reader = Ring(ring._buf)
+    big = msg_bytes(4, 400)
+    off = ring.write(big)
+    assert 0 < off < 400
+    ring.publish()
+    assert reader.read() is None  # chunks consumed into the partial message
+    assert reader._partial
+    assert ring.abort() is True
+    assert ring.write(b"next") == 4
+    ring.publish()
+    assert reader.read() == b"next"
+    assert reader._partial is None
+    ring._check()
+    assert ring.abort() is False  # nothing open any more
+
+
+def test_abort_with_nothing_open_writes_nothing():
+    ring = make_ring(128)
+    assert ring.write(b"whole") == 5
+    head = ring._head
+    assert ring.abort() is False
+    assert ring._head == head
+
+
+def test_abort_always_has_room():
+    """The producer keeps 8 bytes free behind every chunk that leaves a message open,
+    so even a ring the message filled to the brim can take the marker."""
+    for capacity in (64, 128, 256, 1024):
+        for shift in range(0, capacity, 8):
+            ring = make_ring(capacity)
+            reader = Ring(ring._buf)
+            if shift:  # move the counters so chunks and the marker wrap
+                ring._head = ring._published = ring._tail_seen = shift
+                ring._hq[0] = ring._hq[8] = shift
+                reader._tail = shift
+            off = ring.write(msg_bytes(shift, capacity * 3))
+            assert 0 < off < capacity * 3
+            assert ring.abort() is True
+            ring._check()
+            assert ring.write(b"ok") == 2 or ring.free() < 16
+            ring.publish()
+            got = [reader.read() for _ in range(3)]
+            assert [g for g in got if g is not None] in ([b"ok"], [])
+            reader._check()
+
+
+def test_abort_while_the_consumer_drops_an_oversized_message():
+    ring = make_ring(256, max_message=60)
+    big = msg_bytes(5, 400)  # three MORE chunks fit (168 bytes > max_message)
+    off = ring.write(big)
+    assert off == 168
+    ring.publish()
+    assert ring.read() is None and ring._skip is not None
+    assert ring.abort() is True
+    ring.write(b"after")
+    ring.publish()
+    assert ring.read() == b"after"
+    assert ring._skip is None
+
+
+def test_abort_marker_with_no_message_open_is_corrupt():
+    consumer, data = published_ring(b"a" * 8)
+    REC.pack_into(data, 0, 0xFFFFFFFE, 0)
+    with pytest.raises(RingCorrupt, match="abort marker"):
+        consumer.read()
+
+
 # -- seeded random model ---------------------------------------------------------------
 
 
@@ -455,6 +530,12 @@ class RingMachine(RuleBasedStateMachine):
             self.current = None
         else:
             self.current = (payload, new)
+
+    @rule()
+    def abort(self):
+        open_ = self.current is not None and self.current[1] > 0
+        assert self.producer.abort() == open_
+        self.current = None  # an unwritten message is simply never written
 
     @rule()
     def publish(self):
