@@ -195,6 +195,35 @@ class NoSpaceError(ShmwatchError):
     default_message = "shmwatch: /dev/shm is full"
 
 
+class LeaseNotFoundError(ShmwatchError):
+    """etcd's ErrLeaseNotFound: the lease does not exist (never granted, revoked, or
+    expired), in a revoke or in a put that attaches it."""
+
+    code = 29
+    default_message = "etcdserver: requested lease not found"
+
+
+class LeaseExistsError(ShmwatchError):
+    """etcd's ErrLeaseExist: a grant asked for an id that is already granted."""
+
+    code = 30
+    default_message = "etcdserver: lease already exists"
+
+
+class LeaseProvidedError(ShmwatchError):
+    """etcd's ErrGRPCLeaseProvided: a put with ignore_lease=True also names a lease."""
+
+    code = 31
+    default_message = "etcdserver: lease is provided"
+
+
+class LeaseTTLTooLargeError(ShmwatchError):
+    """etcd's ErrLeaseTTLTooLarge: a grant's TTL is over etcd's MaxLeaseTTL (9e9 s)."""
+
+    code = 32
+    default_message = "etcdserver: too large lease TTL"
+
+
 class WatchClosed(ShmwatchError):
     """The watch was cancelled (by you, by compaction, or by the broker); iteration ends."""
 
@@ -227,6 +256,10 @@ ERRORS_BY_CODE: dict[int, type[ShmwatchError]] = {
         ResponseTooLargeError,
         InheritedWatchError,
         ClientClosed,
+        LeaseNotFoundError,
+        LeaseExistsError,
+        LeaseProvidedError,
+        LeaseTTLTooLargeError,
     )
 }
 

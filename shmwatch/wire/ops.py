@@ -68,6 +68,8 @@ class PutOp(NamedTuple):
     value: bytes = b""
     prev_kv: bool = False
     ignore_value: bool = False
+    lease: int = 0  # attach the key to this lease (0: none; a re-put without detaches)
+    ignore_lease: bool = False  # keep the key's current lease
 
 
 SORT_ORDERS = ("NONE", "ASCEND", "DESCEND")
@@ -143,9 +145,11 @@ def compare_lease(key, op: str, lease: int, range_end=None) -> Compare:
     return _compare("LEASE", key, op, int(lease), range_end)
 
 
-def op_put(key, value=b"", prev_kv: bool = False, ignore_value: bool = False) -> PutOp:
+def op_put(key, value=b"", prev_kv: bool = False, ignore_value: bool = False,
+           lease: int = 0, ignore_lease: bool = False) -> PutOp:
     """A put inside a txn (clientv3's `OpPut`); the arguments are `Client.put`'s."""
-    return PutOp(to_bytes(key), to_bytes(value, "value"), bool(prev_kv), bool(ignore_value))
+    return PutOp(to_bytes(key), to_bytes(value, "value"), bool(prev_kv), bool(ignore_value),
+                 int(lease), bool(ignore_lease))
 
 
 def _choice(value: str, choices: tuple[str, ...], what: str) -> str:

@@ -85,6 +85,55 @@ class CompactResponse:
 
 
 @dataclass(slots=True)
+class LeaseGrantResponse:
+    """etcd's LeaseGrantResponse: the lease's id and the TTL granted (a TTL under the
+    broker's minimum is granted as the minimum, as etcd does). `revision` is the
+    header's: a grant does not change the store."""
+
+    revision: int
+    id: int
+    ttl: int
+
+
+@dataclass(slots=True)
+class LeaseRevokeResponse:
+    """etcd's LeaseRevokeResponse: the revision after the revoke (the keys it deleted
+    share one new revision; a lease without keys leaves the revision alone)."""
+
+    revision: int
+
+
+@dataclass(slots=True)
+class LeaseKeepAliveResponse:
+    """etcd's LeaseKeepAliveResponse: the TTL the lease was renewed to; 0 if the lease
+    does not exist (any more): what etcd answers, not an error."""
+
+    revision: int
+    id: int
+    ttl: int
+
+
+@dataclass(slots=True)
+class LeaseTimeToLiveResponse:
+    """etcd's LeaseTimeToLiveResponse: seconds left (`ttl`, -1 if the lease does not
+    exist, as etcd), the TTL it was granted with, and its keys (sorted) when asked."""
+
+    revision: int
+    id: int
+    ttl: int
+    granted_ttl: int = 0
+    keys: list[bytes] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class LeaseLeasesResponse:
+    """etcd's LeaseLeasesResponse: the ids of every lease that exists (sorted)."""
+
+    revision: int
+    leases: list[int] = field(default_factory=list)
+
+
+@dataclass(slots=True)
 class WatchResponse:
     """One etcd WatchResponse as delivered to a watch.
 
