@@ -35,7 +35,7 @@ SIZE_OPTIONS = ("log_bytes", "watch_ring_bytes", "request_ring_bytes", "response
 # BrokerConfig fields that are command-line options, as spawn() takes them.
 CONFIG_OPTIONS = (*SIZE_OPTIONS, "max_clients", "rings_per_arena", "progress_notify_interval",
                   "max_watchers_per_sync", "mode", "group", "data_dir", "fsync",
-                  "snapshot_every", "max_watchers_per_client")
+                  "snapshot_every", "max_watchers_per_client", "min_lease_ttl", "max_leases")
 
 
 def add_broker_options(p: argparse.ArgumentParser) -> None:
@@ -90,6 +90,12 @@ def add_broker_options(p: argparse.ArgumentParser) -> None:
                    default=d["max_watchers_per_client"],
                    help="watches one client may hold (default 1000; each is a ring of "
                         "--watch-ring-bytes in /dev/shm)")
+    p.add_argument("--min-lease-ttl", type=int, default=d["min_lease_ttl"],
+                   help="smallest lease TTL granted, in seconds; a smaller one is granted "
+                        "as this (default 2, etcd's with its default election timeout)")
+    p.add_argument("--max-leases", type=int, default=d["max_leases"],
+                   help="leases that may exist at once (default 100000); a grant past it "
+                        "is TooManyLeasesError")
     p.add_argument("--detach", action="store_true",
                    help="run in the background: print the ready line once clients can "
                         "connect, then return (stop the broker with kill PID)")
@@ -112,6 +118,7 @@ def config_from_args(a: argparse.Namespace) -> BrokerConfig:
         max_watchers_per_sync=a.max_watchers_per_sync, mode=a.mode,
         data_dir=a.data_dir, fsync=a.fsync, snapshot_every=a.snapshot_every, group=a.group,
         max_watchers_per_client=a.max_watchers_per_client,
+        min_lease_ttl=a.min_lease_ttl, max_leases=a.max_leases,
         **sizes,
     )
 

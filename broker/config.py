@@ -46,6 +46,8 @@ class BrokerConfig:
     max_response_bytes: int = 64 << 20  # largest reply (a range); larger -> typed error
     max_client_backlog_bytes: int = 64 << 20  # watch responses held for one client
     max_watchers_per_client: int = 1000  # each watch is a ring in /dev/shm
+    min_lease_ttl: int = 2  # etcd's minimum TTL with its default election timeout
+    max_leases: int = 100_000  # leases that may exist at once
     shm_budget: int | None = None  # assume /dev/shm has this much free (None: measure)
     sizing: Sizing = field(init=False, repr=False, compare=False)
 
@@ -57,7 +59,9 @@ class BrokerConfig:
                            ("--max-watchers-per-sync", self.max_watchers_per_sync),
                            ("--snapshot-every", self.snapshot_every),
                            ("--max-watchers-per-client", self.max_watchers_per_client),
-                           ("--max-response-bytes", self.max_response_bytes)):
+                           ("--max-response-bytes", self.max_response_bytes),
+                           ("--min-lease-ttl", self.min_lease_ttl),
+                           ("--max-leases", self.max_leases)):
             if value < 1:
                 raise ValueError(f"{opt} must be at least 1, got {value}")
         if not 0 < self.progress_notify_interval < float("inf"):  # also refuses nan

@@ -20,7 +20,10 @@ from .watch import State
 TOP_WATCHERS = 100  # per-watcher rows in the metrics: the most lagging ones
 
 
-def _client_row(c, core, rows: list) -> dict:
+EXPIRING_SOON_S = 5.0  # a lease whose deadline is this close counts as "expiring soon"
+
+
+def _client_row(c, core, lessor, rows: list) -> dict:
     worst_fill = 0.0
     max_lag = 0
     victims = 0
@@ -36,14 +39,16 @@ def _client_row(c, core, rows: list) -> dict:
         rows.append((lag, c.pid, w.id, fill, w.key, w.end, w.state.value, len(w.out.pending)))
     return {"slot": c.slot, "pid": c.pid, "create_time_us": c.create_time_us,
             "label": c.label, "watchers": len(c.stream.watchers), "requests": c.requests,
-            "worst_fill": round(worst_fill, 4), "max_lag": max_lag, "victims": victims}
+            "worst_fill": round(worst_fill, 4), "max_lag": max_lag, "victims": victims,
+            "leases": lessor.owned_by(c)}
 
 
 def snapshot(b) -> dict:
     """A snapshot of broker `b`'s state for tools/top and tools/stress."""
     core = b.core
     rows: list = []
-    clients = [_client_row(c, core, rows) for c in b.registry.clients.values()]
+    lessor = b.lessor
+    clients = [_client_row(c, core, lessor, rows) for c in b.registry.clients.values()]
     # Most lagging first; ties in a stable order (pid, watch id), not by ring fill,
     # which changes at every snapshot.
     rows.sort(key=lambda r: (-r[0], r[1], r[2]))
@@ -59,6 +64,9 @@ def snapshot(b) -> dict:
         "victims_entered": core.victims_entered, "catchups": core.catchups,
         "compactions": core.compactions,
         "log_damage": b.log_damage,
+        "leases": {"total": len(lessor), "bound": lessor.bound_count(),
+                   "expiring_soon": lessor.expiring_within(time.monotonic(), EXPIRING_SOON_S),
+                   "expired": lessor.expired_total},
         "clients": clients,
         "top_watchers": [
             {"lag": lag, "fill": round(fill, 4), "pid": pid, "watch_id": wid,

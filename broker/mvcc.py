@@ -34,15 +34,26 @@ Compaction (keyIndex.compact of etcd)
     turns a revision's events into what etcd still delivers once it is the compaction
     revision.
 
+Leases
+    A put may attach its key to a lease (``lease``; 0: none). A re-put without a lease
+    detaches the key, one with another lease moves it, ``ignore_lease`` keeps the key's
+    lease. The store knows which leases exist only through ``lease_exists`` (the
+    broker's lessor); it keeps the index lease -> live keys (`keys_of_lease`), which a
+    revoke deletes in key order at one revision (`delete_keys`). A standalone put checks
+    (etcd's v3rpc, then the applier): empty key, ignore_value with a value, ignore_lease
+    with a lease, then lease not found, then ignore_value/ignore_lease on a missing key.
+
 Txn validation (etcd's v3rpc checks, then the applier's), in this order; a failing txn
 applies nothing:
     1. too many ops (``max(len(compare), len(success), len(failure)) > 128``; a nested
        txn gets the budget ``128 - opc`` of its parent), empty keys (compares first, then
-       success ops, then failure ops, depth first), ignore_value with a value;
+       success ops, then failure ops, depth first), ignore_value with a value,
+       ignore_lease with a lease;
     2. duplicate keys (etcd's checkIntervals, success and failure branch separately);
     3. compares of the whole chosen path are evaluated against the state before the txn
        (also the compares of nested txns, even when earlier ops changed the keys);
-    4. ignore_value puts of the chosen path need the key to exist before the txn;
+    4. puts of the chosen path, each in turn: ignore_value or ignore_lease needs the key
+       to exist before the txn, then its lease must exist (etcd's checkRequestPut);
     5. ranges of the chosen path: revision > current -> future, < compaction -> compacted.
     One deviation: etcd 3.4.23 *panics* (the server crashes) when an ignore_value put
     targets a key an earlier from-key delete of the same txn removed (checkIntervals does
@@ -59,7 +70,7 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from itertools import islice
 
 from sortedcontainers import SortedList
@@ -73,6 +84,8 @@ from shmwatch.wire.errors import (
     EmptyKeyError,
     FutureRevisionError,
     KeyNotFoundError,
+    LeaseNotFoundError,
+    LeaseProvidedError,
     ProtocolError,
     ValueProvidedError,
 )
@@ -129,6 +142,10 @@ class MVCCStore:
         # (tuple) changed at revision _log_start + i. Every revision has an entry.
         self._log: deque = deque()
         self._log_start: int = 2
+        # lease id -> its live keys (etcd's lessor item sets, kept by the store that
+        # owns the keys). Which leases exist is the lessor's: `lease_exists`.
+        self._by_lease: dict[int, set[bytes]] = {}
+        self.lease_exists: Callable[[int], bool] = _no_leases
 
     # ------------------------------------------------------------------ properties
 
@@ -248,12 +265,16 @@ class MVCCStore:
     # ------------------------------------------------------------------ writes
 
     def put(
-        self, key: bytes, value: bytes, *, prev_kv: bool = False, ignore_value: bool = False
+        self, key: bytes, value: bytes, *, prev_kv: bool = False, ignore_value: bool = False,
+        lease: int = 0, ignore_lease: bool = False,
     ) -> tuple[PutResponse, list[Event]]:
         """etcd Put: a new revision with key = value. Returns (response, [PUT event]).
 
-        ignore_value keeps the current value (the key must exist: KeyNotFoundError; a
-        non-empty value: ValueProvidedError). Raises EmptyKeyError.
+        ignore_value keeps the current value, ignore_lease the current lease (the key
+        must exist: KeyNotFoundError; a value or a lease given with them:
+        ValueProvidedError, LeaseProvidedError). `lease` attaches the key to that lease
+        (LeaseNotFoundError if it does not exist); 0 detaches it. Raises EmptyKeyError.
+        Checks in etcd's order (module docstring).
 
         Complexity: O(1) amortized to update a live key; O(log n) to create one.
         """
@@ -261,24 +282,39 @@ class MVCCStore:
             raise EmptyKeyError()
         if ignore_value and value:
             raise ValueProvidedError()
+        if ignore_lease and lease:
+            raise LeaseProvidedError()
+        if lease and not self.lease_exists(lease):
+            raise LeaseNotFoundError()
         prev = self._live.get(key)
-        if ignore_value:
+        if ignore_value or ignore_lease:
             if prev is None:
                 raise KeyNotFoundError()
-            value = prev.value
+            if ignore_value:
+                value = prev.value
+            if ignore_lease:
+                lease = prev.lease
         rev = self.rev + 1
-        kv = self._write(key, value, rev, prev)
+        kv = self._write(key, value, rev, prev, lease)
         self.rev = rev
         self._log.append(key)
         return PutResponse(rev, prev if prev_kv else None), [Event(PUT, kv, prev)]
 
-    def _write(self, key: bytes, value: bytes, rev: int, prev: KeyValue | None) -> KeyValue:
+    def _write(self, key: bytes, value: bytes, rev: int, prev: KeyValue | None,
+               lease: int = 0) -> KeyValue:
         """Record a put of key at rev; prev = its live KeyValue. No revision bookkeeping."""
         if prev is None:
-            kv = KeyValue(key, value, rev, rev, 1, 0)
+            kv = KeyValue(key, value, rev, rev, 1, lease)
             self._live_keys.add(key)
         else:
-            kv = KeyValue(key, value, prev.create_revision, rev, prev.version + 1, 0)
+            kv = KeyValue(key, value, prev.create_revision, rev, prev.version + 1, lease)
+            if prev.lease and prev.lease != lease:
+                self._detach(prev.lease, key)
+        if lease and (prev is None or prev.lease != lease):
+            keys = self._by_lease.get(lease)
+            if keys is None:
+                keys = self._by_lease[lease] = set()
+            keys.add(key)
         self._live[key] = kv
         h = self._hist.get(key)
         if h is None:
@@ -292,10 +328,35 @@ class MVCCStore:
         """Record a tombstone of live key at rev; returns the deleted KeyValue."""
         prev = self._live.pop(key)
         self._live_keys.remove(key)
+        if prev.lease:
+            self._detach(prev.lease, key)
         h = self._hist[key]
         h.revs.append(rev)
         h.kvs.append(None)
         return prev
+
+    def _detach(self, lease: int, key: bytes) -> None:
+        keys = self._by_lease[lease]
+        keys.discard(key)
+        if not keys:
+            del self._by_lease[lease]
+
+    def keys_of_lease(self, lease: int) -> list[bytes]:
+        """The live keys attached to `lease`, sorted. O(k log k)."""
+        return sorted(self._by_lease.get(lease, ()))
+
+    def delete_keys(self, keys: Sequence[bytes]) -> tuple[DeleteRangeResponse, list[Event]]:
+        """Delete the live `keys` (sorted, distinct) at one revision, in that order: a
+        lease's revoke (etcd's lessor deletes its keys sorted, in one txn). Nothing to
+        delete keeps the revision. O(k log n)."""
+        if not keys:
+            return DeleteRangeResponse(self.rev, 0, []), []
+        rev = self.rev + 1
+        prevs = [self._erase(k, rev) for k in keys]
+        events = [Event(DELETE, KeyValue(p.key, b"", 0, rev, 0, 0), p) for p in prevs]
+        self.rev = rev
+        self._log.append(keys[0] if len(keys) == 1 else tuple(keys))
+        return DeleteRangeResponse(rev, len(keys), []), events
 
     def delete_range(
         self, key: bytes, end: bytes | None = None, *, prev_kv: bool = False
@@ -307,15 +368,10 @@ class MVCCStore:
         """
         if not key:
             raise EmptyKeyError()
-        keys = self._live_keys_in(key, end)
-        if not keys:
-            return DeleteRangeResponse(self.rev, 0, []), []
-        rev = self.rev + 1
-        prevs = [self._erase(k, rev) for k in keys]
-        events = [Event(DELETE, KeyValue(p.key, b"", 0, rev, 0, 0), p) for p in prevs]
-        self.rev = rev
-        self._log.append(keys[0] if len(keys) == 1 else tuple(keys))
-        return DeleteRangeResponse(rev, len(keys), prevs if prev_kv else []), events
+        resp, events = self.delete_keys(self._live_keys_in(key, end))
+        if prev_kv:
+            resp.prev_kvs = [e.prev_kv for e in events]
+        return resp, events
 
     # ------------------------------------------------------------------ txn
 
@@ -397,16 +453,19 @@ class MVCCStore:
         return True
 
     def _check_plan_puts(self, plan, dels: list) -> None:
-        """etcd checkRequestPut over the chosen path: ignore_value needs the key to exist
-        before the txn. `dels` collects the path's earlier delete ranges: a key one of
-        them removed would make etcd panic mid-txn; we refuse the txn instead."""
+        """etcd checkRequestPut over the chosen path, op by op: ignore_value or
+        ignore_lease needs the key to exist before the txn, then the lease must exist.
+        `dels` collects the path's earlier delete ranges: a key one of them removed
+        would make etcd panic mid-txn; we refuse the txn instead."""
         for op, sub in plan[1]:
             t = type(op)
             if t is PutOp:
-                if op.ignore_value and (
+                if (op.ignore_value or op.ignore_lease) and (
                     op.key not in self._live or any(_covers(d, op.key) for d in dels)
                 ):
                     raise KeyNotFoundError()
+                if op.lease and not self.lease_exists(op.lease):
+                    raise LeaseNotFoundError()
             elif t is DeleteOp:
                 dels.append((op.key, op.range_end))
             elif t is TxnOp:
@@ -439,9 +498,10 @@ class MVCCStore:
                 key = op.key
                 prev = live.get(key)
                 value = prev.value if op.ignore_value else op.value  # prev checked in plan
+                lease = prev.lease if op.ignore_lease else op.lease
                 if key not in ctx.pre:
                     ctx.pre[key] = prev
-                kv = self._write(key, value, ctx.new, prev)
+                kv = self._write(key, value, ctx.new, prev, lease)
                 ctx.changed = True
                 ctx.keys.append(key)
                 ctx.events.append(Event(PUT, kv, None if kv.version == 1 else ctx.pre[key]))
@@ -525,7 +585,8 @@ class MVCCStore:
         are [] for a range. Complexity: that of the call it dispatches to."""
         t = type(op)
         if t is PutOp:
-            return self.put(op.key, op.value, prev_kv=op.prev_kv, ignore_value=op.ignore_value)
+            return self.put(op.key, op.value, prev_kv=op.prev_kv, ignore_value=op.ignore_value,
+                            lease=op.lease, ignore_lease=op.ignore_lease)
         if t is RangeOp:
             if not op.key:
                 raise EmptyKeyError()
@@ -552,6 +613,11 @@ class MVCCStore:
     def _check(self) -> None:
         """Assert every internal invariant (raises AssertionError, also under -O). O(N)."""
         mvcc_state.check(self)
+
+def _no_leases(_lease: int) -> bool:
+    """A store on its own knows no lease: every lease is "not found"."""
+    return False
+
 
 _SORT_KEYS = {
     "KEY": lambda kv: kv.key,

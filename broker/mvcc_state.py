@@ -93,6 +93,9 @@ def restore(s, data: dict):
                 s._live[key] = last
         s._keys = SortedList(s._hist)
         s._live_keys = SortedList(s._live)
+        for key, kv in s._live.items():
+            if kv.lease:
+                s._by_lease.setdefault(kv.lease, set()).add(key)
         for r in range(s._log_start, s.rev + 1):
             keys = changed.pop(r, None)
             if not keys:
@@ -155,7 +158,7 @@ def check(store) -> None:
                 if i and kvs[i - 1] is None:
                     _fail(f"{key!r}: tombstone of a dead key at {r}")
             else:
-                if kv.key != key or kv.mod_revision != r or kv.lease != 0:
+                if kv.key != key or kv.mod_revision != r:
                     _fail(f"{key!r}: bad KeyValue {kv!r} at {r}")
                 if i == 0:
                     if kv.version < 1 or not 1 < kv.create_revision <= r:
@@ -184,3 +187,9 @@ def check(store) -> None:
         _fail("live key without history")
     if seen != logged:
         _fail(f"log entries without a change: {sorted(logged - seen)[:5]}")
+    by_lease: dict[int, set[bytes]] = {}
+    for key, kv in store._live.items():
+        if kv.lease:
+            by_lease.setdefault(kv.lease, set()).add(key)
+    if by_lease != store._by_lease:
+        _fail("the lease index differs from the live keys' leases")

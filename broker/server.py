@@ -2,16 +2,19 @@
 
 It decides nothing about keys, revisions or watches itself: `MVCCStore` applies
 requests, `History` keeps the revision log and its compaction point, `WatchCore`
-decides who gets what and owns every watch stream's rules, `Registry` owns the shared
-objects and the clients. The shell drains request rings, calls the cores, writes the
-WAL, rings doorbells and reclaims dead clients.
+decides who gets what and owns every watch stream's rules, `Lessor` owns the leases and
+their deadlines, `Registry` owns the shared objects and the clients. The shell drains
+request rings, calls the cores, writes the WAL, rings doorbells and reclaims dead
+clients.
 
 One loop (DESIGN.md section 3): drain every client's request ring in batches; apply each
 request; append a write's events to the revision log, then (after the WAL write)
 notify synced watchers, then publish the replies (so a put's reply means its watchers
 can already see the events); catch up unsynced watchers; retry victims; wake the
-clients it wrote to; sleep on the doorbell when idle. Housekeeping (registrations,
-liveness, heartbeat, metrics, snapshots) runs between batches.
+clients it wrote to; sleep on the doorbell when idle (never past the next lease
+deadline). Housekeeping (registrations, liveness, heartbeat, metrics, snapshots) runs
+between batches. A lease that ends (revoked, expired, or bound to a client that is
+gone) deletes its keys as one write: logged, in the WAL, and notified like any other.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ from shmwatch.wire.protocol import (
     ByeRequest,
     CompactRequest,
     KvRequest,
+    LeaseGrantRequest,
+    LeaseRequest,
     ProgressRequest,
     WatchCancelRequest,
     WatchCreateRequest,
@@ -41,22 +46,41 @@ from shmwatch.wire.protocol import (
     encode_error,
     encode_reply,
     encode_response,
+    OP_LEASE_KEEPALIVE,
+    OP_LEASE_REVOKE,
+    OP_LEASE_TTL,
     log_record,
     parse_request,
     peek_id,
     watch_created_body,
 )
-from shmwatch.wire.types import Event
+from shmwatch.wire.types import (
+    Event,
+    LeaseGrantResponse,
+    LeaseKeepAliveResponse,
+    LeaseLeasesResponse,
+    LeaseRevokeResponse,
+    LeaseTimeToLiveResponse,
+)
 
 from .config import BrokerConfig, start_bytes
 from .errors import BrokerStartError
 from .history import History, HistoryDamaged
+from .lease import Lessor
 from .metrics import StatsWriter, snapshot
 from .mvcc import MVCCStore
 from .outbox import RingWriter
 from .registry import REQUEST_ENVELOPE, ClientConn, Registry
 from .sizing import check_start, no_space_message, shm_free
-from .wal import KIND_COMPACT, KIND_KV, DataDir, Record, WalCorrupt
+from .wal import (
+    KIND_COMPACT,
+    KIND_KV,
+    KIND_LEASE_GRANT,
+    KIND_LEASE_REVOKE,
+    DataDir,
+    Record,
+    WalCorrupt,
+)
 from .watch import WatchCore
 
 log = logging.getLogger("shmwatch.broker")
@@ -78,6 +102,9 @@ IDLE_SLEEP_MAX_S = 0.1
 # clients): a request arriving within ~50 us is served without a semaphore wake-up
 # (~30 us each way, PERF-ANCHORS.md), which is what keeps a synchronous put fast.
 BROKER_SPIN = 100
+# The owner of bound leases read back from the data directory: their clients did not
+# survive the restart, so they are revoked once recovery is done.
+RESTARTED = "restarted"
 
 
 class Broker:
@@ -87,7 +114,8 @@ class Broker:
         self.cfg = cfg
         self.boot_id = new_boot_id()
         self.cluster_id = int.from_bytes(self.boot_id[:8], "little") >> 1
-        self.mvcc = MVCCStore()
+        self.lessor = Lessor(cfg.min_lease_ttl, cfg.max_leases, member_id=self.cluster_id)
+        self._set_store(MVCCStore())
         self.core = WatchCore(
             max_request_bytes=cfg.max_request_bytes,
             max_response_bytes=cfg.max_response_bytes,
@@ -141,10 +169,13 @@ class Broker:
         WAL records (checked by `DataDir.load`). A record or snapshot that passed its
         checksums but cannot be replayed is corruption too: WalCorrupt, not a traceback."""
         wal = self.wal
+        now = time.monotonic()
         if snap is not None:
             try:
-                self.mvcc = MVCCStore.restore(snap["mvcc"])
+                self._set_store(MVCCStore.restore(snap["mvcc"]))
                 self.history.restore(snap["log"])
+                for lease_id, ttl, bound in snap.get("leases", ()):
+                    self.lessor.grant(lease_id, ttl, now, RESTARTED if bound else None)
             except Exception as exc:  # any failure: the snapshot is not one we wrote
                 path = os.path.join(wal.path, "snap")
                 raise WalCorrupt(f"snapshot {path} passes its checksum but cannot be "
@@ -157,6 +188,11 @@ class Broker:
                     f"WAL {wal.wal_path} is corrupt at offset {r.offset}: record "
                     f"{r.seq} passes its checksums but cannot be replayed ({exc!r}); "
                     f"refusing to start; nothing was changed", wal.wal_path, r.offset) from exc
+        # Bound leases belonged to clients of the broker that stopped: revoked now, as a
+        # client's leases are when it goes (logged, so a second restart agrees).
+        for lease_id in self.lessor.owned_by(RESTARTED):
+            self._revoke(lease_id)
+        wal.commit(time.monotonic())
         self._pending.clear()  # nobody watches yet
         self.core.cur_rev = self.mvcc.rev
         self.core.compact(self.mvcc.compact_rev)
@@ -172,6 +208,12 @@ class Broker:
             self._apply(decode_op(r.payload), r.payload, durable=False)
             if self.mvcc.rev != rev + 1:  # only changes are logged
                 raise ValueError("the write changes nothing")
+        elif r.kind == KIND_LEASE_GRANT:
+            lease_id, ttl, bound = r.payload
+            # Every lease is renewed to its full TTL at a restart (etcd's Promote).
+            self.lessor.grant(lease_id, ttl, time.monotonic(), RESTARTED if bound else None)
+        elif r.kind == KIND_LEASE_REVOKE:
+            self._revoke(r.payload, durable=False)
         else:
             try:
                 self._do_compact(r.payload)
@@ -186,7 +228,12 @@ class Broker:
                 break
             except HistoryDamaged as exc:
                 self._contain(exc)
-        self.wal.snapshot({"mvcc": self.mvcc.snapshot(), "log": entries})
+        self.wal.snapshot({"mvcc": self.mvcc.snapshot(), "log": entries,
+                           "leases": self.lessor.snapshot()})
+
+    def _set_store(self, store: MVCCStore) -> None:
+        store.lease_exists = self.lessor.__contains__
+        self.mvcc = store
 
     # ------------------------------------------------------------ life
 
@@ -240,6 +287,9 @@ class Broker:
         if hint:
             words[L.CTL_SPACE_HINT] = 0
         worked = self._drain_requests()
+        deadline = self.lessor.next_deadline()
+        if deadline is not None and now >= deadline and self._expire(now):
+            worked = True
         if (core.victims or core.canceling) and (hint or now >= nxt["victims"]):
             core.move_victims()
             nxt["victims"] = now + VICTIM_RETRY_S
@@ -257,6 +307,9 @@ class Broker:
             core.progress_tick(c.stream for c in self.registry.clients.values())
             self._settle()
             nxt["progress"] = now + self.cfg.progress_notify_interval
+        while self._pending:  # leases of clients that went (settle, housekeeping)
+            self._commit_batch()
+            worked = True
         return worked
 
     def _sleep(self, now: float) -> None:
@@ -264,6 +317,9 @@ class Broker:
         timeout = min(nxt["house"], nxt["progress"]) - now
         if self.core.victims or self.core.canceling:
             timeout = min(timeout, nxt["victims"] - now)
+        deadline = self.lessor.next_deadline()
+        if deadline is not None:
+            timeout = min(timeout, deadline - now)
         self.bell.wait(self._has_work, max(0.0, min(timeout, IDLE_SLEEP_MAX_S)),
                        spin=BROKER_SPIN, slice=IDLE_SLEEP_MAX_S)
 
@@ -288,7 +344,12 @@ class Broker:
             core.woken.clear()
 
     def _disconnect(self, c: ClientConn) -> None:
-        """Forget a client: drop its watchers, then its rings."""
+        """Forget a client: revoke its bound leases (their deletes are committed with
+        the pass), drop its watchers, then its rings. Not while closing: the WAL is
+        closed then, and a restart revokes bound leases itself."""
+        if not self._closed:
+            for lease_id in self.lessor.owned_by(c):
+                self._revoke(lease_id)
         self.core.drop_stream(c.stream)
         self.registry.reclaim(c)
 
@@ -399,7 +460,11 @@ class Broker:
                 return False
             # Anything else sees the store as committed and notified so far.
             self._commit_batch()
-            self._reply(c, encode_reply(req_id, self._other(c, req)))
+            data = encode_reply(req_id, self._other(c, req))
+            if len(data) > self.cfg.max_response_bytes:  # a lease's keys, the lease list
+                raise errors.ResponseTooLargeError.for_reply(
+                    len(data), self.cfg.max_response_bytes, 0)
+            self._reply(c, data)
         except errors.ShmwatchError as exc:
             self._reply(c, encode_error(req_id, exc))
         except Exception as exc:  # noqa: BLE001 - a bug must cost one request, never the broker
@@ -441,7 +506,56 @@ class Broker:
             return encode_response(resp)
         if kind is ArenaRequest:
             return arena_body(*self.registry.new_arena(c))
+        if kind is LeaseRequest or kind is LeaseGrantRequest:
+            return encode_response(self._lease(c, req))
         raise errors.ProtocolError(f"shmwatch: unexpected request {kind.__name__}")
+
+    # ------------------------------------------------------------ leases
+
+    def _lease(self, c: ClientConn, req):
+        """A lease request's response. Deadlines that passed are settled first, so no
+        one is told of a lease that is already due to go (etcd's keep-alive of an
+        expired lease waits for its revoke, then answers TTL 0)."""
+        now = time.monotonic()
+        self._expire(now)
+        lessor = self.lessor
+        rev = self.mvcc.rev
+        if type(req) is LeaseGrantRequest:
+            lease_id = req.lease_id or lessor.new_id(time.time_ns() // 1_000_000)
+            lease = lessor.grant(lease_id, req.ttl, now, c if req.bound else None)
+            if self.wal is not None:
+                self.wal.append(KIND_LEASE_GRANT, [lease.id, lease.ttl, req.bound])
+            return LeaseGrantResponse(rev, lease.id, lease.ttl)
+        lease_id = req.lease_id
+        if req.op == OP_LEASE_REVOKE:
+            self._revoke(lease_id)
+            return LeaseRevokeResponse(self.mvcc.rev)
+        if req.op == OP_LEASE_KEEPALIVE:
+            return LeaseKeepAliveResponse(rev, lease_id, lessor.renew(lease_id, now))
+        if req.op == OP_LEASE_TTL:
+            ttl, granted = lessor.time_to_live(lease_id, now)
+            keys = self.mvcc.keys_of_lease(lease_id) if req.keys and ttl >= 0 else []
+            return LeaseTimeToLiveResponse(rev, lease_id, ttl, granted, keys)
+        return LeaseLeasesResponse(rev, sorted(lessor.leases))
+
+    def _revoke(self, lease_id: int, durable: bool = True) -> None:
+        """End a lease: forget it, and delete its keys in key order at one revision
+        (etcd's lessor revokes in one txn; no keys, no new revision)."""
+        self.lessor.revoke(lease_id)  # LeaseNotFoundError if there is none
+        _, events = self.mvcc.delete_keys(self.mvcc.keys_of_lease(lease_id))
+        if durable and self.wal is not None:
+            self.wal.append(KIND_LEASE_REVOKE, lease_id)
+        if events:
+            self._commit(self.mvcc.rev, events)
+
+    def _expire(self, now: float) -> int:
+        """Revoke every lease whose deadline passed; how many."""
+        due = self.lessor.expired(now)
+        for lease_id in due:
+            log.info("lease %x expired: revoking it", lease_id)
+            self._revoke(lease_id)
+        self.lessor.expired_total += len(due)
+        return len(due)
 
     # ------------------------------------------------------------ writes and history
 

@@ -1,5 +1,6 @@
 """etcd's txn request checks, before any compare is evaluated: v3rpc's
-checkTxnRequest (op count, empty keys, ignore_value with a value) and checkIntervals
+checkTxnRequest (op count, empty keys, ignore_value with a value, ignore_lease with a
+lease) and checkIntervals
 (duplicate keys in one branch, a put inside a delete range). Pure; `MVCCStore.txn`
 calls them (see the order of all checks in broker/mvcc.py's docstring)."""
 
@@ -8,6 +9,7 @@ from __future__ import annotations
 from shmwatch.wire.errors import (
     DuplicateKeyError,
     EmptyKeyError,
+    LeaseProvidedError,
     ProtocolError,
     TooManyOpsError,
     ValueProvidedError,
@@ -31,7 +33,8 @@ def _covers(d: tuple[bytes, bytes | None], key: bytes) -> bool:
 
 
 def _check_txn_request(compare, success, failure, budget: int) -> None:
-    """etcd v3rpc checkTxnRequest: op count, empty keys, ignore_value with a value."""
+    """etcd v3rpc checkTxnRequest: op count, empty keys, ignore_value with a value,
+    ignore_lease with a lease (checkPutRequest's order)."""
     opc = max(len(compare), len(success), len(failure))
     if opc > budget:
         raise TooManyOpsError()
@@ -48,6 +51,8 @@ def _check_txn_request(compare, success, failure, budget: int) -> None:
                     raise EmptyKeyError()
                 if op.ignore_value and op.value:
                     raise ValueProvidedError()
+                if op.ignore_lease and op.lease:
+                    raise LeaseProvidedError()
             elif t is RangeOp or t is DeleteOp:
                 if not op.key:
                     raise EmptyKeyError()

@@ -82,6 +82,9 @@ log = logging.getLogger("shmwatch.wal")
 
 KIND_KV = 0  # payload: the op in the wire's txn-op encoding
 KIND_COMPACT = 1  # payload: the revision
+KIND_LEASE_GRANT = 2  # payload: [id, ttl, bound]
+KIND_LEASE_REVOKE = 3  # payload: the id (a revoke, an expiry, a bound lease's owner gone)
+KINDS = (KIND_KV, KIND_COMPACT, KIND_LEASE_GRANT, KIND_LEASE_REVOKE)
 FSYNC_MODES = ("always", "batch", "never")
 BATCH_FSYNC_S = 0.01
 # 1: the first framed format; 2: a snapshot's copy of the revision log holds the
@@ -231,10 +234,15 @@ def _decode_record(body: bytes | memoryview) -> tuple[int, int, object]:
     except Exception as exc:  # msgpack raises several types; any means "not a record"
         raise ValueError(f"undecodable: {exc}") from None
     if not (isinstance(rec, list) and len(rec) == 3 and type(rec[0]) is int
-            and rec[1] in (KIND_KV, KIND_COMPACT)):
+            and rec[1] in KINDS):
         raise ValueError("not a [seq, kind, payload] record")
-    if rec[1] == KIND_COMPACT and type(rec[2]) is not int:
-        raise ValueError("a compaction record without a revision")
+    kind, payload = rec[1], rec[2]
+    if kind in (KIND_COMPACT, KIND_LEASE_REVOKE) and type(payload) is not int:
+        raise ValueError("a compaction or revoke record without its number")
+    if kind == KIND_LEASE_GRANT and not (
+            isinstance(payload, list) and len(payload) == 3 and type(payload[0]) is int
+            and type(payload[1]) is int and type(payload[2]) is bool):
+        raise ValueError("a lease grant record that is not [id, ttl, bound]")
     return rec[0], rec[1], rec[2]
 
 

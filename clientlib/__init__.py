@@ -21,6 +21,10 @@ from shmwatch.wire.errors import (
     InheritedWatchError,
     InvalidRangeError,
     KeyNotFoundError,
+    LeaseExistsError,
+    LeaseNotFoundError,
+    LeaseProvidedError,
+    LeaseTTLTooLargeError,
     NoSpaceError,
     PermissionDenied,
     ProtocolError,
@@ -29,6 +33,7 @@ from shmwatch.wire.errors import (
     ShmwatchError,
     Timeout,
     TooManyClientsError,
+    TooManyLeasesError,
     TooManyOpsError,
     TooManyWatchersError,
     ValueProvidedError,
@@ -54,6 +59,11 @@ from shmwatch.wire.types import (
     DeleteRangeResponse,
     Event,
     KeyValue,
+    LeaseGrantResponse,
+    LeaseKeepAliveResponse,
+    LeaseLeasesResponse,
+    LeaseRevokeResponse,
+    LeaseTimeToLiveResponse,
     PutResponse,
     RangeResponse,
     TxnResponse,
@@ -61,17 +71,22 @@ from shmwatch.wire.types import (
 )
 
 from .client import Client, Watch, connect
+from .lease import Lease
 
 __all__ = [
-    "Client", "Watch", "connect",
+    "Client", "Lease", "Watch", "connect",
     "BrokerUnavailable", "ClientClosed", "CompactedError", "DuplicateKeyError",
     "DuplicateWatchIdError", "EmptyKeyError", "FutureRevisionError", "InheritedWatchError",
-    "InvalidRangeError", "KeyNotFoundError", "NoSpaceError", "PermissionDenied",
+    "InvalidRangeError", "KeyNotFoundError", "LeaseExistsError", "LeaseNotFoundError",
+    "LeaseProvidedError", "LeaseTTLTooLargeError", "NoSpaceError", "PermissionDenied",
     "ProtocolError", "RequestTooLargeError", "ResponseTooLargeError", "ShmwatchError",
-    "Timeout", "TooManyClientsError", "TooManyOpsError", "TooManyWatchersError",
+    "Timeout", "TooManyClientsError", "TooManyLeasesError", "TooManyOpsError",
+    "TooManyWatchersError",
     "ValueProvidedError", "WatchClosed",
     "Compare", "compare_create", "compare_lease", "compare_mod", "compare_value",
     "compare_version", "op_delete", "op_get", "op_put", "op_txn", "prefix_range_end",
     "DELETE", "PUT", "CompactResponse", "DeleteRangeResponse", "Event", "KeyValue",
+    "LeaseGrantResponse", "LeaseKeepAliveResponse", "LeaseLeasesResponse",
+    "LeaseRevokeResponse", "LeaseTimeToLiveResponse",
     "PutResponse", "RangeResponse", "TxnResponse", "WatchResponse",
 ]

@@ -18,10 +18,10 @@ thread per watch or per call, no polling: an idle client costs nothing but one
 
 Cancelling a task that awaits a call or a watch (`task.cancel()`, `asyncio.timeout`)
 behaves as asyncio users expect: the await raises `CancelledError`, a reply that
-arrives later is dropped, and the client and the watch stay usable. A request already
-being written is always written whole first, so cancellation never leaves half a
-message in the ring. `timeout=` arguments raise `clientlib.Timeout`, as the blocking
-client does.
+arrives later is dropped, and the client and the watch stay usable. A request that
+was only partly written when cancelled is abandoned (an abort marker tells the broker to
+drop it): it is never applied later, after newer writes. `timeout=` arguments raise
+`clientlib.Timeout`, as the blocking client does.
 
 An `AsyncClient` belongs to the event loop and process that created it (use one per
 loop; across fork(), create a new one in the child).
@@ -44,6 +44,8 @@ from .flows import (
     Pipelined,
     flow_compact,
     flow_kv,
+    flow_lease,
+    flow_lease_grant,
     flow_progress,
     flow_put,
     flow_put_many,
@@ -53,17 +55,29 @@ from .flows import (
 )
 from .watch import Watch
 from shmwatch.wire.ops import op_delete, op_get
-from shmwatch.wire.protocol import number, watch_cancel_request
+from shmwatch.wire.protocol import (
+    OP_LEASE_KEEPALIVE,
+    OP_LEASE_LEASES,
+    OP_LEASE_REVOKE,
+    OP_LEASE_TTL,
+    number,
+    watch_cancel_request,
+)
 from shmwatch.wire.types import (
     CompactResponse,
     DeleteRangeResponse,
+    LeaseGrantResponse,
+    LeaseKeepAliveResponse,
+    LeaseLeasesResponse,
+    LeaseRevokeResponse,
+    LeaseTimeToLiveResponse,
     PutResponse,
     RangeResponse,
     TxnResponse,
     WatchResponse,
 )
 
-__all__ = ["AsyncClient", "AsyncWatch", "connect"]
+__all__ = ["AsyncClient", "AsyncLease", "AsyncWatch", "connect"]
 
 WRITE_RETRY_S = 0.0005  # the request ring is full (the broker is behind): retry after this
 
@@ -355,10 +369,12 @@ class AsyncClient:
         except StopIteration as stop:
             return stop.value
 
-    async def put(self, key, value, prev_kv: bool = False, ignore_value: bool = False, *,
+    async def put(self, key, value, prev_kv: bool = False, ignore_value: bool = False,
+                  lease: int = 0, ignore_lease: bool = False, *,
                   timeout: float | None = None) -> PutResponse:
         """etcd Put (see `Client.put`)."""
-        return await self._run(flow_put(key, value, prev_kv, ignore_value), timeout)
+        return await self._run(flow_put(key, value, prev_kv, ignore_value, lease,
+                                        ignore_lease), timeout)
 
     async def put_many(self, items: Iterable[tuple], prev_kv: bool = False, *,
                        timeout: float | None = None) -> list[PutResponse]:
@@ -390,6 +406,38 @@ class AsyncClient:
     async def compact(self, revision: int, *, timeout: float | None = None) -> CompactResponse:
         """etcd Compact (see `Client.compact`)."""
         return await self._run(flow_compact(revision), timeout)
+
+    async def lease_grant(self, ttl: int, lease_id: int = 0, *, bound: bool = False,
+                          timeout: float | None = None) -> LeaseGrantResponse:
+        """etcd LeaseGrant (see `Client.lease_grant`)."""
+        return await self._run(flow_lease_grant(ttl, lease_id, bound), timeout)
+
+    async def lease_revoke(self, lease_id, *,
+                           timeout: float | None = None) -> LeaseRevokeResponse:
+        """etcd LeaseRevoke (see `Client.lease_revoke`)."""
+        return await self._run(flow_lease(OP_LEASE_REVOKE, lease_id), timeout)
+
+    async def lease_keep_alive_once(self, lease_id, *,
+                                    timeout: float | None = None) -> LeaseKeepAliveResponse:
+        """One etcd keep-alive (see `Client.lease_keep_alive_once`)."""
+        return await self._run(flow_lease(OP_LEASE_KEEPALIVE, lease_id), timeout)
+
+    async def lease_time_to_live(self, lease_id, keys: bool = False, *,
+                                 timeout: float | None = None) -> LeaseTimeToLiveResponse:
+        """etcd LeaseTimeToLive (see `Client.lease_time_to_live`)."""
+        return await self._run(flow_lease(OP_LEASE_TTL, lease_id, keys), timeout)
+
+    async def leases(self, *, timeout: float | None = None) -> LeaseLeasesResponse:
+        """etcd LeaseLeases (see `Client.leases`)."""
+        return await self._run(flow_lease(OP_LEASE_LEASES, 0), timeout)
+
+    async def lease(self, ttl: int = 0, *, bound: bool = False, lease_id: int = 0,
+                    keep_alive: bool = True, timeout: float | None = None) -> "AsyncLease":
+        """Grant a lease as an `AsyncLease` (see `Client.lease`): its keep-alive is a
+        task of this loop; `async with` revokes it on exit."""
+        resp = await self.lease_grant(ttl, lease_id, bound=bound, timeout=timeout)
+        return AsyncLease(self, resp, bound=bound, forever=bound and ttl <= 0,
+                          keep_alive=keep_alive)
 
     async def request_progress(self, *, timeout: float | None = None) -> None:
         """etcd's progress request (see `Client.request_progress`)."""
@@ -557,3 +605,98 @@ class AsyncWatch:
                 await self.cancel()
             except errors.ShmwatchError:
                 pass
+
+
+class AsyncLease:
+    """`clientlib.Lease` for asyncio: the keep-alive is a task of the client's loop.
+    `id`, `granted_ttl`, `bound`; `await remaining()`, `keys()`, `refresh()`,
+    `revoke()`; `lost`, `await wait_lost()`; `async with` revokes on exit."""
+
+    def __init__(self, ac: AsyncClient, grant: LeaseGrantResponse, *, bound: bool,
+                 forever: bool, keep_alive: bool):
+        self.id: int = grant.id
+        self.granted_ttl: int = grant.ttl
+        self.bound = bound
+        self._ac = ac
+        self._lost = asyncio.Event()
+        self._deadline = time.monotonic() + grant.ttl
+        self._task: asyncio.Task | None = None
+        if keep_alive and not forever:
+            self._task = asyncio.get_running_loop().create_task(self._keep_alive())
+
+    def __index__(self) -> int:
+        return self.id
+
+    @property
+    def lost(self) -> bool:
+        return self._lost.is_set()
+
+    async def wait_lost(self, timeout: float | None = None) -> bool:
+        try:
+            await asyncio.wait_for(self._lost.wait(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+    async def remaining(self, *, timeout: float | None = None) -> int:
+        return (await self._ac.lease_time_to_live(self.id, timeout=timeout)).ttl
+
+    async def keys(self, *, timeout: float | None = None) -> list[bytes]:
+        return (await self._ac.lease_time_to_live(self.id, keys=True, timeout=timeout)).keys
+
+    async def refresh(self, *, timeout: float | None = None) -> int:
+        ttl = (await self._ac.lease_keep_alive_once(self.id, timeout=timeout)).ttl
+        if ttl <= 0:
+            self._lose()
+            raise errors.LeaseNotFoundError()
+        self._deadline = time.monotonic() + ttl
+        return ttl
+
+    async def revoke(self, *, timeout: float | None = None) -> LeaseRevokeResponse:
+        self._stop()
+        try:
+            return await self._ac.lease_revoke(self.id, timeout=timeout)
+        finally:
+            self._lost.set()
+
+    def close(self) -> None:
+        """Stop the keep-alive without revoking."""
+        self._stop()
+
+    async def __aenter__(self) -> "AsyncLease":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        try:
+            await self.revoke()
+        except (errors.LeaseNotFoundError, errors.ClientClosed):
+            pass
+
+    def _stop(self) -> None:
+        if self._task is not None and self._task is not asyncio.current_task():
+            self._task.cancel()
+        self._task = None
+
+    def _lose(self) -> None:
+        self._lost.set()
+        self._stop()
+
+    async def _keep_alive(self) -> None:
+        interval = max(self.granted_ttl / 3.0, 0.1)
+        wait = interval
+        while True:
+            await asyncio.sleep(wait)
+            try:
+                resp = await self._ac.lease_keep_alive_once(self.id, timeout=interval)
+            except errors.ClientClosed:
+                break
+            except errors.ShmwatchError:
+                if time.monotonic() >= self._deadline:
+                    break
+                wait = min(1.0, interval)
+                continue
+            if resp.ttl <= 0:
+                break
+            self._deadline = time.monotonic() + resp.ttl
+            wait = interval
+        self._lost.set()

@@ -9,9 +9,20 @@ from collections.abc import Iterable
 from shm.errors import ShmError
 from shmwatch.wire import errors
 from shmwatch.wire.ops import op_delete, op_get
+from shmwatch.wire.protocol import (
+    OP_LEASE_KEEPALIVE,
+    OP_LEASE_LEASES,
+    OP_LEASE_REVOKE,
+    OP_LEASE_TTL,
+)
 from shmwatch.wire.types import (
     CompactResponse,
     DeleteRangeResponse,
+    LeaseGrantResponse,
+    LeaseKeepAliveResponse,
+    LeaseLeasesResponse,
+    LeaseRevokeResponse,
+    LeaseTimeToLiveResponse,
     PutResponse,
     RangeResponse,
     TxnResponse,
@@ -24,6 +35,8 @@ from .flows import (
     flow_compact,
     flow_create_watch,
     flow_kv,
+    flow_lease,
+    flow_lease_grant,
     flow_progress,
     flow_put,
     flow_put_many,
@@ -31,11 +44,13 @@ from .flows import (
     flow_watch,
     watch_spec,
 )
+from .lease import Lease
 from .watch import Watch
 
 
 class Calls:
-    """put, get, delete, txn, compact, put_many, watch, request_progress (mixed into
+    """put, get, delete, txn, compact, put_many, watch, request_progress, the lease
+    verbs (mixed into
     `Client`, which provides `name`, `_own`, `_call`, `_call_many`, `_watch_lock`)."""
 
     def _run(self, flow, timeout: float | None):
@@ -65,10 +80,14 @@ class Calls:
         except StopIteration as stop:
             return stop.value
 
-    def put(self, key, value, prev_kv: bool = False, ignore_value: bool = False, *,
+    def put(self, key, value, prev_kv: bool = False, ignore_value: bool = False,
+            lease: int = 0, ignore_lease: bool = False, *,
             timeout: float | None = None) -> PutResponse:
-        """etcd Put. O(log n) at the broker plus delivery to matching watchers."""
-        return self._run(flow_put(key, value, prev_kv, ignore_value), timeout)
+        """etcd Put. `lease` (an id or a `Lease`) attaches the key to it, 0 detaches it;
+        `ignore_lease` keeps the key's lease. O(log n) at the broker plus delivery to
+        matching watchers."""
+        return self._run(flow_put(key, value, prev_kv, ignore_value, lease, ignore_lease),
+                         timeout)
 
     def put_many(self, items: Iterable[tuple], prev_kv: bool = False, *,
                  timeout: float | None = None) -> list[PutResponse]:
@@ -141,6 +160,47 @@ class Calls:
     def _create_watch(self, spec: list, want_id: int, timeout: float | None):
         with self._watch_lock:
             return self._run(flow_create_watch(self, spec, want_id), timeout)
+
+    # ------------------------------------------------------------ leases
+
+    def lease_grant(self, ttl: int, lease_id: int = 0, *, bound: bool = False,
+                    timeout: float | None = None) -> LeaseGrantResponse:
+        """etcd LeaseGrant: a lease of `ttl` seconds (under the broker's --min-lease-ttl:
+        granted as the minimum); `lease_id` 0 picks a fresh id. `bound=True` (not in
+        etcd): the broker also revokes it when this client closes or its process dies;
+        with ttl 0 it then has no TTL at all (see `lease()`)."""
+        return self._run(flow_lease_grant(ttl, lease_id, bound), timeout)
+
+    def lease_revoke(self, lease_id, *, timeout: float | None = None) -> LeaseRevokeResponse:
+        """etcd LeaseRevoke: end the lease and delete its keys (one revision)."""
+        return self._run(flow_lease(OP_LEASE_REVOKE, lease_id), timeout)
+
+    def lease_keep_alive_once(self, lease_id, *,
+                              timeout: float | None = None) -> LeaseKeepAliveResponse:
+        """One etcd keep-alive: renew the lease to its full TTL. `ttl` is 0 if the lease
+        does not exist any more (not an error, as etcd's server answers)."""
+        return self._run(flow_lease(OP_LEASE_KEEPALIVE, lease_id), timeout)
+
+    def lease_time_to_live(self, lease_id, keys: bool = False, *,
+                           timeout: float | None = None) -> LeaseTimeToLiveResponse:
+        """etcd LeaseTimeToLive: seconds left and the granted TTL (ttl -1: no such
+        lease), and the lease's keys (sorted) with `keys=True`."""
+        return self._run(flow_lease(OP_LEASE_TTL, lease_id, keys), timeout)
+
+    def leases(self, *, timeout: float | None = None) -> LeaseLeasesResponse:
+        """etcd LeaseLeases: the ids of every lease (sorted)."""
+        return self._run(flow_lease(OP_LEASE_LEASES, 0), timeout)
+
+    def lease(self, ttl: int = 0, *, bound: bool = False, lease_id: int = 0,
+              keep_alive: bool = True, timeout: float | None = None) -> Lease:
+        """Grant a lease and return it as a `Lease` (a context manager that revokes it
+        on exit). With `keep_alive` a background thread renews it at a third of its TTL,
+        as clientv3's KeepAlive. `bound=True`: revoked the moment this client closes or
+        its process dies; `ttl=0` with `bound=True` lives exactly as long as this client
+        (no TTL, no keep-alive needed)."""
+        resp = self.lease_grant(ttl, lease_id, bound=bound, timeout=timeout)
+        return Lease(self, resp, bound=bound, forever=bound and ttl <= 0,
+                     keep_alive=keep_alive)
 
     def request_progress(self, *, timeout: float | None = None) -> None:
         """etcd's progress request: each watch receives a response (watch_id -1) whose

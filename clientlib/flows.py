@@ -26,6 +26,8 @@ from shmwatch.wire.protocol import (
     decode_response,
     decode_watch_created,
     kv_request,
+    lease_grant_request,
+    lease_request,
     progress_request,
     put_request,
     watch_create_request,
@@ -69,9 +71,33 @@ def flow_kv(op):
     return decode_response((yield kv_request(op)))
 
 
-def flow_put(key, value, prev_kv: bool, ignore_value: bool):
+def flow_put(key, value, prev_kv: bool, ignore_value: bool, lease: int = 0,
+             ignore_lease: bool = False):
     return decode_put_response((yield put_request(to_bytes(key), to_bytes(value, "value"),
-                                                  bool(prev_kv), bool(ignore_value))))
+                                                  bool(prev_kv), bool(ignore_value),
+                                                  _lease_id(lease), bool(ignore_lease))))
+
+
+def _lease_id(lease) -> int:
+    """A lease id as etcd takes it (int64), from an int or a `Lease`."""
+    lease = getattr(lease, "id", lease)
+    if isinstance(lease, bool) or not isinstance(lease, int):
+        raise TypeError(f"lease must be a lease id (int) or a Lease, not {type(lease).__name__}")
+    if lease not in INT64:
+        raise ValueError(f"lease id {lease} is outside etcd's int64 range")
+    return lease
+
+
+def flow_lease_grant(ttl: int, lease_id: int, bound: bool):
+    if isinstance(ttl, bool) or not isinstance(ttl, int) or ttl not in INT64:
+        raise TypeError(f"ttl must be an integer number of seconds, not {ttl!r}")
+    return decode_response((yield lease_grant_request(ttl, _lease_id(lease_id), bound)))
+
+
+def flow_lease(op: int, lease_id, keys: bool = False):
+    """revoke, keep-alive, time-to-live or the lease list (shmwatch.wire.protocol
+    OP_LEASE_*) -> its response."""
+    return decode_response((yield lease_request(op, _lease_id(lease_id), keys)))
 
 
 def flow_put_many(items: Iterable[tuple], prev_kv: bool):

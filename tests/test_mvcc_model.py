@@ -20,6 +20,8 @@ from shmwatch.wire.errors import (
     DuplicateKeyError,
     FutureRevisionError,
     KeyNotFoundError,
+    LeaseNotFoundError,
+    LeaseProvidedError,
     ShmwatchError,
     ValueProvidedError,
 )
@@ -37,6 +39,7 @@ from shmwatch.wire.types import (
 KEYS = [b"a", b"ab", b"b", b"c", b"d"]
 ENDS = [None, None, None, b"\0", b"b", b"c", b"e", b"a"]  # b"a": often an empty range
 VALUES = [b"", b"x", b"y"]
+LEASES = frozenset({7, 8})  # the leases that exist (lease 9 never does)
 
 
 def in_range(k: bytes, key: bytes, end: bytes | None) -> bool:
@@ -87,7 +90,7 @@ class Model:
         if op.limit > 0:
             kvs = kvs[:op.limit]
         if op.keys_only:
-            kvs = [KeyValue(k.key, b"", k.create_revision, k.mod_revision, k.version) for k in kvs]
+            kvs = [k._replace(value=b"") for k in kvs]
         return RangeResponse(cur, kvs, count, more)
 
     def range(self, op: RangeOp):
@@ -98,8 +101,12 @@ class Model:
             raise CompactedError()
         return self.read(self.at(rev), op, self.rev), []
 
-    def put(self, key, value, prev_kv, ignore_value):
-        return self._single(PutOp(key, value, prev_kv, ignore_value))
+    def put(self, key, value, prev_kv, ignore_value, lease=0, ignore_lease=False):
+        op = PutOp(key, value, prev_kv, ignore_value, lease, ignore_lease)
+        self._validate(TxnOp((), (op,), ()))
+        if lease and lease not in LEASES:  # a lone put looks the lease up first
+            raise LeaseNotFoundError()
+        return self._single(op)
 
     def delete(self, key, end, prev_kv):
         return self._single(DeleteOp(key, end, prev_kv))
@@ -120,12 +127,15 @@ class Model:
 
     def _validate(self, t: TxnOp) -> None:
         """etcd's checkTxnRequest, minus what the strategies never produce (too many
-        ops, empty keys): an ignore_value put with a value, anywhere in the request."""
+        ops, empty keys): an ignore_value put with a value, an ignore_lease put with a
+        lease, anywhere in the request (the first such op decides)."""
         for op in t.success + t.failure:
             if type(op) is TxnOp:
                 self._validate(op)
             elif type(op) is PutOp and op.ignore_value and op.value:
                 raise ValueProvidedError()
+            elif type(op) is PutOp and op.ignore_lease and op.lease:
+                raise LeaseProvidedError()
 
     def txn(self, t: TxnOp):
         self._validate(t)
@@ -133,11 +143,11 @@ class Model:
             self._no_dups(branch)
         before = self.at(self.rev)
         work = dict(before)
-        ctx = {"changed": False, "events": [], "missing": False, "badrange": None}
+        ctx = {"changed": False, "events": [], "puterr": None, "badrange": None}
         begin, new = self.rev, self.rev + 1
         resp = self._run(t, before, work, ctx, begin, new)
-        if ctx["missing"]:
-            raise KeyNotFoundError()
+        if ctx["puterr"]:  # every put is checked before any range (the first one counts)
+            raise ctx["puterr"]
         if ctx["badrange"]:
             raise ctx["badrange"]
         if ctx["changed"]:
@@ -187,15 +197,22 @@ class Model:
                 out.append(self.read(state, op, cur))
             elif type(op) is PutOp:
                 prev = work.get(op.key)
-                if op.ignore_value and prev is None:
-                    ctx["missing"] = True
+                bad = None
+                if (op.ignore_value or op.ignore_lease) and prev is None:
+                    bad = KeyNotFoundError()
+                elif op.lease and op.lease not in LEASES:
+                    bad = LeaseNotFoundError()
+                if bad is not None:
+                    ctx["puterr"] = ctx["puterr"] or bad
                     out.append(None)
                     continue
                 value = prev.value if op.ignore_value else op.value
+                lease = prev.lease if op.ignore_lease else op.lease
                 if prev is None:
-                    kv = KeyValue(op.key, value, new, new, 1)
+                    kv = KeyValue(op.key, value, new, new, 1, lease)
                 else:
-                    kv = KeyValue(op.key, value, prev.create_revision, new, prev.version + 1)
+                    kv = KeyValue(op.key, value, prev.create_revision, new, prev.version + 1,
+                                  lease)
                 work[op.key] = kv
                 ctx["changed"] = True
                 ctx["events"].append(
@@ -256,13 +273,21 @@ class Model:
 keys = st.sampled_from(KEYS)
 ends = st.sampled_from(ENDS)
 values = st.sampled_from(VALUES)
-plain_puts = st.builds(PutOp, keys, values, st.booleans(), st.just(False))
-ignore_puts = st.builds(PutOp, keys, st.just(b""), st.booleans(), st.just(True))
+leases = st.sampled_from([0, 0, 0, 7, 8, 9])  # 9: never granted (an error)
+plain_puts = st.builds(PutOp, keys, values, st.booleans(), st.just(False), leases,
+                       st.just(False))
+ignore_puts = st.builds(PutOp, keys, st.just(b""), st.booleans(), st.just(True), leases,
+                        st.just(False))
+keep_lease_puts = st.builds(PutOp, keys, values, st.booleans(), st.booleans(), st.just(0),
+                            st.just(True))
 puts = st.one_of(
     *[plain_puts] * 6,
     ignore_puts,
     ignore_puts,
+    keep_lease_puts,
     st.builds(PutOp, keys, st.just(b"x"), st.booleans(), st.just(True)),  # rare: an error
+    st.builds(PutOp, keys, values, st.booleans(), st.just(False), st.sampled_from([7, 9]),
+              st.just(True)),  # rare: lease is provided
 )
 deletes = st.builds(DeleteOp, keys, ends, st.booleans())
 ranges = st.builds(
@@ -317,6 +342,7 @@ class MVCCMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.store = MVCCStore()
+        self.store.lease_exists = LEASES.__contains__
         self.model = Model()
         self.events: dict[int, list[Event]] = {}  # revision -> the events it produced
 
@@ -327,11 +353,13 @@ class MVCCMachine(RuleBasedStateMachine):
             assert {e.kv.mod_revision for e in result[1]} == {self.store.rev}
             self.events[self.store.rev] = result[1]
 
-    @rule(key=keys, value=values, prev_kv=st.booleans(), ignore=st.booleans())
-    def put(self, key, value, prev_kv, ignore):
+    @rule(key=keys, value=values, prev_kv=st.booleans(), ignore=st.booleans(),
+          lease=leases, keep=st.sampled_from([False, False, True]))
+    def put(self, key, value, prev_kv, ignore, lease, keep):
         self.write(
-            lambda: self.store.put(key, value, prev_kv=prev_kv, ignore_value=ignore),
-            lambda: self.model.put(key, value, prev_kv, ignore),
+            lambda: self.store.put(key, value, prev_kv=prev_kv, ignore_value=ignore,
+                                   lease=lease, ignore_lease=keep),
+            lambda: self.model.put(key, value, prev_kv, ignore, lease, keep),
         )
 
     @rule(key=keys, value=values)
@@ -385,6 +413,7 @@ class MVCCMachine(RuleBasedStateMachine):
     def snapshot_round_trip(self):
         blob = msgpack.packb(self.store.snapshot())
         self.store = MVCCStore.restore(msgpack.unpackb(blob, strict_map_key=False))
+        self.store.lease_exists = LEASES.__contains__
 
     @invariant()
     def agrees(self):
@@ -397,6 +426,10 @@ class MVCCMachine(RuleBasedStateMachine):
             got = s.range(b"\0", b"\0", revision=rev)
             state = m.at(rev)
             assert got.kvs == [state[k] for k in sorted(state)], rev
+        live = m.at(m.rev)
+        for lease in (7, 8, 9):  # the store's lease index is the live keys' leases
+            assert s.keys_of_lease(lease) == sorted(k for k, kv in live.items()
+                                                    if kv.lease == lease)
         if m.compacted > 1:
             try:
                 s.range(b"\0", b"\0", revision=m.compacted - 1)

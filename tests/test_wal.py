@@ -21,7 +21,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from broker.wal import KIND_COMPACT, KIND_KV, DataDir, WalCorrupt
+from broker.wal import (
+    KIND_COMPACT,
+    KIND_KV,
+    KIND_LEASE_GRANT,
+    KIND_LEASE_REVOKE,
+    DataDir,
+    WalCorrupt,
+)
 from broker.wal_repair import repair
 
 HEADER = 12
@@ -188,7 +195,14 @@ def test_crc_valid_frame_that_is_not_a_record_is_refused(wal_dir):
     put_file(d, "wal", data + frame(msgpack.packb({"seq": 21})))
     refused(d, "not a \\[seq, kind, payload\\] record")
     put_file(d, "wal", data + record(21, "not a revision", KIND_COMPACT))
-    refused(d, "compaction record without a revision")
+    refused(d, "compaction or revoke record without its number")
+    put_file(d, "wal", data + record(21, "not a lease id", KIND_LEASE_REVOKE))
+    refused(d, "compaction or revoke record without its number")
+    for bad in ([1, 2], [1, 2, 3], ["1", 2, True], "lease"):
+        put_file(d, "wal", data + record(21, bad, KIND_LEASE_GRANT))
+        refused(d, "lease grant record that is not")
+    put_file(d, "wal", data + record(21, None, 7))
+    refused(d, "not a \\[seq, kind, payload\\] record")
 
 
 def test_sequence_gaps_are_refused(tmp_path):

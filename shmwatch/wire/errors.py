@@ -224,6 +224,17 @@ class LeaseTTLTooLargeError(ShmwatchError):
     default_message = "etcdserver: too large lease TTL"
 
 
+class TooManyLeasesError(ShmwatchError):
+    """The broker holds its --max-leases leases already: revoke some, or raise it."""
+
+    code = 33
+    default_message = "shmwatch: too many leases"
+
+    @classmethod
+    def limit(cls, n: int) -> "TooManyLeasesError":
+        return cls(f"shmwatch: too many leases (the broker's --max-leases is {n})")
+
+
 class WatchClosed(ShmwatchError):
     """The watch was cancelled (by you, by compaction, or by the broker); iteration ends."""
 
@@ -260,6 +271,7 @@ ERRORS_BY_CODE: dict[int, type[ShmwatchError]] = {
         LeaseExistsError,
         LeaseProvidedError,
         LeaseTTLTooLargeError,
+        TooManyLeasesError,
     )
 }
 

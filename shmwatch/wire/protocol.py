@@ -43,6 +43,11 @@ from .types import (
     DeleteRangeResponse,
     Event,
     KeyValue,
+    LeaseGrantResponse,
+    LeaseKeepAliveResponse,
+    LeaseLeasesResponse,
+    LeaseRevokeResponse,
+    LeaseTimeToLiveResponse,
     PutResponse,
     RangeResponse,
     TxnResponse,
@@ -57,6 +62,11 @@ OP_WATCH_CANCEL = 7
 OP_PROGRESS = 8
 OP_ARENA = 9
 OP_BYE = 10
+OP_LEASE_GRANT = 11  # [ttl, id, bound]
+OP_LEASE_REVOKE = 12  # [id]
+OP_LEASE_KEEPALIVE = 13  # [id]
+OP_LEASE_TTL = 14  # [id, keys]
+OP_LEASE_LEASES = 15  # []
 
 # Watch response kinds.
 W_EVENTS = 0
@@ -156,12 +166,31 @@ class ByeRequest(NamedTuple):
     req_id: int
 
 
+class LeaseGrantRequest(NamedTuple):
+    req_id: int
+    ttl: int
+    lease_id: int  # 0: a fresh id
+    bound: bool  # revoked when this client's connection ends
+
+
+class LeaseRequest(NamedTuple):
+    """revoke, keep-alive, time-to-live (`keys`) or the list of leases (`lease_id` 0)."""
+
+    req_id: int
+    op: int  # OP_LEASE_REVOKE | OP_LEASE_KEEPALIVE | OP_LEASE_TTL | OP_LEASE_LEASES
+    lease_id: int
+    keys: bool = False
+
+
 def kv_request(op) -> list:
     return [OP_KV, 0, encode_op(op)]
 
 
-def put_request(key: bytes, value: bytes, prev_kv: bool, ignore_value: bool) -> list:
+def put_request(key: bytes, value: bytes, prev_kv: bool, ignore_value: bool,
+                lease: int = 0, ignore_lease: bool = False) -> list:
     """`kv_request(PutOp(...))` without building the PutOp (the put path is hot)."""
+    if lease or ignore_lease:
+        return [OP_KV, 0, [K_PUT, key, value, prev_kv, ignore_value, lease, ignore_lease]]
     return [OP_KV, 0, [K_PUT, key, value, prev_kv, ignore_value]]
 
 
@@ -187,6 +216,20 @@ def arena_request() -> list:
 
 def bye_request() -> list:
     return [OP_BYE, 0]
+
+
+def lease_grant_request(ttl: int, lease_id: int, bound: bool) -> list:
+    return [OP_LEASE_GRANT, 0, int(ttl), int(lease_id), bool(bound)]
+
+
+def lease_request(op: int, lease_id: int = 0, keys: bool = False) -> list:
+    """A revoke, keep-alive or time-to-live of `lease_id` (op OP_LEASE_*), or the list
+    of leases (OP_LEASE_LEASES)."""
+    if op == OP_LEASE_TTL:
+        return [op, 0, int(lease_id), bool(keys)]
+    if op == OP_LEASE_LEASES:
+        return [op, 0]
+    return [op, 0, int(lease_id)]
 
 
 def number(request: list, req_id: int) -> bytes:
@@ -231,6 +274,13 @@ def parse_request(data: bytes, max_size: int):
             return _parse_watch_create(rid, args)
         if op == OP_WATCH_CANCEL and len(args) == 1:
             return WatchCancelRequest(rid, _int(args[0], "watch id"))
+        if op == OP_LEASE_GRANT and len(args) == 3:
+            return LeaseGrantRequest(rid, _int64(args[0], "TTL"), _int64(args[1], "lease id"),
+                                     _bool(args[2], "bound"))
+        if op in (OP_LEASE_REVOKE, OP_LEASE_KEEPALIVE) and len(args) == 1:
+            return LeaseRequest(rid, op, _int64(args[0], "lease id"))
+        if op == OP_LEASE_TTL and len(args) == 2:
+            return LeaseRequest(rid, op, _int64(args[0], "lease id"), _bool(args[1], "keys"))
         if not args:
             if op == OP_PROGRESS:
                 return ProgressRequest(rid)
@@ -238,6 +288,8 @@ def parse_request(data: bytes, max_size: int):
                 return ArenaRequest(rid)
             if op == OP_BYE:
                 return ByeRequest(rid)
+            if op == OP_LEASE_LEASES:
+                return LeaseRequest(rid, op, 0)
     except ProtocolError as exc:
         exc.req_id = rid
         raise
@@ -251,6 +303,9 @@ def parse_request(data: bytes, max_size: int):
 def encode_op(op) -> list:
     """A txn op (PutOp/RangeOp/DeleteOp/TxnOp) as a wire list."""
     if isinstance(op, PutOp):
+        if op.lease or op.ignore_lease:
+            return [K_PUT, op.key, op.value, op.prev_kv, op.ignore_value, op.lease,
+                    op.ignore_lease]
         return [K_PUT, op.key, op.value, op.prev_kv, op.ignore_value]
     if isinstance(op, RangeOp):
         return [K_RANGE, *op]
@@ -275,6 +330,13 @@ def _opt_bytes(v, what: str) -> bytes | None:
 def _int(v, what: str) -> int:
     if not isinstance(v, int) or isinstance(v, bool):
         raise ProtocolError(f"shmwatch: {what} must be an integer")
+    return v
+
+
+def _int64(v, what: str) -> int:
+    v = _int(v, what)
+    if v not in _INT64:
+        raise ProtocolError(f"shmwatch: {what} out of the int64 range")
     return v
 
 
@@ -305,9 +367,12 @@ def decode_op(o, depth: int = 0):
     kind = o[0]
     try:
         if kind == K_PUT:
-            _, key, value, prev_kv, ignore_value = o
+            # 5 fields, or 7 with a lease (records written before leases have 5)
+            _, key, value, prev_kv, ignore_value, *lease = o
+            lease_id, ignore_lease = lease if lease else (0, False)
             return PutOp(_bytes(key, "key"), _bytes(value, "value"), _bool(prev_kv, "prev_kv"),
-                         _bool(ignore_value, "ignore_value"))
+                         _bool(ignore_value, "ignore_value"), _int64(lease_id, "lease"),
+                         _bool(ignore_lease, "ignore_lease"))
         if kind == K_RANGE:
             (_, key, end, rev, limit, keys_only, count_only, order, target, min_mod, max_mod,
              min_create, max_create) = o
@@ -349,6 +414,11 @@ _RESPONSE_ENCODERS = {
     TxnResponse: lambda r: (K_TXN, r.revision, r.succeeded,
                             [_RESPONSE_ENCODERS[type(x)](x) for x in r.responses]),
     CompactResponse: lambda r: (-1, r.revision),
+    LeaseGrantResponse: lambda r: (-2, r.revision, r.id, r.ttl),
+    LeaseRevokeResponse: lambda r: (-3, r.revision),
+    LeaseKeepAliveResponse: lambda r: (-4, r.revision, r.id, r.ttl),
+    LeaseTimeToLiveResponse: lambda r: (-5, r.revision, r.id, r.ttl, r.granted_ttl, r.keys),
+    LeaseLeasesResponse: lambda r: (-6, r.revision, r.leases),
 }
 
 
@@ -391,9 +461,33 @@ def decode_response(body):
             return TxnResponse(body[1], body[2], [decode_response(r) for r in body[3]])
         if kind == -1:
             return CompactResponse(body[1])
-    except (TypeError, IndexError, KeyError):
+        if kind < -1:
+            return _decode_lease_response(kind, body)
+    except (TypeError, IndexError, KeyError, ValueError):
         pass
     raise ProtocolError("shmwatch: malformed response")
+
+
+def _decode_lease_response(kind: int, body):
+    if any(type(x) is not int for x in body[1:4 if kind != -6 else 2]):
+        raise TypeError
+    if kind == -2 and len(body) == 4:
+        return LeaseGrantResponse(body[1], body[2], body[3])
+    if kind == -3 and len(body) == 2:
+        return LeaseRevokeResponse(body[1])
+    if kind == -4 and len(body) == 4:
+        return LeaseKeepAliveResponse(body[1], body[2], body[3])
+    if kind == -5 and len(body) == 6 and type(body[4]) is int:
+        keys = body[5]
+        if not isinstance(keys, list) or any(type(k) is not bytes for k in keys):
+            raise TypeError
+        return LeaseTimeToLiveResponse(body[1], body[2], body[3], body[4], keys)
+    if kind == -6 and len(body) == 3:
+        ids = body[2]
+        if not isinstance(ids, list) or any(type(i) is not int for i in ids):
+            raise TypeError
+        return LeaseLeasesResponse(body[1], ids)
+    raise ValueError
 
 
 def decode_reply(data: bytes):
