@@ -426,7 +426,7 @@ def scenario_put_with_lease(c):
     w = t.watch("w.created", b"\0", range_end=b"\0", prev_kv=True)
     t.do("put missing lease", c.put, "a", "1", lease=77)
     # a standalone put checks the lease before the key (a txn does it the other way)
-    t.do("ignore_value on a missing key, missing lease", c.put, "zz", ignore_value=True,
+    t.do("ignore_value on a missing key, missing lease", c.put, "zz", "", ignore_value=True,
          lease=77)
     t.do("ignore_lease on a missing key", c.put, "zz", "1", ignore_lease=True)
     t.do("ignore_lease with a lease", c.put, "zz", "1", ignore_lease=True, lease=1001)
@@ -439,7 +439,7 @@ def scenario_put_with_lease(c):
     t.get("w.a 1001", w)
     t.do("put a ignore_lease", c.put, "a", "2", prev_kv=True, ignore_lease=True)  # 3
     t.get("w.a ignore_lease", w)
-    t.do("put a ignore_lease ignore_value", c.put, "a", ignore_value=True,
+    t.do("put a ignore_lease ignore_value", c.put, "a", "", ignore_value=True,
          ignore_lease=True)  # 4
     t.get("w.a ignore both", w)
     t.do("get a kept", c.get, "a")
