@@ -14,6 +14,14 @@ Gateway facts this relies on (etcd 3.4.23, observed):
   of JSON WatchRequests, the response a chunked stream of `{"result": WatchResponse}`.
   The request MUST carry `Expect: 100-continue`: without it etcd's HTTP server never
   starts the response while the request body is still open (observed: no byte at all).
+- Leases: POST /v3/lease/{grant,revoke,timetolive,leases} are unary (3.4 also serves
+  revoke and timetolive under /v3/kv/lease/; both answer the same). /v3/lease/keepalive
+  is the gRPC keep-alive stream, but a plain POST of ONE JSON request is a whole stream:
+  the gateway sends the request, closes the sending side, and answers
+  `{"result": LeaseKeepAliveResponse}` (or `{"error": {...}}`), then ends.
+- Lease timing: etcd's minimum TTL is ceil(1.5 * election timeout) seconds, so the
+  fast election timeout `start_etcd` uses (100 ms) makes it 1 s; `LEASE_TIMING` restores
+  etcd's defaults (100 ms / 1000 ms: minimum 2 s, as shmwatch's broker by default).
 """
 
 from __future__ import annotations
@@ -53,6 +61,11 @@ from shmwatch.wire.types import (
     DeleteRangeResponse,
     Event,
     KeyValue,
+    LeaseGrantResponse,
+    LeaseKeepAliveResponse,
+    LeaseLeasesResponse,
+    LeaseRevokeResponse,
+    LeaseTimeToLiveResponse,
     PutResponse,
     RangeResponse,
     TxnResponse,
@@ -61,6 +74,8 @@ from shmwatch.wire.types import (
 
 HOST = "127.0.0.1"
 SKIP_REASON = "etcd-server not installed (apt-get install etcd-server): differential tests need a real etcd"
+# etcd's default heartbeat and election timeout: its minimum lease TTL is then 2 s
+LEASE_TIMING = ("--heartbeat-interval", "100", "--election-timeout", "1000")
 
 
 # --------------------------------------------------------------------------- the server
@@ -194,6 +209,20 @@ def etcd_server():
         server.stop()
 
 
+@pytest.fixture
+def etcd_lease_server():
+    """As `etcd_server`, with etcd's default election timing (`LEASE_TIMING`), so that
+    its minimum lease TTL is its default 2 s."""
+    binary = etcd_binary()
+    if binary is None:
+        pytest.skip(SKIP_REASON)
+    server = start_etcd(binary, extra_args=LEASE_TIMING)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 # --------------------------------------------------------------------------- JSON helpers
 
 
@@ -274,6 +303,10 @@ def put_json(op: PutOp) -> dict:
         out["prev_kv"] = True
     if op.ignore_value:
         out["ignore_value"] = True
+    if op.lease:
+        out["lease"] = str(op.lease)
+    if op.ignore_lease:
+        out["ignore_lease"] = True
     return out
 
 
@@ -379,6 +412,20 @@ def txn_response(obj: dict) -> TxnResponse:
         else:
             raise E.ProtocolError(f"unknown txn response op: {r!r}")
     return TxnResponse(_header_rev(obj), bool(obj.get("succeeded", False)), inner)
+
+
+def lease_time_to_live_response(obj: dict) -> LeaseTimeToLiveResponse:
+    # etcd lists the keys in its lease's map order (random): the API promises them sorted
+    return LeaseTimeToLiveResponse(
+        _header_rev(obj), _int(obj, "ID"), _int(obj, "TTL"), _int(obj, "grantedTTL"),
+        sorted(_unb64(k) for k in obj.get("keys") or []),
+    )
+
+
+def lease_leases_response(obj: dict) -> LeaseLeasesResponse:
+    # etcd lists leases by expiry time (soonest first): the API promises them sorted by id
+    return LeaseLeasesResponse(
+        _header_rev(obj), sorted(_int(x, "ID") for x in obj.get("leases") or []))
 
 
 def watch_response_from_json(obj: dict) -> WatchResponse:
@@ -533,8 +580,10 @@ class EtcdClient:
             raise error_from_json(obj)
         return obj
 
-    def put(self, key, value=b"", prev_kv: bool = False, ignore_value: bool = False) -> PutResponse:
-        op = PutOp(to_bytes(key), to_bytes(value, "value"), bool(prev_kv), bool(ignore_value))
+    def put(self, key, value=b"", prev_kv: bool = False, ignore_value: bool = False,
+            lease: int = 0, ignore_lease: bool = False) -> PutResponse:
+        op = PutOp(to_bytes(key), to_bytes(value, "value"), bool(prev_kv), bool(ignore_value),
+                   int(lease), bool(ignore_lease))
         return put_response(self._call("/v3/kv/put", put_json(op)))
 
     def get(self, key, range_end=None, prefix: bool = False, revision: int = 0, limit: int = 0,
@@ -557,6 +606,39 @@ class EtcdClient:
         # read sees right after does not depend on etcd's background scheduler.
         obj = self._call("/v3/kv/compaction", {"revision": int(revision), "physical": True})
         return CompactResponse(_header_rev(obj))
+
+    # ---- leases
+
+    def lease_grant(self, ttl: int, lease_id: int = 0) -> LeaseGrantResponse:
+        body: dict = {}
+        if ttl:
+            body["TTL"] = str(int(ttl))
+        if lease_id:
+            body["ID"] = str(int(lease_id))
+        obj = self._call("/v3/lease/grant", body)
+        return LeaseGrantResponse(_header_rev(obj), _int(obj, "ID"), _int(obj, "TTL"))
+
+    def lease_revoke(self, lease_id: int) -> LeaseRevokeResponse:
+        obj = self._call("/v3/lease/revoke", {"ID": str(int(lease_id))} if lease_id else {})
+        return LeaseRevokeResponse(_header_rev(obj))
+
+    def lease_keep_alive_once(self, lease_id: int) -> LeaseKeepAliveResponse:
+        """One keep-alive: one request on a keep-alive stream of its own (see the module
+        docstring). A missing lease answers ttl 0, as etcd's server does."""
+        obj = self._call("/v3/lease/keepalive", {"ID": str(int(lease_id))} if lease_id else {})
+        if "result" not in obj:
+            raise E.ProtocolError(f"etcd keep-alive answered {obj!r}")
+        res = obj["result"]
+        return LeaseKeepAliveResponse(_header_rev(res), _int(res, "ID"), _int(res, "TTL"))
+
+    def lease_time_to_live(self, lease_id: int, keys: bool = False) -> LeaseTimeToLiveResponse:
+        body: dict = {"ID": str(int(lease_id))} if lease_id else {}
+        if keys:
+            body["keys"] = True
+        return lease_time_to_live_response(self._call("/v3/lease/timetolive", body))
+
+    def leases(self) -> LeaseLeasesResponse:
+        return lease_leases_response(self._call("/v3/lease/leases", {}))
 
     # ---- the watch stream
 
