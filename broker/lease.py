@@ -175,6 +175,13 @@ class Lessor:
         harmless), None if no lease has one."""
         return self._heap[0][0] if self._heap else None
 
+    def by_expiry(self) -> list[int]:
+        """Every lease id, soonest deadline first (etcd's LeaseLeases order; leases
+        without a deadline last). O(L log L)."""
+        inf = float("inf")
+        return [x.id for x in sorted(self.leases.values(),
+                                     key=lambda x: (inf if x.expiry is None else x.expiry, x.id))]
+
     def owned_by(self, owner) -> list[int]:
         """The bound leases of `owner`, sorted."""
         return sorted(self._owned.get(owner, ()))

@@ -536,7 +536,7 @@ class Broker:
             ttl, granted = lessor.time_to_live(lease_id, now)
             keys = self.mvcc.keys_of_lease(lease_id) if req.keys and ttl >= 0 else []
             return LeaseTimeToLiveResponse(rev, lease_id, ttl, granted, keys)
-        return LeaseLeasesResponse(rev, sorted(lessor.leases))
+        return LeaseLeasesResponse(rev, lessor.by_expiry())
 
     def _revoke(self, lease_id: int, durable: bool = True) -> None:
         """End a lease: forget it, and delete its keys in key order at one revision

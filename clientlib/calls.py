@@ -188,7 +188,8 @@ class Calls:
         return self._run(flow_lease(OP_LEASE_TTL, lease_id, keys), timeout)
 
     def leases(self, *, timeout: float | None = None) -> LeaseLeasesResponse:
-        """etcd LeaseLeases: the ids of every lease (sorted)."""
+        """etcd LeaseLeases: the ids of every lease, soonest to expire first (etcd's
+        order)."""
         return self._run(flow_lease(OP_LEASE_LEASES, 0), timeout)
 
     def lease(self, ttl: int = 0, *, bound: bool = False, lease_id: int = 0,

@@ -423,9 +423,8 @@ def lease_time_to_live_response(obj: dict) -> LeaseTimeToLiveResponse:
 
 
 def lease_leases_response(obj: dict) -> LeaseLeasesResponse:
-    # etcd lists leases by expiry time (soonest first): the API promises them sorted by id
-    return LeaseLeasesResponse(
-        _header_rev(obj), sorted(_int(x, "ID") for x in obj.get("leases") or []))
+    # etcd lists leases by expiry time, soonest first (so does the broker)
+    return LeaseLeasesResponse(_header_rev(obj), [_int(x, "ID") for x in obj.get("leases") or []])
 
 
 def watch_response_from_json(obj: dict) -> WatchResponse:

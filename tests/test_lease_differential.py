@@ -13,8 +13,8 @@ What the transcripts normalise, and why:
 - Fresh lease ids (a grant with lease_id=0) differ between the systems: every field that
   holds a lease id (grant, keep-alive and time-to-live `id`, `leases`, `KeyValue.lease`)
   shows a fresh id as `fresh#n`, numbered by order of grant. Explicit ids stay as they are.
-- `leases()` is recorded as its ids in a fixed order plus whether the client got them
-  sorted (the fresh ids' values, hence their place in the order, differ).
+- `leases()` is recorded in the order it came: etcd's, by expiry time, soonest first
+  (which the broker keeps too: it does not depend on the fresh ids' values).
 - A time-to-live's remaining `ttl` of a live lease depends on time: it is recorded as the
   range "lo..hi" when it lies in the range the scenario states, else as the number.
   etcd truncates the remaining seconds, so right after a grant or keep-alive of TTL G it
@@ -79,11 +79,7 @@ class LT(T):
         if out.get("_type") in _ID_RESPONSES:
             out["id"] = self._id(out["id"])
         elif out.get("_type") == "LeaseLeasesResponse":
-            raw = x["leases"]
-            ids = [self._id(i) for i in raw]
-            # explicit ids by value, then fresh ids by grant order
-            out["leases"] = sorted(ids, key=lambda v: (1, int(v[6:])) if isinstance(v, str) else (0, v))
-            out["sorted"] = raw == sorted(raw)
+            out["leases"] = [self._id(i) for i in x["leases"]]
         elif set(out) == _KV_FIELDS:
             out["lease"] = self._id(out["lease"])
         return out
@@ -180,7 +176,7 @@ KEY_NOT_FOUND = {"error": "KeyNotFoundError", "message": "etcdserver: key not fo
     "grant -5": {"revision": 1, "id": -5, "ttl": 10},
     "grant 2 again": EXISTS,
     "grant fresh 1 by id": EXISTS,
-    "leases": {"revision": 1, "leases": [-5, 1, 2, 3, "fresh#1", "fresh#2"], "sorted": True},
+    "leases": {"revision": 1, "leases": [1, 2, 3, "fresh#1", "fresh#2", -5]},  # by expiry
     "keep-alive fresh 1": {"id": "fresh#1", "ttl": 10},
     "put k lease -5": {"revision": 2},
     "get k": {"kvs.0.lease": -5},
@@ -228,7 +224,8 @@ def scenario_grant_ids(c):
     "time-to-live max": {"ttl": f"{MAX_TTL - 3}..{MAX_TTL - 1}", "granted_ttl": MAX_TTL},
     "keep-alive max": {"revision": 1, "id": 1010, "ttl": MAX_TTL},
     "keep-alive 1002": {"id": 1002, "ttl": MIN_TTL},
-    "leases": {"leases": [1001, 1002, 1003, 1004, 1005, 1010], "sorted": True},
+    # by expiry: 1002 was kept alive after 1003 and 1004 were granted
+    "leases": {"leases": [1001, 1003, 1004, 1002, 1005, 1010]},
 })
 def scenario_grant_ttl(c):
     """A TTL under the minimum (0 and negative ones too) is granted as the minimum; over
@@ -337,7 +334,7 @@ def _deletes(keys, revision, lease):
     "keep-alive revoked": {"id": 1001, "ttl": 0},
     "put with revoked lease": NOT_FOUND,
     "grant 1001 again": {"id": 1001, "ttl": 60},
-    "leases": {"leases": [1001, 1003]},
+    "leases": {"leases": [1003, 1001]},  # by expiry: 1001 was granted again after 1003
     "catchup.created": {"revision": 11, "created": True},
     "catchup": {"revision": 11, **_deletes(_REVOKED_KEYS, 11, 1001)},
     "revoke 1003": {"revision": 12},

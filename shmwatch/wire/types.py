@@ -127,7 +127,8 @@ class LeaseTimeToLiveResponse:
 
 @dataclass(slots=True)
 class LeaseLeasesResponse:
-    """etcd's LeaseLeasesResponse: the ids of every lease that exists (sorted)."""
+    """etcd's LeaseLeasesResponse: the ids of every lease that exists, soonest to expire
+    first (etcd's order)."""
 
     revision: int
     leases: list[int] = field(default_factory=list)
