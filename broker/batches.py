@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from shmwatch.wire.protocol import FILTER_NODELETE, FILTER_NOPUT, LoggedEvent, events_blob
+from shmwatch.wire.events import LoggedEvent, events_blob
+from shmwatch.wire.protocol import FILTER_NODELETE, FILTER_NOPUT
 
 from .watcher_group import Watcher
 

@@ -25,7 +25,8 @@ from collections.abc import Iterator
 from shm.errors import LogRecordCorrupt
 from shm.revlog import RevLog
 from shmwatch.wire.errors import ProtocolError
-from shmwatch.wire.protocol import NIL, LoggedEvent, read_log_record
+from shmwatch.wire.events import LoggedEvent, read_log_record
+from shmwatch.wire.protocol import NIL
 
 
 class HistoryDamaged(Exception):

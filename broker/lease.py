@@ -121,6 +121,20 @@ class Lessor:
             self._owned.setdefault(owner, set()).add(lease_id)
         return lease
 
+    def restore(self, lease_id: int, ttl: int, now: float, owner=None) -> Lease:
+        """A lease read back from the data directory: granted as it was (its TTL is the
+        one granted then), renewed to its full TTL, whatever --max-leases and
+        --min-lease-ttl say now (a changed option must not make a data directory
+        unreadable)."""
+        if lease_id in self.leases or ttl < 1:
+            raise ValueError(f"lease {lease_id:x} restored twice, or with TTL {ttl}")
+        lease = Lease(lease_id, ttl, now + ttl, owner)
+        self.leases[lease_id] = lease
+        self._push(lease)
+        if owner is not None:
+            self._owned.setdefault(owner, set()).add(lease_id)
+        return lease
+
     def revoke(self, lease_id: int) -> Lease:
         """Forget the lease (its keys are the broker's to delete). LeaseNotFoundError if
         there is none."""

@@ -77,7 +77,14 @@ from sortedcontainers import SortedList
 
 from . import mvcc_state
 from .mvcc_state import History
-from .txn_rules import FROM_KEY, _check_intervals, _check_txn_request, _covers
+from .range_rules import shape_range
+from .txn_rules import (
+    FROM_KEY,
+    _check_intervals,
+    _check_txn_request,
+    _covers,
+    compare_holds,
+)
 
 from shmwatch.wire.errors import (
     CompactedError,
@@ -103,8 +110,6 @@ from shmwatch.wire.types import (
 )
 
 MAX_TXN_OPS = 128  # etcd's default --max-txn-ops
-
-_MISSING = KeyValue(b"")  # what compares see for a missing key: every number 0
 
 
 class _TxnCtx:
@@ -202,7 +207,7 @@ class MVCCStore:
         if op.count_only:
             return RangeResponse(cur, [], count, False)
         if shaped:
-            kvs = _shape(kvs, op)
+            kvs = shape_range(kvs, op)
             more = limit > 0 and len(kvs) > limit
         else:
             more = limit > 0 and count > limit
@@ -415,42 +420,10 @@ class MVCCStore:
 
     def _compare(self, c: Compare) -> bool:
         """etcd applyCompare against the live state."""
-        target, result = c.target, c.result
         if c.range_end is None:
             kv = self._live.get(c.key)
-            kvs = [kv] if kv is not None else []
-        else:
-            kvs = [self._live[k] for k in self._live_keys_in(c.key, c.range_end)]
-        if not kvs:
-            if target == "VALUE":  # a missing key has no value: always fails
-                return False
-            kvs = [_MISSING]
-        for kv in kvs:
-            if target == "VALUE":
-                a, b = kv.value, c.value
-            elif target == "VERSION":
-                a, b = kv.version, c.value
-            elif target == "CREATE":
-                a, b = kv.create_revision, c.value
-            elif target == "MOD":
-                a, b = kv.mod_revision, c.value
-            elif target == "LEASE":
-                a, b = kv.lease, c.value
-            else:
-                raise ProtocolError(f"shmwatch: unknown compare target {target!r}")
-            if result == "EQUAL":
-                ok = a == b
-            elif result == "NOT_EQUAL":
-                ok = a != b
-            elif result == "GREATER":
-                ok = a > b
-            elif result == "LESS":
-                ok = a < b
-            else:
-                raise ProtocolError(f"shmwatch: unknown compare result {result!r}")
-            if not ok:
-                return False
-        return True
+            return compare_holds(c, [kv] if kv is not None else [])
+        return compare_holds(c, [self._live[k] for k in self._live_keys_in(c.key, c.range_end)])
 
     def _check_plan_puts(self, plan, dels: list) -> None:
         """etcd checkRequestPut over the chosen path, op by op: ignore_value or
@@ -617,35 +590,6 @@ class MVCCStore:
 def _no_leases(_lease: int) -> bool:
     """A store on its own knows no lease: every lease is "not found"."""
     return False
-
-
-_SORT_KEYS = {
-    "KEY": lambda kv: kv.key,
-    "VERSION": lambda kv: kv.version,
-    "CREATE": lambda kv: kv.create_revision,
-    "MOD": lambda kv: kv.mod_revision,
-    "VALUE": lambda kv: kv.value,
-}
-
-
-def _shape(kvs: list[KeyValue], op: RangeOp) -> list[KeyValue]:
-    """etcd's Range after reading: drop what the revision bounds exclude, then sort. A
-    target other than KEY with no order sorts ascending (etcd's default); ties keep key
-    order (etcd's Go sort leaves their order unspecified). O(k log k)."""
-    lo_mod, hi_mod = op.min_mod_revision, op.max_mod_revision
-    lo_create, hi_create = op.min_create_revision, op.max_create_revision
-    if lo_mod or hi_mod or lo_create or hi_create:
-        kvs = [kv for kv in kvs
-               if not (hi_mod and kv.mod_revision > hi_mod)
-               and not (lo_mod and kv.mod_revision < lo_mod)
-               and not (hi_create and kv.create_revision > hi_create)
-               and not (lo_create and kv.create_revision < lo_create)]
-    order = op.sort_order
-    if op.sort_target != "KEY" and order == "NONE":
-        order = "ASCEND"
-    if order != "NONE":
-        kvs = sorted(kvs, key=_SORT_KEYS[op.sort_target], reverse=order == "DESCEND")
-    return kvs
 
 
 def events_at_compact_rev(events: Sequence[Event]) -> list[Event]:

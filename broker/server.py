@@ -31,7 +31,11 @@ from shm import layout as L
 from shm.errors import MessageTooLarge, RingCorrupt, ShmNoSpace
 from shm.segment import SHM_DIR, new_boot_id
 from shmwatch.wire import errors
+from shmwatch.wire.events import log_record
 from shmwatch.wire.protocol import (
+    OP_LEASE_KEEPALIVE,
+    OP_LEASE_REVOKE,
+    OP_LEASE_TTL,
     ArenaRequest,
     ByeRequest,
     CompactRequest,
@@ -42,14 +46,9 @@ from shmwatch.wire.protocol import (
     WatchCancelRequest,
     WatchCreateRequest,
     arena_body,
-    decode_op,
     encode_error,
     encode_reply,
     encode_response,
-    OP_LEASE_KEEPALIVE,
-    OP_LEASE_REVOKE,
-    OP_LEASE_TTL,
-    log_record,
     parse_request,
     peek_id,
     watch_created_body,
@@ -70,6 +69,7 @@ from .lease import Lessor
 from .metrics import StatsWriter, snapshot
 from .mvcc import MVCCStore
 from .outbox import RingWriter
+from .recovery import recover, snapshot_doc
 from .registry import REQUEST_ENVELOPE, ClientConn, Registry
 from .sizing import check_start, no_space_message, shm_free
 from .wal import (
@@ -78,8 +78,6 @@ from .wal import (
     KIND_LEASE_GRANT,
     KIND_LEASE_REVOKE,
     DataDir,
-    Record,
-    WalCorrupt,
 )
 from .watch import WatchCore
 
@@ -102,9 +100,6 @@ IDLE_SLEEP_MAX_S = 0.1
 # clients): a request arriving within ~50 us is served without a semaphore wake-up
 # (~30 us each way, PERF-ANCHORS.md), which is what keeps a synchronous put fast.
 BROKER_SPIN = 100
-# The owner of bound leases read back from the data directory: their clients did not
-# survive the restart, so they are revoked once recovery is done.
-RESTARTED = "restarted"
 
 
 class Broker:
@@ -155,81 +150,12 @@ class Broker:
         self.stats = StatsWriter(self.registry.statseg)
         if self.wal is not None:
             try:
-                self._recover(snap, records)
+                recover(self, snap, records)
             except BaseException:
                 self.wal.close()
                 self.stats.release()
                 self.registry.unlink_all()
                 raise
-
-    # ------------------------------------------------------------ recovery
-
-    def _recover(self, snap: dict | None, records: list[Record]) -> None:
-        """Rebuild the store and the revision log from the data directory's snapshot and
-        WAL records (checked by `DataDir.load`). A record or snapshot that passed its
-        checksums but cannot be replayed is corruption too: WalCorrupt, not a traceback."""
-        wal = self.wal
-        now = time.monotonic()
-        if snap is not None:
-            try:
-                self._set_store(MVCCStore.restore(snap["mvcc"]))
-                self.history.restore(snap["log"])
-                for lease_id, ttl, bound in snap.get("leases", ()):
-                    self.lessor.grant(lease_id, ttl, now, RESTARTED if bound else None)
-            except Exception as exc:  # any failure: the snapshot is not one we wrote
-                path = os.path.join(wal.path, "snap")
-                raise WalCorrupt(f"snapshot {path} passes its checksum but cannot be "
-                                 f"restored ({exc!r}); refusing to start", path) from exc
-        for r in records:
-            try:
-                self._replay(r)
-            except Exception as exc:  # these records replayed once already: not ours
-                raise WalCorrupt(
-                    f"WAL {wal.wal_path} is corrupt at offset {r.offset}: record "
-                    f"{r.seq} passes its checksums but cannot be replayed ({exc!r}); "
-                    f"refusing to start; nothing was changed", wal.wal_path, r.offset) from exc
-        # Bound leases belonged to clients of the broker that stopped: revoked now, as a
-        # client's leases are when it goes (logged, so a second restart agrees).
-        for lease_id in self.lessor.owned_by(RESTARTED):
-            self._revoke(lease_id)
-        wal.commit(time.monotonic())
-        self._pending.clear()  # nobody watches yet
-        self.core.cur_rev = self.mvcc.rev
-        self.core.compact(self.mvcc.compact_rev)
-        self.words[L.CTL_REVISION] = self.mvcc.rev
-        self.words[L.CTL_COMPACT_REV] = self.mvcc.compact_rev
-        log.info("recovered revision %d (compacted at %d) from %s: snapshot %s, %d WAL records",
-                 self.mvcc.rev, self.mvcc.compact_rev, self.cfg.data_dir,
-                 "yes" if snap else "no", len(records))
-
-    def _replay(self, r: Record) -> None:
-        if r.kind == KIND_KV:
-            rev = self.mvcc.rev
-            self._apply(decode_op(r.payload), r.payload, durable=False)
-            if self.mvcc.rev != rev + 1:  # only changes are logged
-                raise ValueError("the write changes nothing")
-        elif r.kind == KIND_LEASE_GRANT:
-            lease_id, ttl, bound = r.payload
-            # Every lease is renewed to its full TTL at a restart (etcd's Promote).
-            self.lessor.grant(lease_id, ttl, time.monotonic(), RESTARTED if bound else None)
-        elif r.kind == KIND_LEASE_REVOKE:
-            self._revoke(r.payload, durable=False)
-        else:
-            try:
-                self._do_compact(r.payload)
-            except errors.CompactedError:
-                pass  # a smaller --log-bytes than before compacted past it
-
-    def _snapshot(self) -> None:
-        self._commit_batch()
-        while True:
-            try:
-                entries = self.history.entries()
-                break
-            except HistoryDamaged as exc:
-                self._contain(exc)
-        self.wal.snapshot({"mvcc": self.mvcc.snapshot(), "log": entries,
-                           "leases": self.lessor.snapshot()})
 
     def _set_store(self, store: MVCCStore) -> None:
         store.lease_exists = self.lessor.__contains__
@@ -622,7 +548,8 @@ class Broker:
             self.wal.commit(time.monotonic())  # fsync=batch: sync what is waiting
             if (self.wal.records_since_snapshot >= self.cfg.snapshot_every
                     or self.wal.bytes_since_snapshot >= SNAPSHOT_WAL_BYTES):
-                self._snapshot()
+                self._commit_batch()
+                self.wal.snapshot(snapshot_doc(self))
         n_watchers = sum(len(c.stream.watchers) for c in reg.clients.values())
         if self._house_passes % (STATS_EVERY * max(1, n_watchers // STATS_WATCHERS_PER_STEP)) == 1:
             self.stats.publish(self.metrics())

@@ -1,8 +1,8 @@
-"""etcd's txn request checks, before any compare is evaluated: v3rpc's
-checkTxnRequest (op count, empty keys, ignore_value with a value, ignore_lease with a
-lease) and checkIntervals
-(duplicate keys in one branch, a put inside a delete range). Pure; `MVCCStore.txn`
-calls them (see the order of all checks in broker/mvcc.py's docstring)."""
+"""etcd's txn rules: how a compare is evaluated (`compare_holds`), and the request checks
+made before any compare is: v3rpc's checkTxnRequest (op count, empty keys, ignore_value
+with a value, ignore_lease with a lease) and checkIntervals (duplicate keys in one
+branch, a put inside a delete range). Pure; `MVCCStore.txn` calls them (see the order
+of all checks in broker/mvcc.py's docstring)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,13 @@ from shmwatch.wire.errors import (
     TooManyOpsError,
     ValueProvidedError,
 )
-from shmwatch.wire.ops import DeleteOp, PutOp, RangeOp, TxnOp
+from shmwatch.wire.ops import Compare, DeleteOp, PutOp, RangeOp, TxnOp
+from shmwatch.wire.types import KeyValue
 
 FROM_KEY = b"\0"  # range end meaning "every key >= key"
+_MISSING = KeyValue(b"")  # what compares see for a missing key: every number 0
+_FIELDS = {"VERSION": "version", "CREATE": "create_revision", "MOD": "mod_revision",
+           "LEASE": "lease"}
 
 
 def _covers(d: tuple[bytes, bytes | None], key: bytes) -> bool:
@@ -27,6 +31,42 @@ def _covers(d: tuple[bytes, bytes | None], key: bytes) -> bool:
     if end == FROM_KEY:
         return key >= k
     return k <= key < end
+
+
+# ---------------------------------------------------------------------- compares
+
+
+def compare_holds(c: Compare, kvs: list[KeyValue]) -> bool:
+    """etcd applyCompare: `c` holds for every one of `kvs` (the live key-values of its
+    key or range). A missing key has no value (a VALUE compare fails) and every number
+    0 (version, revisions, lease)."""
+    target = c.target
+    if not kvs:
+        if target == "VALUE":
+            return False
+        kvs = [_MISSING]
+    result = c.result
+    b = c.value
+    for kv in kvs:
+        if target == "VALUE":
+            a = kv.value
+        elif target in _FIELDS:
+            a = getattr(kv, _FIELDS[target])
+        else:
+            raise ProtocolError(f"shmwatch: unknown compare target {target!r}")
+        if result == "EQUAL":
+            ok = a == b
+        elif result == "NOT_EQUAL":
+            ok = a != b
+        elif result == "GREATER":
+            ok = a > b
+        elif result == "LESS":
+            ok = a < b
+        else:
+            raise ProtocolError(f"shmwatch: unknown compare result {result!r}")
+        if not ok:
+            return False
+    return True
 
 
 # ---------------------------------------------------------------------- request checks

@@ -88,7 +88,7 @@ KINDS = (KIND_KV, KIND_COMPACT, KIND_LEASE_GRANT, KIND_LEASE_REVOKE)
 FSYNC_MODES = ("always", "batch", "never")
 BATCH_FSYNC_S = 0.01
 # 1: the first framed format; 2: a snapshot's copy of the revision log holds the
-# records of shmwatch.wire.protocol.log_record (LoggedEvent pieces).
+# records of shmwatch.wire.events.log_record (LoggedEvent pieces).
 FORMAT_VERSION = 2
 FILE_MODE = 0o600
 DIR_MODE = 0o700

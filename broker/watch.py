@@ -57,17 +57,15 @@ import enum
 from collections.abc import Callable, Iterable
 
 from shm.errors import RingCorrupt
-from shmwatch.wire.errors import InvalidRangeError, DuplicateWatchIdError, ProtocolError
-from shmwatch.wire.errors import TooManyWatchersError
+from shmwatch.wire.errors import DuplicateWatchIdError, InvalidRangeError, ProtocolError, TooManyWatchersError
+from shmwatch.wire.events import LoggedEvent, encode_watch_control
 from shmwatch.wire.protocol import (
     RESUME_FREE_FRACTION,
     W_CANCELED,
     W_CREATED,
     W_PROGRESS,
     W_PROGRESS_NOTIFY,
-    LoggedEvent,
     WatchSpec,
-    encode_watch_control,
 )
 
 from .batches import RevisionBatch, responses, select

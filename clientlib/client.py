@@ -30,21 +30,17 @@ import threading
 import time
 from collections.abc import Callable
 
-import psutil
 
 from shm import layout as L
 from shm.doorbell import Doorbell
 from shm.errors import (
-    LayoutMismatch,
     MessageTooLarge,
     RingCorrupt,
-    SegmentNotFound,
     ShmError,
-    ShmPermissionError,
 )
-from shm.lock import is_locked, try_lock, unlock
-from shm.ring import Ring, ring_bytes
-from shm.segment import Segment, shm_name, shm_path
+from shm.lock import is_locked, unlock
+from shm.ring import Ring
+from shm.segment import Segment, shm_name
 from shmwatch.wire import errors
 from shmwatch.wire.protocol import (
     RESUME_FREE_FRACTION,
@@ -56,7 +52,15 @@ from shmwatch.wire.protocol import (
 )
 
 from . import forks
-from .attach import _label_bytes, _registration_error, default_label, from_shm
+from .attach import (
+    _damaged,
+    _registration_error,
+    _ring_size,
+    claim_slot,
+    default_label,
+    from_shm,
+    open_control,
+)
 from .calls import Calls
 from .watch import Watch
 
@@ -65,19 +69,6 @@ SPIN = 200  # ready() checks before sleeping on the doorbell: ~50 us of spinning
 DEFAULT_TIMEOUT = 5.0
 REPLY_ENVELOPE = 64 << 10  # bytes of a reply beyond the broker's --max-response-bytes
 MAX_RINGS_PER_ARENA = 1 << 20  # a sanity bound on a control word (the default is 32)
-
-
-def _damaged(name: str, what: str, value: int) -> errors.ProtocolError:
-    return errors.ProtocolError(f"shmwatch: the control segment of broker {name!r} is "
-                                f"damaged: {what} {value}")
-
-
-def _ring_size(name: str, words, index: int) -> int:
-    """Bytes of a ring whose capacity is control word `index` (ProtocolError if bad)."""
-    try:
-        return ring_bytes(words[index])
-    except ValueError:
-        raise _damaged(name, "ring capacity", words[index]) from None
 
 
 def connect(name: str, timeout: float = DEFAULT_TIMEOUT, *, label: str | None = None) -> "Client":
@@ -133,27 +124,7 @@ class Client(Calls):
     # ------------------------------------------------------------ attach / detach
 
     def _attach(self, deadline: float) -> None:
-        try:
-            self._ctl = Segment.open(shm_name(self.name, "ctl"), kind=L.KIND_CTL)
-        except SegmentNotFound:
-            raise errors.BrokerUnavailable(
-                f"shmwatch: no broker named {self.name!r} is running") from None
-        except ShmPermissionError:
-            raise errors.PermissionDenied(
-                f"shmwatch: permission denied: broker {self.name!r} belongs to another user "
-                f"(its segments are mode 0600 unless started with --mode/--group)") from None
-        except LayoutMismatch as exc:
-            try:
-                whose = f" (owner uid {os.stat(shm_path(shm_name(self.name, L.CTL_PART))).st_uid})"
-            except OSError:
-                whose = ""
-            raise errors.BrokerUnavailable(
-                f"shmwatch: broker {self.name!r} has an incompatible layout{whose}: "
-                f"{exc}") from None
-        st = os.fstat(self._ctl.fd)
-        if st.st_mode & 0o002:
-            raise errors.PermissionDenied(
-                f"shmwatch: broker {self.name!r} control segment is world-writable: refusing")
+        self._ctl = open_control(self.name)
         words = self._words = self._ctl.payload.cast("Q")
         while words[L.CTL_STATE] != L.CTL_STATE_RUNNING:
             self._check_alive()
@@ -201,30 +172,9 @@ class Client(Calls):
         # The slot lock lives on a descriptor of its own (a new open file description
         # of the same file, never mapped), so that after fork() the child can close its
         # copy and no mmap's internal dup keeps the parent's lock alive.
-        fd = self._lock_fd = os.open(f"/proc/self/fd/{self._ctl.fd}", os.O_RDWR)
-        me = psutil.Process()
-        # Never past the end of the segment, whatever the (shared) word says.
-        slots = (len(words) - L.CTL_WORDS) // L.SLOT_WORDS
-        for slot in range(min(words[L.CTL_MAX_CLIENTS], slots)):
-            if words[L.slot_word(slot, L.SLOT_STATE)] != L.SLOT_FREE:
-                continue
-            if not try_lock(fd, L.slot_lock_byte(slot)):
-                continue
-            if words[L.slot_word(slot, L.SLOT_STATE)] != L.SLOT_FREE:
-                unlock(fd, L.slot_lock_byte(slot))  # the broker has not reclaimed it yet
-                continue
-            words[L.slot_word(slot, L.SLOT_PID)] = os.getpid()
-            words[L.slot_word(slot, L.SLOT_CREATE_TIME_US)] = int(me.create_time() * 1e6)
-            label = _label_bytes(default_label() if self.label is None else self.label)
-            off = L.slot_label_offset(slot)
-            self._ctl.payload[off:off + L.SLOT_LABEL_BYTES] = label.ljust(L.SLOT_LABEL_BYTES,
-                                                                          b"\0")
-            words[L.slot_word(slot, L.SLOT_STATE)] = L.SLOT_REQUESTED
-            # Wraps: the word is shared memory, and 2**64-1 must not stop a registration.
-            words[L.CTL_REG_SEQ] = (words[L.CTL_REG_SEQ] + 1) & ((1 << 64) - 1)
-            self._broker_bell.ring()
-            return slot
-        raise errors.TooManyClientsError()
+        self._lock_fd = os.open(f"/proc/self/fd/{self._ctl.fd}", os.O_RDWR)
+        label = default_label() if self.label is None else self.label
+        return claim_slot(self._ctl, words, self._lock_fd, label, self._broker_bell)
 
     def close(self) -> None:
         """Leave the broker: it drops this client's watches and unlinks its rings.

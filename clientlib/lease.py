@@ -1,4 +1,5 @@
-"""`Lease`: a granted lease as an object, with clientv3's keep-alive in a thread.
+"""`Lease`: a granted lease as an object, with clientv3's keep-alive in a thread
+(`AsyncLease`: the same for clientlib.aio, the keep-alive a task of the event loop).
 
 `Client.lease(...)` grants one and returns it. The keep-alive renews it at a third of
 its TTL (clientv3's KeepAlive); if a renewal fails for a passing reason (a timeout, the
@@ -15,6 +16,7 @@ parent's).
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 
@@ -140,4 +142,99 @@ class Lease:
             self._lose()
 
 
-__all__ = ["Lease"]
+class AsyncLease:
+    """`clientlib.Lease` for asyncio: the keep-alive is a task of the client's loop.
+    `id`, `granted_ttl`, `bound`; `await remaining()`, `keys()`, `refresh()`,
+    `revoke()`; `lost`, `await wait_lost()`; `async with` revokes on exit."""
+
+    def __init__(self, ac, grant: LeaseGrantResponse, *, bound: bool,
+                 forever: bool, keep_alive: bool):
+        self.id: int = grant.id
+        self.granted_ttl: int = grant.ttl
+        self.bound = bound
+        self._ac = ac
+        self._lost = asyncio.Event()
+        self._deadline = time.monotonic() + grant.ttl
+        self._task: asyncio.Task | None = None
+        if keep_alive and not forever:
+            self._task = asyncio.get_running_loop().create_task(self._keep_alive())
+
+    def __index__(self) -> int:
+        return self.id
+
+    @property
+    def lost(self) -> bool:
+        return self._lost.is_set()
+
+    async def wait_lost(self, timeout: float | None = None) -> bool:
+        try:
+            await asyncio.wait_for(self._lost.wait(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+    async def remaining(self, *, timeout: float | None = None) -> int:
+        return (await self._ac.lease_time_to_live(self.id, timeout=timeout)).ttl
+
+    async def keys(self, *, timeout: float | None = None) -> list[bytes]:
+        return (await self._ac.lease_time_to_live(self.id, keys=True, timeout=timeout)).keys
+
+    async def refresh(self, *, timeout: float | None = None) -> int:
+        ttl = (await self._ac.lease_keep_alive_once(self.id, timeout=timeout)).ttl
+        if ttl <= 0:
+            self._lose()
+            raise errors.LeaseNotFoundError()
+        self._deadline = time.monotonic() + ttl
+        return ttl
+
+    async def revoke(self, *, timeout: float | None = None) -> LeaseRevokeResponse:
+        self._stop()
+        try:
+            return await self._ac.lease_revoke(self.id, timeout=timeout)
+        finally:
+            self._lost.set()
+
+    def close(self) -> None:
+        """Stop the keep-alive without revoking."""
+        self._stop()
+
+    async def __aenter__(self) -> "AsyncLease":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        try:
+            await self.revoke()
+        except (errors.LeaseNotFoundError, errors.ClientClosed):
+            pass
+
+    def _stop(self) -> None:
+        if self._task is not None and self._task is not asyncio.current_task():
+            self._task.cancel()
+        self._task = None
+
+    def _lose(self) -> None:
+        self._lost.set()
+        self._stop()
+
+    async def _keep_alive(self) -> None:
+        interval = max(self.granted_ttl / 3.0, 0.1)
+        wait = interval
+        while True:
+            await asyncio.sleep(wait)
+            try:
+                resp = await self._ac.lease_keep_alive_once(self.id, timeout=interval)
+            except errors.ClientClosed:
+                break
+            except errors.ShmwatchError:
+                if time.monotonic() >= self._deadline:
+                    break
+                wait = min(1.0, interval)
+                continue
+            if resp.ttl <= 0:
+                break
+            self._deadline = time.monotonic() + resp.ttl
+            wait = interval
+        self._lost.set()
+
+
+__all__ = ["AsyncLease", "Lease"]

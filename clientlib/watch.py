@@ -15,7 +15,8 @@ from collections.abc import Iterator
 from shm.errors import MessageTooLarge, RingCorrupt
 from shm.ring import Ring
 from shmwatch.wire import errors
-from shmwatch.wire.protocol import W_CANCELED, decode_watch_response, watch_cancel_request
+from shmwatch.wire.events import decode_watch_response
+from shmwatch.wire.protocol import W_CANCELED, watch_cancel_request
 from shmwatch.wire.types import WatchResponse
 
 from . import forks

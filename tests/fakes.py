@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from shmwatch.wire.protocol import decode_watch_response
+from shmwatch.wire.events import decode_watch_response
 
 
 class FakeRing:

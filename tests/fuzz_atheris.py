@@ -29,11 +29,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 with atheris.instrument_imports(include=["shm", "clientlib", "broker"]):
     from broker.mvcc import MVCCStore
-    from shmwatch.wire.errors import ProtocolError, ShmwatchError
-    from shmwatch.wire.ops import PutOp
-    from shmwatch.wire.protocol import decode_op, decode_response, decode_watch_response, unpackb
     from shm.errors import MessageTooLarge, RingCorrupt
     from shm.ring import RING_HEADER, Ring
+    from shmwatch.wire.errors import ProtocolError, ShmwatchError
+    from shmwatch.wire.events import decode_watch_response
+    from shmwatch.wire.ops import PutOp
+    from shmwatch.wire.protocol import decode_op, decode_response, unpackb
 
 CAP = 256
 

@@ -20,7 +20,10 @@ from hypothesis import strategies as st
 import broker
 import clientlib
 from broker.mvcc import MVCCStore
+from shm.errors import MessageTooLarge, RingCorrupt, RingFull
+from shm.ring import ABORT, MORE, RING_HEADER, WRAP, Ring
 from shmwatch.wire.errors import ProtocolError, ShmwatchError
+from shmwatch.wire.events import decode_watch_response, encode_event, encode_watch_control, events_blob
 from shmwatch.wire.ops import DeleteOp, PutOp, RangeOp, TxnOp
 from shmwatch.wire.protocol import (
     OP_ARENA,
@@ -38,17 +41,11 @@ from shmwatch.wire.protocol import (
     decode_op,
     decode_reply,
     decode_response,
-    decode_watch_response,
-    encode_event,
     encode_op,
-    encode_watch_control,
-    events_blob,
     packb,
     unpackb,
 )
 from shmwatch.wire.types import Event, KeyValue, WatchResponse
-from shm.errors import MessageTooLarge, RingCorrupt, RingFull
-from shm.ring import ABORT, MORE, RING_HEADER, WRAP, Ring
 from tests import fault_workers as fw
 
 FUZZ = settings(max_examples=400, deadline=None, database=None,

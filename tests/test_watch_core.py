@@ -10,11 +10,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from broker import watch as W
-from broker.outbox import RingWriter
 from broker.batches import responses
+from broker.outbox import RingWriter
 from broker.watch import WatchCore, WatchStream
 from broker.watcher_group import IntervalIndex, Watcher, WatcherGroup
-from shmwatch.wire.protocol import FILTER_NODELETE, FILTER_NOPUT, WatchSpec, log_record
+from shmwatch.wire.events import log_record
+from shmwatch.wire.protocol import FILTER_NODELETE, FILTER_NOPUT, WatchSpec
 from shmwatch.wire.types import Event, KeyValue
 from tests.fakes import FakeRing
 
