@@ -125,7 +125,9 @@ class Lease:
         wait = interval
         while not self._stop.wait(wait):
             try:
-                ttl = self._client.lease_keep_alive_once(self.id, timeout=interval)
+                # As long as the lease lasts anyway: a slow answer is still in time.
+                ttl = self._client.lease_keep_alive_once(
+                    self.id, timeout=max(0.1, self._deadline - time.monotonic()))
             except (errors.ClientClosed, errors.InheritedWatchError):
                 break  # closed here: nobody will keep it alive
             except errors.ShmwatchError:
@@ -222,7 +224,8 @@ class AsyncLease:
         while True:
             await asyncio.sleep(wait)
             try:
-                resp = await self._ac.lease_keep_alive_once(self.id, timeout=interval)
+                resp = await self._ac.lease_keep_alive_once(
+                    self.id, timeout=max(0.1, self._deadline - time.monotonic()))
             except errors.ClientClosed:
                 break
             except errors.ShmwatchError:
