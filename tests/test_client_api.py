@@ -58,6 +58,20 @@ def test_compacted_and_future_revision_on_get(client):
         client.compact(cur + 1)
 
 
+def test_a_compacted_watch_ends_with_compacted_error_and_its_revision(client):
+    """Iterating a watch that needs compacted history: its `canceled` response (with
+    `compact_revision`), then CompactedError carrying the same revision."""
+    for i in range(5):
+        client.put("c", str(i))
+    client.compact(4)
+    got = []
+    with pytest.raises(clientlib.CompactedError) as exc:
+        for resp in client.watch("c", start_revision=2):
+            got.append(resp)
+    assert exc.value.compact_revision == 4
+    assert got[-1].canceled and got[-1].compact_revision == 4
+
+
 def test_empty_key(client):
     for call in (lambda: client.put("", "v"), lambda: client.get(b""),
                  lambda: client.delete("")):
