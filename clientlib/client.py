@@ -564,6 +564,7 @@ class Client(Calls):
         One thread at a time sleeps on the client's doorbell; the others wait on a
         condition it signals when it wakes, so no wake-up is lost between threads.
         """
+        spin = SPIN  # only before the first sleep: an idle wait's later slices never spin
         while True:
             with self._cond:
                 self._pump()
@@ -582,7 +583,8 @@ class Client(Calls):
                 bell = self._bell
                 bell.wait(lambda: self._resp_readable() or ready(),
                           WAIT_SLICE_S if remaining is None else min(remaining, WAIT_SLICE_S),
-                          spin=SPIN, slice=WAIT_SLICE_S)
+                          spin=spin, slice=WAIT_SLICE_S)
+                spin = 0
             finally:
                 with self._cond:
                     self._sleeper = False

@@ -15,6 +15,15 @@ remaining window is the few nanoseconds a store spends in the store buffer, agai
 hundreds of nanoseconds of interpreter work between publishing and ringing. Should it
 ever hit, the wait's time slice bounds the cost: a lost wake-up costs at most one slice,
 never a hang. This module owns nothing else: it does not know what "ready" means.
+
+Spinning adapts (as adaptive mutexes do): a spin only pays when work arrives within it,
+which depends on the traffic, so each doorbell keeps a spin budget between 0 and the
+caller's `spin`. Work found while spinning keeps (or raises) the budget; a sleep that
+was woken soon after it began (within `SPIN_PAYS_S`: a spin would have caught it) doubles
+it; a longer sleep halves it. A busy peer (a reply within tens of microseconds) keeps a
+consumer spinning; at a modest rate (a record a millisecond) the budget falls to 0 within
+a few waits and the consumer goes straight to sleep, costing one system call instead of
+hundreds of microseconds of CPU per record.
 """
 
 from __future__ import annotations
@@ -53,6 +62,10 @@ def _fence() -> None:
     _fence_lock.release()
 
 
+SPIN_PAYS_S = 60e-6  # a sleep woken sooner than this would have been caught by spinning
+SPIN_FLOOR = 8  # the budget a doubling starts from
+
+
 def _sem_path(name: str) -> str:
     return "/dev/shm/sem." + name[1:]
 
@@ -65,7 +78,7 @@ class Doorbell:
     Any number of producers may `ring()`; one consumer `wait()`s.
     """
 
-    __slots__ = ("_flag", "_sem", "name")
+    __slots__ = ("_budget", "_flag", "_sem", "name")
 
     def __init__(self, name: str, sem: posix_ipc.Semaphore, flag: memoryview) -> None:
         flag = memoryview(flag)
@@ -76,6 +89,7 @@ class Doorbell:
         self.name = name
         self._sem: posix_ipc.Semaphore | None = sem
         self._flag = flag
+        self._budget = 1 << 30  # adaptive spin budget (see the module docstring); capped by `spin`
 
     @classmethod
     def create(cls, name: str, flag: memoryview, *, mode: int = 0o600) -> Doorbell:
@@ -133,13 +147,17 @@ class Doorbell:
              slice: float = 0.05, alive: Callable[[], None] | None = None) -> bool:
         """Consumer: return True as soon as `ready()` is true, False on timeout.
 
-        `timeout` None waits forever. Spins `spin` times on `ready()`, then sleeps on
-        the semaphore in slices of at most `slice` seconds, setting the flag before and
-        re-checking `ready()` after setting it. `alive()` runs between slices and raises
-        to abort the wait (e.g. the peer died); its exception propagates.
+        `timeout` None waits forever. Spins at most `spin` times on `ready()` (fewer when
+        spinning has not been paying: the adaptive budget), then sleeps on the semaphore
+        in slices of at most `slice` seconds, setting the flag before and re-checking
+        `ready()` after setting it. `alive()` runs between slices and raises to abort
+        the wait (e.g. the peer died); its exception propagates.
         """
-        for _ in range(spin):
+        n = min(spin, self._budget)
+        for i in range(n):
             if ready():
+                if i * 2 >= self._budget:  # it paid, late in the budget: allow more
+                    self._budget = min(max(self._budget, SPIN_FLOOR) * 2, spin)
                 return True
             # On a machine with more runnable processes than cores (2 cores: writer,
             # broker, watcher), a spinner must give its core to the peer it waits for;
@@ -151,10 +169,12 @@ class Doorbell:
         deadline = None if timeout is None else time.monotonic() + timeout
         flag = self._flag
         sem = self._sem
+        first = True
         while True:
             wait_for = slice
+            now = time.monotonic()
             if deadline is not None:
-                remaining = deadline - time.monotonic()
+                remaining = deadline - now
                 if remaining <= 0:
                     return ready()
                 wait_for = min(wait_for, remaining)
@@ -172,9 +192,21 @@ class Doorbell:
             finally:
                 flag[0] = 0
             if ready():
+                if first:
+                    self._adapt(time.monotonic() - now, spin)
                 return True
+            if first:
+                self._budget //= 2  # a whole slice without work: spinning does not pay
+                first = False
             if alive is not None:
                 alive()
+
+    def _adapt(self, slept: float, spin: int) -> None:
+        """A sleep ended with work: had it come within a spin, spinning pays."""
+        if slept < SPIN_PAYS_S:
+            self._budget = min(max(self._budget, SPIN_FLOOR) * 2, spin)
+        else:
+            self._budget //= 2
 
     def post(self) -> None:
         """Post unconditionally (e.g. to make a waiter re-check at shutdown)."""

@@ -24,6 +24,7 @@ REQUIRED = {
     "W4": [],  # checked below: variants differ
     "W5": ["write_rate", "cpu_us_per_write"],
     "MEM": [],  # checked below: metric names carry the checkpoint
+    "LIGHT": [],  # checked below: the idle variant has other figures
 }
 
 
@@ -58,6 +59,9 @@ def test_bench_smoke(tmp_path):
                 assert figs["fast_rate"]["median"] > 0, f"W4 {variant}: {figs}"
                 if "stalled_got" in figs:
                     assert figs["stalled_got"]["median"] > 0, f"W4 {variant}: {figs}"
+            if name == "LIGHT":
+                key = "broker_core" if variant == "idle" else "cpu_us_per_write"
+                assert figs[key]["median"] > 0, f"LIGHT {variant}: {figs}"
             if name == "MEM":
                 anon = [v["median"] for k, v in figs.items() if k.startswith("anon@")]
                 assert anon and all(x > 0 for x in anon), f"MEM {variant}: {figs}"

@@ -275,3 +275,45 @@ def test_unlink_and_close_are_idempotent(broker):
     Doorbell.create(name, memoryview(bytearray(4))).close()
     assert Doorbell.unlink_name(name) is True
     assert list_semaphores(f"shmwatch.{broker}.") == []
+
+
+# -- adaptive spinning -----------------------------------------------------------------
+
+
+def test_spinning_stops_when_work_comes_later_than_a_spin(bell):
+    """Sleeps that last longer than a spin would (a record a millisecond) halve the
+    budget each time: within a few waits the consumer goes straight to sleep."""
+    b, _ = bell
+    assert b._budget >= 200  # a fresh doorbell spins as the caller allows
+    for _ in range(40):
+        b._adapt(1e-3, 200)
+    assert b._budget == 0
+    calls = []
+
+    def ready():
+        calls.append(1)
+        return len(calls) > 1  # true on the re-check after the flag is set
+
+    assert b.wait(ready, 1.0, spin=200) is True
+    assert len(calls) == 2  # no spin at all: the check after setting the flag, then work
+
+
+def test_spinning_comes_back_when_work_comes_within_a_spin(bell):
+    b, _ = bell
+    b._budget = 0
+    b._adapt(1e-6, 200)  # woken almost at once: a spin would have caught it
+    assert b._budget == 16
+    for _ in range(10):
+        b._adapt(1e-6, 200)
+    assert b._budget == 200  # never past the caller's `spin`
+    b._budget = 16
+    n = iter(range(1000))
+    assert b.wait(lambda: next(n) == 12, 1.0, spin=200) is True  # found late in the spin
+    assert b._budget == 32
+
+
+def test_a_sleep_without_work_halves_the_budget(bell):
+    b, _ = bell
+    b._budget = 64
+    assert b.wait(lambda: False, 0.02, spin=0, slice=0.01) is False
+    assert b._budget == 32

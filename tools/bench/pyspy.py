@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import re
 import signal
 import subprocess
 import time
@@ -38,7 +39,7 @@ class Spies:
         os.makedirs(self.dir, exist_ok=True)
         n = sum(1 for p in self.profiles if p["workload"] == trial.workload
                 and p["variant"] == trial.variant) // 3 + 1
-        slug = f"{trial.workload}-{trial.variant.replace(' ', '_')}-{n}"
+        slug = f"{trial.workload}-{re.sub(r'[^A-Za-z0-9,._-]+', '_', trial.variant)}-{n}"
         targets = [("broker", env["pid"]), ("writer", procs[trial.readers].pid),
                    ("reader", procs[0].pid)]
         spies = []

@@ -13,7 +13,7 @@ import functools
 from ..results import Run, ratios, summary
 from ..transports import LABELS, ORDER
 from ..transports.etcd_watch import ETCD_IDLE_S, ETCD_PACE
-from ..workloads import many_watchers, memory, stall, throughput
+from ..workloads import light, many_watchers, memory, stall, throughput
 from ..workloads.latency import RATE as W3_RATE
 from .cells import cell, cpu_table, fmt_num, loss_lines, pct_cell, ratio_cell, ratio_table, table
 
@@ -195,4 +195,39 @@ def mem(run: Run) -> list[str]:
     return L + [""]
 
 
-SECTIONS = {"W1": w1, "W2": w2, "W3": w3, "W4": w4, "W5": w5, "MEM": mem}
+def light_load(run: Run) -> list[str]:
+    R, P = run.results, run.profile
+    L = ["## LIGHT: CPU at a modest load, and idle", "",
+         f"A writer paced at each rate for {P.light_dur:g} s (sent at its intended times, "
+         f"as in W3) to {light.READERS} watcher processes that each get every record "
+         "(shmwatch: one prefix watch each; Queue: the writer puts each record into "
+         f"{light.READERS} queues, its feeder thread included; zmq: PUB to "
+         f"{light.READERS} SUBs; Redis: PUBLISH to {light.READERS} subscribers). CPU "
+         "microseconds of every process involved (writer, readers, and the server: "
+         "the shmwatch broker, redis-server), per record written, and shmwatch's ratio "
+         "to multiprocessing.Queue's, paired by repetition.", "",
+         "| rate | transport | CPU us per write | writer / readers / server | "
+         "x Queue's | delivered |", "|---|---|---|---|---|---|"]
+    for rate in light.RATES:
+        v = light.variant(rate)
+        for tn in R.transports("LIGHT", ORDER):
+            g = functools.partial(R.get, "LIGHT", v, tn)
+            if not g("cpu_us_per_write"):
+                continue
+            r = ratios(g("cpu_us_per_write"), R.get("LIGHT", v, "queue", "cpu_us_per_write"))
+            parts = " / ".join(fmt_num(summary(g(m))["median"], "us")
+                               for m in ("writer_us", "readers_us", "server_us"))
+            L.append(f"| {v} | {LABELS[tn]} | {cell(g('cpu_us_per_write'), 'us')} | {parts} "
+                     f"| {ratio_cell(r) if tn != 'queue' else '-'} "
+                     f"| {pct_cell(g('delivered'))} |")
+    idle = R.get("LIGHT", "idle", "shmwatch", "broker_core")
+    if idle:
+        wmax = R.get("LIGHT", "idle", "shmwatch", "watcher_core_max")
+        L += ["", f"Idle (shmwatch, nothing written for {light.IDLE_S:g} s, "
+              f"{light.READERS} watchers waiting in `Watch.get`): broker "
+              f"{pct_cell(idle)} of a core, busiest watcher {pct_cell(wmax)}."]
+    return L + [""]
+
+
+SECTIONS = {"W1": w1, "W2": w2, "W3": w3, "W4": w4, "W5": w5, "MEM": mem,
+            "LIGHT": light_load}

@@ -10,6 +10,8 @@
   W5  (shmwatch) 1 .. 10,000 watchers on single keys and on ranges, held by a few
       processes, while one writer writes keys; write rate and broker CPU per write.
   MEM (shmwatch) broker RSS with 1,000 stalled watchers as N writes pile up.
+  LIGHT CPU per record of every process at a paced 1,000 and 5,000 records/s to 4
+      watchers, beside multiprocessing.Queue; and an idle broker's and watchers' CPU.
 
 Adding a workload is one Workload subclass in a module here, one entry in WORKLOADS,
 and its section in report/sections.py (a test checks that every workload has one).
@@ -19,13 +21,14 @@ from __future__ import annotations
 
 from .base import Workload
 from .latency import Latency
+from .light import Light
 from .many_watchers import ManyWatchers
 from .memory import Memory
 from .stall import Stall
 from .throughput import FanOut, Unicast
 
 WORKLOADS: tuple[Workload, ...] = (Unicast(), FanOut(), Latency(), Stall(), ManyWatchers(),
-                                   Memory())
+                                   Memory(), Light())
 NAMES = tuple(w.name for w in WORKLOADS)
 
 __all__ = ["NAMES", "WORKLOADS", "Workload"]
