@@ -35,7 +35,8 @@ SIZE_OPTIONS = ("log_bytes", "watch_ring_bytes", "request_ring_bytes", "response
 # BrokerConfig fields that are command-line options, as spawn() takes them.
 CONFIG_OPTIONS = (*SIZE_OPTIONS, "max_clients", "rings_per_arena", "progress_notify_interval",
                   "max_watchers_per_sync", "mode", "group", "data_dir", "fsync",
-                  "snapshot_every", "max_watchers_per_client", "min_lease_ttl", "max_leases")
+                  "snapshot_every", "max_watchers_per_client", "min_lease_ttl", "max_leases",
+                  "catch_up")
 
 
 def add_broker_options(p: argparse.ArgumentParser) -> None:
@@ -96,6 +97,10 @@ def add_broker_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-leases", type=int, default=d["max_leases"],
                    help="leases that may exist at once (default 100000); a grant past it "
                         "is TooManyLeasesError")
+    p.add_argument("--catch-up", choices=("client", "broker"), default="client",
+                   help="who replays a watcher's history from the revision log: the "
+                        "watcher itself, in its own process (client, the default), or the "
+                        "broker (as before)")
     p.add_argument("--detach", action="store_true",
                    help="run in the background: print the ready line once clients can "
                         "connect, then return (stop the broker with kill PID)")
@@ -119,6 +124,7 @@ def config_from_args(a: argparse.Namespace) -> BrokerConfig:
         data_dir=a.data_dir, fsync=a.fsync, snapshot_every=a.snapshot_every, group=a.group,
         max_watchers_per_client=a.max_watchers_per_client,
         min_lease_ttl=a.min_lease_ttl, max_leases=a.max_leases,
+        client_catch_up=a.catch_up == "client",
         **sizes,
     )
 

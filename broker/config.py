@@ -48,6 +48,7 @@ class BrokerConfig:
     max_watchers_per_client: int = 1000  # each watch is a ring in /dev/shm
     min_lease_ttl: int = 2  # etcd's minimum TTL with its default election timeout
     max_leases: int = 100_000  # leases that may exist at once
+    client_catch_up: bool = True  # watchers catch up from the shared log themselves
     shm_budget: int | None = None  # assume /dev/shm has this much free (None: measure)
     sizing: Sizing = field(init=False, repr=False, compare=False)
 

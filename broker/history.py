@@ -25,8 +25,7 @@ from collections.abc import Iterator
 from shm.errors import LogRecordCorrupt
 from shm.revlog import RevLog
 from shmwatch.wire.errors import ProtocolError
-from shmwatch.wire.events import LoggedEvent, read_log_record
-from shmwatch.wire.protocol import NIL
+from shmwatch.wire.events import LoggedEvent, at_compact_rev, read_log_record
 
 
 class HistoryDamaged(Exception):
@@ -39,16 +38,6 @@ class HistoryDamaged(Exception):
         self.rev = rev
         self.compact_to = rev + 1
         self.what = what
-
-
-def at_compact_rev(events: list[LoggedEvent]) -> list[LoggedEvent]:
-    """A revision's events as etcd 3.4 still delivers them once it is the compaction
-    revision (see broker.mvcc.events_at_compact_rev, the same rule on Event objects):
-    only the PUTs that are still the newest change of their key in that revision, and
-    without prev_kv (etcd looks it up below the compaction, and fails). O(len)."""
-    last = {e.key: i for i, e in enumerate(events)}
-    return [e._replace(prev=NIL) for i, e in enumerate(events)
-            if e.type == "PUT" and last[e.key] == i]
 
 
 class History:
@@ -74,6 +63,20 @@ class History:
             self._oversized = None
             return log.oldest_rev or rev
         return 0
+
+    def locate(self, lo: int, hi: int) -> int | None:
+        """Where the shared log holds revisions lo..hi whole (the absolute position of
+        the first record >= lo), for a watcher that catches up itself; None when it
+        cannot: history before the log's oldest record, or a revision kept beside the
+        log (larger than it). O(log n)."""
+        log = self.log
+        over = self._oversized
+        if over is not None and lo <= over[0] <= hi:
+            return None
+        oldest = log.oldest_rev
+        if not oldest or lo < oldest or log.newest_rev < hi:
+            return None
+        return log.position(lo)
 
     def truncate(self, rev: int) -> None:
         """Explicit compaction at `rev`: drop every revision before it."""

@@ -62,6 +62,7 @@ def snapshot(b) -> dict:
                      **states},
         "pending_events": core.pending_events(),
         "victims_entered": core.victims_entered, "catchups": core.catchups,
+        "catchups_delegated": core.catchups_delegated,
         "compactions": core.compactions,
         "log_damage": b.log_damage,
         "leases": {"total": len(lessor), "bound": lessor.bound_count(),

@@ -221,7 +221,8 @@ class Broker:
             nxt["victims"] = now + VICTIM_RETRY_S
         if core.unsynced:
             try:
-                core.sync_watchers(self._read_history)
+                core.sync_watchers(self._read_history,
+                                   self.history.locate if self.cfg.client_catch_up else None)
             except HistoryDamaged as exc:
                 self._contain(exc)  # the next pass cancels who needed it
             worked = True

@@ -30,7 +30,7 @@ Triggers, all in one place:
   room in a ring (`producer_blocked` + the control segment's space hint) and on a
   timer (etcd's syncVictimsLoop period) as the safety net.
 - caught_up / more / compacted: `sync_watchers()`, each shell pass while any watcher
-  is unsynced.
+  is unsynced (caught_up also when it hands a watcher its catch-up to make itself).
 - cancel: `cancel()` (the client's cancel request).
 - delivered: the final response written (`cancel()`, `move_victims()`).
 - dropped: `drop_stream()` (the client left or died).
@@ -44,6 +44,9 @@ the ring's free space streams through in chunks), bounded per client by
 the client's memory, and comes back in etcd-sized catch-up responses (up to 1,000
 revisions each). "Room again" is `VICTIM_RESUME_FREE` of the ring free: the hysteresis
 that turns a slow reader's backlog into a few large catch-ups instead of many small.
+And when the shell can say where the shared log holds a watcher's history (`locate`),
+the watcher makes its catch-up itself (clientlib.catchup): the broker sends one small
+W_CATCHUP message and reads, encodes and copies nothing of that history.
 
 Guarantees kept here: per watcher, responses are in revision order, without gaps or
 duplicates, and the events of one revision are never split across responses (unless
@@ -58,7 +61,7 @@ from collections.abc import Callable, Iterable
 
 from shm.errors import RingCorrupt
 from shmwatch.wire.errors import DuplicateWatchIdError, InvalidRangeError, ProtocolError, TooManyWatchersError
-from shmwatch.wire.events import LoggedEvent, encode_watch_control
+from shmwatch.wire.events import CatchUp, LoggedEvent, encode_watch_catchup, encode_watch_control
 from shmwatch.wire.protocol import (
     RESUME_FREE_FRACTION,
     W_CANCELED,
@@ -117,6 +120,8 @@ RESPONSE_OVERHEAD = 32
 VICTIM_RESUME_FREE = RESUME_FREE_FRACTION
 
 HistoryReader = Callable[[int, int], Iterable[tuple[int, list[LoggedEvent]]]]
+# (lo, hi) -> where the shared log holds revisions lo..hi whole, or None (History.locate)
+Locator = Callable[[int, int], "int | None"]
 
 
 class WatchStream:
@@ -177,6 +182,7 @@ class WatchCore:
         self.events_delivered = 0
         self.victims_entered = 0
         self.catchups = 0
+        self.catchups_delegated = 0  # of which the watcher made itself (W_CATCHUP)
         self.compactions = 0
 
     # ------------------------------------------------------------ state changes
@@ -447,9 +453,15 @@ class WatchCore:
 
     # ------------------------------------------------------------ catch-up
 
-    def sync_watchers(self, read_history: HistoryReader) -> int:
+    def sync_watchers(self, read_history: HistoryReader, locate: Locator | None = None) -> int:
         """etcd's syncWatchers: catch up to `max_watchers_per_sync` unsynced watchers.
 
+        With `locate`, a watcher whose history the shared revision log holds whole
+        (`locate(lo, hi)` gives where it starts; None if it cannot) catches up itself:
+        it gets one W_CATCHUP message naming lo..hi and is synced from hi + 1 at once
+        (clientlib.catchup reads the log in its process, as this method would have):
+        no event of it is read, encoded or copied here. The others, and all without
+        `locate`, are caught up here:
         `read_history(lo, hi)` yields (rev, events) for lo <= rev <= hi; it is read once
         for the chosen watchers, from the smallest minRev. Each watcher gets its events
         of whole revisions in one response of at most `batch_max_revs` revisions and
@@ -458,7 +470,7 @@ class WatchCore:
         revision), so at most one catch-up per owner is ever held and its other watches
         keep moving. Header revision: the current one. Returns how many watchers became
         synced. O(H·log B + bytes) for H events read."""
-        group, limit, lo = self._choose()
+        group, limit, lo = self._choose(locate)
         if lo is None:
             return 0
         hi = self.cur_rev
@@ -468,10 +480,12 @@ class WatchCore:
             synced += self._catch_up(w, enc, more, hi)
         return synced
 
-    def _choose(self) -> tuple[WatcherGroup, dict[Watcher, int], int | None]:
+    def _choose(self, locate: Locator | None) -> tuple[WatcherGroup, dict[Watcher, int],
+                                                       int | None]:
         """The unsynced watchers this pass catches up, with their response size limits;
-        settles on the way those that need no history (caught up, compacted) or cannot
-        take any now (ring too full: victims)."""
+        settles on the way those that need no history (caught up, compacted), those that
+        catch up themselves (`locate`), and those that cannot take any now (ring too
+        full, or their owner over its budget: victims)."""
         chosen = []
         for w in self.unsynced:
             if len(chosen) >= self.max_watchers_per_sync:
@@ -490,9 +504,14 @@ class WatchCore:
             elif w.min_rev > self.cur_rev:
                 self._move(w, "caught_up")
                 self._owe_progress(w)
-            elif not self._has_room(w) or w.owner.held >= self.owner_budget:
-                # Wait as a victim: for room in its ring, or for its owner's held bytes
-                # to drain (nothing is built for it meanwhile).
+            elif not self._has_room(w):
+                w.out.sink.producer_blocked = 1  # wait as a victim for room in its ring
+                self._move(w, "ring_full")
+            elif locate is not None and (pos := locate(w.min_rev, self.cur_rev)) is not None:
+                self._delegate(w, pos)  # holds nothing here: its owner's budget is moot
+            elif w.owner.held >= self.owner_budget:
+                # Wait as a victim for its owner's held bytes to drain (nothing is built
+                # for it meanwhile).
                 w.out.sink.producer_blocked = 1
                 self._move(w, "ring_full")
             else:
@@ -501,6 +520,18 @@ class WatchCore:
                 group.add(w)
                 lo = w.min_rev if lo is None else min(lo, w.min_rev)
         return group, limit, lo
+
+    def _delegate(self, w: Watcher, pos: int) -> None:
+        """`w` catches up itself from the log (see `sync_watchers`): synced from the
+        current revision on, behind one W_CATCHUP message."""
+        cu = CatchUp(w.min_rev, self.cur_rev, self.compact_rev, pos, self.batch_max_revs,
+                     self.max_response_bytes, self.fragment_limit)
+        self.catchups += 1
+        self.catchups_delegated += 1
+        w.min_rev = self.cur_rev + 1
+        self._move(w, "caught_up")
+        self._write(w, encode_watch_catchup(cu))  # kept behind pending, never dropped
+        self._owe_progress(w)
 
     def _gather(self, group: WatcherGroup, limit: dict[Watcher, int],
                 history) -> dict[Watcher, tuple[list[bytes], int]]:

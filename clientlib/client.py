@@ -30,7 +30,6 @@ import threading
 import time
 from collections.abc import Callable
 
-
 from shm import layout as L
 from shm.doorbell import Doorbell
 from shm.errors import (
@@ -62,6 +61,7 @@ from .attach import (
     open_control,
 )
 from .calls import Calls
+from .catchup import LogAccess
 from .watch import Watch
 
 WAIT_SLICE_S = 0.05  # a dead broker is noticed within this
@@ -102,6 +102,7 @@ class Client(Calls):
         self._watches: dict[int, Watch] = {}
         self._free_rings: list[tuple[int, int]] = []
         self._arenas: list[Segment | None] = []  # None: an arena we could not open
+        self._log: LogAccess | None = None  # the broker's revision log, once a watch catches up
         self._seg: Segment | None = None
         self._bell: Doorbell | None = None
         self._ctl: Segment | None = None
@@ -214,6 +215,10 @@ class Client(Calls):
             if w._ring is not None:
                 w._ring.release()
             w._ring = None
+            w._catchup = None  # it reads the log released below
+        if self._log is not None:
+            self._log.release()
+            self._log = None
         for ring in (getattr(self, "_req", None), getattr(self, "_resp", None)):
             if ring is not None:
                 ring.release()
@@ -589,6 +594,16 @@ class Client(Calls):
                 with self._cond:
                     self._sleeper = False
                     self._cond.notify_all()
+
+    def _catch_up(self, cu, spec, watch_id: int):
+        """The responses of a catch-up the broker handed watch `watch_id`, read from
+        its revision log in this process (clientlib.catchup)."""
+        if self._log is None:
+            try:
+                self._log = LogAccess(self.name, self._words, self._boot_id)
+            except ShmError as exc:
+                raise from_shm(exc, self.name) from None
+        return self._log.catch_up(cu, spec, watch_id)
 
     def _space_freed(self, ring: Ring) -> None:
         """The broker is waiting for space in `ring`: tell it there is some now."""

@@ -16,7 +16,7 @@ from shm.errors import MessageTooLarge, RingCorrupt
 from shm.ring import Ring
 from shmwatch.wire import errors
 from shmwatch.wire.events import decode_watch_response
-from shmwatch.wire.protocol import W_CANCELED, watch_cancel_request
+from shmwatch.wire.protocol import W_CANCELED, W_CATCHUP, watch_cancel_request
 from shmwatch.wire.types import WatchResponse
 
 from . import forks
@@ -54,6 +54,8 @@ class Watch:
         self._resume = resume
         self._next_rev = spec.start_revision if spec else 0  # where a resumed watch starts
         self._skip_created = False
+        self._catchup: Iterator[WatchResponse] | None = None  # one it makes itself
+        self._draining = False  # read to the end, delivering nothing more (cancel, orphan)
         self._fork_gen = forks.generation
         if refused is not None:
             rev, reason, err = refused
@@ -70,9 +72,18 @@ class Watch:
 
     def _pull(self) -> bool:
         """Have the next response ready (client lock held): when the read-ahead buffer
-        is empty, take at most one response from the ring. True if one is ready."""
+        is empty, take at most one response, from the catch-up this watch is making
+        itself (clientlib.catchup) or else from the ring. True if one is ready."""
         if self._buf:
             return True
+        if self._catchup is not None:
+            resp = next(self._catchup, None)
+            if resp is not None:
+                self._take(resp)
+                if resp.canceled:  # its history went while it read it: compacted
+                    self._history_lost(resp.compact_revision)
+                return True
+            self._catchup = None
         ring = self._ring
         if ring is None or self._final:
             return False
@@ -90,17 +101,16 @@ class Watch:
                 c._room_made(ring)
                 return False
             kind, resp = decode_watch_response(data, self.watch_id)
-            if resp.events:
-                self._next_rev = resp.events[-1].kv.mod_revision + 1
-            elif resp.created:
-                if self._skip_created:
-                    self._skip_created = False
-                    continue  # a resumed watch's re-creation is invisible
-                if not self._next_rev:
-                    self._next_rev = resp.revision + 1
-            elif not resp.canceled and resp.revision >= self._next_rev:
-                self._next_rev = resp.revision + 1  # progress: nothing before it is owed
-            self._buf.append(resp)
+            if kind == W_CATCHUP:
+                c._room_made(ring)
+                if self._draining or self._spec is None:
+                    continue
+                self._catchup = c._catch_up(resp, self._spec, self.watch_id)
+                return self._pull()
+            if resp.created and self._skip_created:
+                self._skip_created = False
+                continue  # a resumed watch's re-creation is invisible
+            self._take(resp)
             if kind == W_CANCELED:
                 self._final = True
                 if resp.compact_revision:
@@ -117,9 +127,37 @@ class Watch:
                 c._room_made(ring)
             return True
 
+    def _take(self, resp: WatchResponse) -> None:
+        """Queue `resp` for the reader, and note where a resumed watch would start."""
+        if resp.events:
+            self._next_rev = resp.events[-1].kv.mod_revision + 1
+        elif resp.created:
+            if not self._next_rev:
+                self._next_rev = resp.revision + 1
+        elif not resp.canceled and resp.revision >= self._next_rev:
+            self._next_rev = resp.revision + 1  # progress: nothing before it is owed
+        self._buf.append(resp)
+
+    def _history_lost(self, compact_rev: int) -> None:
+        """The catch-up this watch made itself found its history gone: the stream ends
+        with etcd's compaction cancel (already queued). The broker still has the watch:
+        it is cancelled at the client's next request, and its ring read to its end by
+        an orphan reader before the ring is used again."""
+        c = self._client
+        self._final = True
+        self._error = errors.CompactedError(compact_revision=compact_rev)
+        ring, slot, self._ring, self._ring_slot = self._ring, self._ring_slot, None, None
+        c._watches.pop(self.watch_id, None)
+        if ring is not None:
+            orphan = Watch(c, self.watch_id, slot, ring, spec=self._spec)
+            orphan._clean_end = orphan._draining = True
+            c._orphans.add(orphan)
+            c._to_cancel.append(self.watch_id)
+
     def _ready(self) -> bool:
         r = self._ring
-        return bool(self._buf) or (r is not None and r.readable())
+        return (bool(self._buf) or self._catchup is not None
+                or (r is not None and r.readable()))
 
     def get_nowait(self) -> WatchResponse | None:
         """The next response if one is here, else None. Raises once the watch is over
@@ -180,6 +218,7 @@ class Watch:
         self.watch_id = wid
         self._ring_slot = ring_slot
         self._ring = ring
+        self._catchup = None  # the old broker's log: the new one catches up anew
         self._skip_created = True
         with c._cond:
             c._watches[wid] = self
@@ -212,6 +251,8 @@ class Watch:
         if self._final:
             return
         self._clean_end = True
+        self._draining = True  # a catch-up not read yet is dropped: the stream ends
+        self._catchup = None
         c = self._client
         c._call(watch_cancel_request(self.watch_id), timeout)
         deadline = c._deadline(timeout)

@@ -6,6 +6,7 @@ from .errors import (
     LayoutMismatch,
     LogRecordCorrupt,
     MessageTooLarge,
+    RecordEvicted,
     RingCorrupt,
     RingFull,
     SegmentExists,
@@ -14,7 +15,7 @@ from .errors import (
     ShmNoSpace,
     ShmPermissionError,
 )
-from .revlog import REVLOG_HEADER, RevLog, revlog_bytes
+from .revlog import REVLOG_HEADER, RevLog, RevLogReader, revlog_bytes
 from .ring import (
     CONSUMER_SLEEPING_OFFSET,
     PRODUCER_BLOCKED_OFFSET,
@@ -46,7 +47,9 @@ __all__ = [
     "LayoutMismatch",
     "LogRecordCorrupt",
     "MessageTooLarge",
+    "RecordEvicted",
     "RevLog",
+    "RevLogReader",
     "Ring",
     "RingCorrupt",
     "RingFull",

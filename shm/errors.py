@@ -42,6 +42,16 @@ class LogRecordCorrupt(RingCorrupt):
         self.rev = rev
 
 
+class RecordEvicted(ShmError):
+    """A reader in another process found that a record it needed was evicted from the
+    revision log (before or while it copied it): history from `rev` on, up to where it
+    read, is gone (a compaction, not damage)."""
+
+    def __init__(self, rev: int):
+        super().__init__(f"revision log: revision {rev} was evicted while being read")
+        self.rev = rev
+
+
 class MessageTooLarge(ShmError):
     """A consumer read a whole message longer than its `max_message`: it was consumed
     and dropped chunk by chunk, and the ring is still in step (not corruption: the

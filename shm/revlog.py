@@ -1,10 +1,20 @@
 """The revision log ring: every revision's record, bounded by bytes.
 
-The broker is its only writer and its only reader; it lives in shared memory so that
-outside tools can show its fill (`RevLog.peek`). Appending evicts the oldest records
-until the new one fits; the oldest retained revision is the log's compaction point.
-Revisions increase but may have gaps. Payloads are opaque bytes: this module knows
-nothing of keys, events or msgpack.
+The broker is its only writer. It reads it through `RevLog` (with an in-process index);
+watchers catching up read it from shared memory in their own processes through
+`RevLogReader` (no index: the broker hands them the position to start from), and tools
+show its fill (`RevLog.peek`). Appending evicts the oldest records until the new one
+fits; the oldest retained revision is the log's compaction point. Revisions increase
+but may have gaps. Payloads are opaque bytes: this module knows nothing of keys, events
+or msgpack.
+
+Readers in other processes (a seqlock on the tail): the writer publishes the new `tail`
+*before* it overwrites the bytes of evicted records, and publishes `head` only after a
+new record is whole. A reader loads `head`, copies a record that starts at or after
+the `tail` it loaded, then loads `tail` again: if the tail moved past the record, the
+copy may be torn and the record is gone (`RecordEvicted`); else the copy is the record
+(x86-64 keeps the writer's stores and the reader's loads in order: see shm/ring.py).
+Each record's CRC is checked too: the log is shared memory anyone of the user can write.
 
 Layout (native byte order)::
 
@@ -32,7 +42,7 @@ import zlib
 from bisect import bisect_left
 from collections.abc import Iterator
 
-from .errors import LogRecordCorrupt, RingCorrupt
+from .errors import LogRecordCorrupt, RecordEvicted, RingCorrupt
 from .ring import check_capacity
 
 REVLOG_HEADER = 64
@@ -201,6 +211,10 @@ class RevLog:
             if h + need - self._tail <= cap:
                 break
             evicted.append(self._evict_oldest())
+        if evicted:
+            # Readers in other processes must see the tail move before the bytes they
+            # may be copying are overwritten (the seqlock of the module docstring).
+            self._hq[_H_TAIL] = self._tail
         pos = h % cap
         if rec > cap - pos:
             self._dq[pos >> 3] = WRAP_REV
@@ -238,6 +252,12 @@ class RevLog:
             self._base += i
             self._first = 0
         return rev
+
+    def position(self, rev: int) -> int | None:
+        """The absolute position of the first retained record with revision >= `rev`
+        (where a `RevLogReader` starts), None if there is none. O(log n)."""
+        i = bisect_left(self._revs, rev, self._first)
+        return self._pos[i] if i < len(self._revs) else None
 
     def truncate_before(self, rev: int) -> list[int]:
         """Drop every record with revision < `rev` (explicit compaction); return the
@@ -390,4 +410,85 @@ class RevLog:
                 f"revs={self.oldest_rev}..{self.newest_rev}>")
 
 
-__all__ = ["REVLOG_HEADER", "RevLog", "revlog_bytes"]
+class RevLogReader:
+    """Reads a revision log from another process (module docstring: the tail seqlock).
+    Never writes. Every value read from shared memory is checked: a bad one raises
+    `LogRecordCorrupt`; a record evicted before or while it was copied raises
+    `RecordEvicted` (the caller treats its history as compacted)."""
+
+    __slots__ = ("_buf", "_data", "_dq", "_hq", "capacity")
+
+    def __init__(self, buf: memoryview) -> None:
+        buf = memoryview(buf)
+        if buf.format != "B" or buf.ndim != 1:
+            buf = buf.cast("B")
+        cap = (len(buf) - REVLOG_HEADER) // 8 * 8
+        check_capacity(cap, "revision log")
+        self.capacity = cap
+        self._buf = buf
+        header = buf[:REVLOG_HEADER]
+        self._hq = header.cast("Q")
+        header.release()
+        self._data = buf[REVLOG_HEADER:REVLOG_HEADER + cap]
+        self._dq = self._data.cast("Q")
+        if self._hq[_H_CAP] != cap:
+            raise RingCorrupt(f"revision log header says capacity {self._hq[_H_CAP]}, "
+                              f"the segment gives {cap}")
+
+    def release(self) -> None:
+        for view in (self._dq, self._data, self._hq, self._buf):
+            view.release()
+
+    def read(self, pos: int, lo: int, hi: int) -> Iterator[tuple[int, bytes]]:
+        """(rev, payload) of the records from absolute position `pos` on, for revisions
+        lo <= rev <= hi, in order: the first record must be at `pos` with a revision
+        >= lo, and the log must hold every record up to the one of `hi` (else
+        `LogRecordCorrupt`, or `RecordEvicted` if they went). O(bytes read)."""
+        cap = self.capacity
+        hq, dq = self._hq, self._dq
+        t = pos
+        prev = lo - 1
+        head = hq[_H_HEAD]
+        while True:
+            if t >= head:
+                head = hq[_H_HEAD]
+                if t >= head:
+                    raise LogRecordCorrupt(
+                        f"revision log: no record of revision {hi} (read to {t})", prev + 1)
+            if hq[_H_TAIL] > t:
+                raise RecordEvicted(prev + 1)
+            if t & 7 or head - t > cap:
+                raise LogRecordCorrupt(f"revision log: position {t} is not in the log", lo)
+            p = t % cap
+            rev = dq[p >> 3]
+            if rev == WRAP_REV:
+                if p == 0 or hq[_H_TAIL] > t:
+                    raise (RecordEvicted(prev + 1) if p else
+                           LogRecordCorrupt("revision log: wrap marker at the start", lo))
+                t += cap - p
+                continue
+            if cap - p < RECORD_HEADER:
+                raise LogRecordCorrupt(f"revision log: record header at {t} crosses the end",
+                                       lo)
+            v = dq[(p >> 3) + 1]
+            n = v & 0xFFFFFFFF
+            rec = (n + RECORD_HEADER + 7) & -8
+            ok = p + rec <= cap and t + rec <= head and prev < rev <= MAX_REV
+            payload = self._data[p + RECORD_HEADER:p + RECORD_HEADER + n].tobytes() if ok else b""
+            if hq[_H_TAIL] > t:  # moved while we copied: the copy may be torn
+                raise RecordEvicted(prev + 1)
+            if not ok or _crc32(payload) != v >> 32:
+                raise LogRecordCorrupt(f"revision log: bad record at {t} (revision {rev}, "
+                                       f"length {n})", max(prev + 1, lo))
+            if rev > hi:
+                if prev < hi:
+                    raise LogRecordCorrupt(f"revision log: no record of revision {hi}", hi)
+                return
+            yield rev, payload
+            prev = rev
+            if rev == hi:
+                return
+            t += rec
+
+
+__all__ = ["REVLOG_HEADER", "RecordEvicted", "RevLog", "RevLogReader", "revlog_bytes"]

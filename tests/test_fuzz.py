@@ -27,6 +27,11 @@ from shmwatch.wire.events import decode_watch_response, encode_event, encode_wat
 from shmwatch.wire.ops import DeleteOp, PutOp, RangeOp, TxnOp
 from shmwatch.wire.protocol import (
     OP_ARENA,
+    OP_LEASE_GRANT,
+    OP_LEASE_KEEPALIVE,
+    OP_LEASE_LEASES,
+    OP_LEASE_REVOKE,
+    OP_LEASE_TTL,
     OP_BYE,
     OP_COMPACT,
     OP_KV,
@@ -466,9 +471,10 @@ def check_still_serving(other: clientlib.Client, n: int) -> None:
 
 
 # A request: [op, req_id, *args] with arbitrary args. req_ids never collide with the
-# client's own (which count up from 1); OP_BYE (leave) and OP_ARENA (8 MB of /dev/shm
-# per call) are left out: they are legitimate, not garbage.
+# client's own (which count up from 1); OP_BYE (leave), OP_ARENA (8 MB of /dev/shm
+# per call) and OP_LEASE_GRANT are left out (`leaves_the_client`): legitimate, not garbage.
 ops = st.sampled_from([OP_KV, OP_COMPACT, OP_WATCH_CREATE, OP_WATCH_CANCEL, OP_PROGRESS,
+                       OP_LEASE_REVOKE, OP_LEASE_KEEPALIVE, OP_LEASE_TTL, OP_LEASE_LEASES,
                        0, 99, -1, 2**40]) | leaf
 rids = st.integers(-(2**63), -1) | st.just(0) | st.integers(2**50, 2**64 - 1) | leaf
 request_like = st.one_of(
@@ -509,13 +515,16 @@ def model_apply(model: MVCCStore, payload: bytes) -> None:
 
 def leaves_the_client(payload: bytes) -> bool:
     """A request that legitimately ends or grows the client (OP_BYE leaves, OP_ARENA
-    creates 8 MB of /dev/shm): not garbage, left out."""
+    creates 8 MB of /dev/shm), or grants a lease (whose TTL then runs on the broker's
+    clock and deletes keys the model knows nothing of): not garbage, left out. Other
+    lease requests stay in: with no lease granted they change nothing."""
     try:
         msg = unpackb(payload)
     except ProtocolError:
         return False
     return (isinstance(msg, list) and len(msg) >= 2 and isinstance(msg[1], int)
-            and not isinstance(msg[0], (list, dict)) and msg[0] in (OP_BYE, OP_ARENA))
+            and not isinstance(msg[0], (list, dict))
+            and msg[0] in (OP_BYE, OP_ARENA, OP_LEASE_GRANT))
 
 
 EVERY_KEY = RangeOp(b"\0", b"\0")

@@ -19,9 +19,9 @@ from .protocol import (
     _EV_TYPES,
     NIL,
     W_CANCELED,
+    W_CATCHUP,
     W_CREATED,
     W_PROGRESS,
-    W_PROGRESS_NOTIFY,
     decode_kv,
     packb,
     unpackb,
@@ -37,16 +37,46 @@ def _event(x) -> Event:
     return Event(x[0], decode_kv(x[1]), decode_kv(x[2]))
 
 
-def decode_watch_response(data: bytes, watch_id: int) -> tuple[int, WatchResponse]:
-    """(kind, WatchResponse) from a watcher-ring record."""
+class CatchUp(NamedTuple):
+    """A catch-up the watcher makes itself (a W_CATCHUP message): its events of
+    revisions lo..hi, read from the revision log starting at absolute position `pos`,
+    in responses whose header revision is `hi`; `compact_rev` is the compaction point
+    when the broker sent it (etcd's rule for that revision's events). A response holds
+    at most `max_revs` revisions and `max_bytes` of encoded events, and a watcher that
+    asked for fragments gets them above `fragment_limit` (the broker's own limits)."""
+
+    lo: int
+    hi: int
+    compact_rev: int
+    pos: int
+    max_revs: int
+    max_bytes: int
+    fragment_limit: int
+
+
+def encode_watch_catchup(cu: CatchUp) -> bytes:
+    """The broker hands a watcher its catch-up (see `CatchUp`)."""
+    return packb([W_CATCHUP, cu.hi, cu.compact_rev, "", False,
+                  [cu.lo, cu.pos, cu.max_revs, cu.max_bytes, cu.fragment_limit]])
+
+
+def decode_watch_response(data: bytes, watch_id: int) -> tuple[int, WatchResponse | CatchUp]:
+    """(kind, WatchResponse) from a watcher-ring record; (W_CATCHUP, CatchUp) for a
+    catch-up the watcher makes itself."""
     msg = unpackb(data)
     try:
         kind, rev, compact_rev, reason, fragment, events = msg
-        if (type(kind) is not int or not 0 <= kind <= W_PROGRESS_NOTIFY
+        if (type(kind) is not int or not 0 <= kind <= W_CATCHUP
                 or type(rev) is not int or type(compact_rev) is not int
                 or type(reason) is not str or type(fragment) is not bool
                 or type(events) is not list):
             raise TypeError
+        if kind == W_CATCHUP:
+            lo, pos, max_revs, max_bytes, fragment_limit = events
+            if (any(type(x) is not int for x in events) or not 0 < lo <= rev or pos < 0
+                    or max_revs < 1 or max_bytes < 1 or fragment_limit < 1):
+                raise TypeError
+            return kind, CatchUp(lo, rev, compact_rev, pos, max_revs, max_bytes, fragment_limit)
         evs = [_event(e) for e in events]
     except (TypeError, ValueError):
         raise ProtocolError("shmwatch: malformed watch response") from None
@@ -135,18 +165,42 @@ def read_log_record(payload: bytes, rev: int) -> list[LoggedEvent]:
     one. The log is in shared memory, which anyone of the same user can write (a valid
     CRC proves nothing then), and watchers get these bytes as they are: each event is
     decoded once here and checked to be exactly what its pieces claim. O(size)."""
+    return [logged for logged, _ev in read_log_events(payload, rev)]
+
+
+def read_log_events(payload: bytes, rev: int) -> list[tuple[LoggedEvent, Event]]:
+    """`read_log_record`, each event with its decoded `Event` too (what a watcher that
+    catches up itself delivers). ProtocolError if the record is not one of ours."""
     try:
-        out = [LoggedEvent(*e) for e in msgpack.unpackb(payload, raw=False, use_list=False)]
-        if not out:
-            raise ValueError("no events")
-        for e in out:
+        out = []
+        for e in msgpack.unpackb(payload, raw=False, use_list=False):
+            e = LoggedEvent(*e)
             if type(e.head) is not bytes or type(e.prev) is not bytes:
                 raise TypeError("pieces are not bytes")
             t, kv, prev = msgpack.unpackb(e.head + e.prev, raw=False, use_list=False)
             kv, prev = decode_kv(kv), decode_kv(prev)
             if t != e.type or t not in _EV_TYPES or kv.key != e.key or kv.mod_revision != rev:
                 raise ValueError("event does not match its record")
+            out.append((e, Event(t, kv, prev)))
+        if not out:
+            raise ValueError("no events")
     except (ProtocolError, ValueError, TypeError, msgpack.UnpackException) as exc:
         raise ProtocolError(f"shmwatch: malformed revision-log record for revision {rev}: "
                             f"{exc}") from None
     return out
+
+
+def kept_at_compact_rev(events: Sequence[LoggedEvent]) -> list[int]:
+    """Which of a revision's events etcd 3.4 still delivers once it is the compaction
+    revision (broker.mvcc.events_at_compact_rev is the same rule on Event objects):
+    only the PUTs that are still the newest change of their key in that revision, and
+    (the caller's part) without prev_kv, which etcd looks up below the compaction and
+    fails to find. Their indices, in order. O(len)."""
+    last = {e.key: i for i, e in enumerate(events)}
+    return [i for i, e in enumerate(events) if e.type == "PUT" and last[e.key] == i]
+
+
+def at_compact_rev(events: list[LoggedEvent]) -> list[LoggedEvent]:
+    """The events of the compaction revision as a watch still gets them (see
+    `kept_at_compact_rev`), without prev_kv."""
+    return [events[i]._replace(prev=NIL) for i in kept_at_compact_rev(events)]

@@ -73,6 +73,7 @@ W_CREATED = 1
 W_CANCELED = 2
 W_PROGRESS = 3  # answer to a progress request: watch_id -1 (etcd 3.4)
 W_PROGRESS_NOTIFY = 4  # periodic progress_notify: the watcher's own id
+W_CATCHUP = 5  # not a response: the watcher catches up itself from the revision log
 
 # A watcher ring's consumer tells the broker it has room again (the space hint) once
 # this fraction of the ring is free; the broker resumes a victim at the same point.
