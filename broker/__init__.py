@@ -85,7 +85,12 @@ def spawn(name: str | None = None, *, timeout: float = 15.0, detach: bool = Fals
     name = name or unique_name()
     args = [sys.executable, "-m", "broker", "--name", name]
     for key, value in options.items():
-        text = format(value, "o") if key == "mode" and isinstance(value, int) else str(value)
+        if key == "mode" and isinstance(value, int):
+            text = format(value, "o")
+        elif isinstance(value, (list, tuple)):  # upstream=[url, ...]
+            text = ",".join(map(str, value))
+        else:
+            text = str(value)
         args += ["--" + key.replace("_", "-"), text]
     r, w = os.pipe()
     args += ["--ready-fd", str(w)]

@@ -101,6 +101,16 @@ def add_broker_options(p: argparse.ArgumentParser) -> None:
                    help="who replays a watcher's history from the revision log: the "
                         "watcher itself, in its own process (client, the default), or the "
                         "broker (as before)")
+    p.add_argument("--upstream", metavar="URLS", default=None,
+                   help="mirror this etcd cluster (client URLs, comma-separated; needs "
+                        "pip install shmwatch[etcd])")
+    p.add_argument("--upstream-prefix", metavar="PREFIX", default="",
+                   help="mirror only the keys under this prefix")
+    p.add_argument("--upstream-timeout", type=float, default=d["upstream_timeout"],
+                   help="seconds a request forwarded to etcd may take")
+    p.add_argument("--consistency", choices=("l", "s"), default=d["consistency"],
+                   help="reads of a mirroring broker: l (linearizable, etcd's default) "
+                        "or s (serializable: the mirror as it is)")
     p.add_argument("--detach", action="store_true",
                    help="run in the background: print the ready line once clients can "
                         "connect, then return (stop the broker with kill PID)")
@@ -125,6 +135,8 @@ def config_from_args(a: argparse.Namespace) -> BrokerConfig:
         max_watchers_per_client=a.max_watchers_per_client,
         min_lease_ttl=a.min_lease_ttl, max_leases=a.max_leases,
         client_catch_up=a.catch_up == "client",
+        upstream=a.upstream, upstream_prefix=a.upstream_prefix,
+        upstream_timeout=a.upstream_timeout, consistency=a.consistency,
         **sizes,
     )
 

@@ -50,6 +50,11 @@ class BrokerConfig:
     max_leases: int = 100_000  # leases that may exist at once
     client_catch_up: bool = True  # watchers catch up from the shared log themselves
     shm_budget: int | None = None  # assume /dev/shm has this much free (None: measure)
+    # Mirror a real etcd cluster (README, "Beyond one host"; needs the extra `etcd`):
+    upstream: str | None = None  # etcd client URLs, comma-separated
+    upstream_prefix: str = ""  # mirror only the keys under this prefix
+    upstream_timeout: float = 5.0  # seconds a forwarded request may take (then an error)
+    consistency: str = "l"  # reads: l = linearizable (etcd's default), s = serializable
     sizing: Sizing = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -78,6 +83,15 @@ class BrokerConfig:
                 grp.getgrnam(self.group)
             except KeyError:
                 raise ValueError(f"--group: no group named {self.group!r}") from None
+        if isinstance(self.upstream, (list, tuple)):
+            self.upstream = ",".join(self.upstream)
+        if self.upstream and self.data_dir:
+            raise ValueError("--data-dir and --upstream: a mirroring broker keeps nothing "
+                             "on disk (etcd is the store)")
+        if self.consistency not in ("l", "s"):
+            raise ValueError(f"--consistency must be l or s (etcd's), got {self.consistency!r}")
+        if not 0 < self.upstream_timeout < float("inf"):
+            raise ValueError(f"--upstream-timeout must be positive, got {self.upstream_timeout}")
         if self.shm_budget is not None and self.shm_budget < 0:
             raise ValueError(f"--shm-budget must be a size, got {self.shm_budget}")
         free, source = budget(self.shm_budget)

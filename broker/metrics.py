@@ -65,6 +65,7 @@ def snapshot(b) -> dict:
         "catchups_delegated": core.catchups_delegated,
         "compactions": core.compactions,
         "log_damage": b.log_damage,
+        "upstream": b.mirror.figures() if b.mirror is not None else None,
         "leases": {"total": len(lessor), "bound": lessor.bound_count(),
                    "expiring_soon": lessor.expiring_within(time.monotonic(), EXPIRING_SOON_S),
                    "expired": lessor.expired_total},

@@ -148,6 +148,15 @@ class Broker:
         self.bell = self.registry.bell
         self.history = History(self.registry.log)
         self.stats = StatsWriter(self.registry.statseg)
+        self.mirror = None  # broker.mirror.Mirror when it mirrors an etcd cluster
+        if cfg.upstream:
+            from .mirror import start_mirror  # the optional extra `etcd`: only here
+            try:
+                self.mirror = start_mirror(self)
+            except BaseException:
+                self.stats.release()
+                self.registry.unlink_all()
+                raise
         if self.wal is not None:
             try:
                 recover(self, snap, records)
@@ -168,6 +177,8 @@ class Broker:
         if self._closed:
             return
         self._closed = True
+        if self.mirror is not None:
+            self.mirror.close()
         try:
             self._commit_batch()
         except Exception:  # noqa: BLE001 - shutting down: log it, unlink anyway
@@ -213,6 +224,8 @@ class Broker:
         if hint:
             words[L.CTL_SPACE_HINT] = 0
         worked = self._drain_requests()
+        if self.mirror is not None and self.mirror.pump(now):
+            worked = True
         deadline = self.lessor.next_deadline()
         if deadline is not None and now >= deadline and self._expire(now):
             worked = True
@@ -253,6 +266,8 @@ class Broker:
     def _has_work(self) -> bool:
         if self.registry.registrations() or self.words[L.CTL_SPACE_HINT] or self._stopping:
             return True
+        if self.mirror is not None and self.mirror.has_work():
+            return True
         for c in self.registry.clients.values():
             if c.req.readable():
                 return True
@@ -277,6 +292,8 @@ class Broker:
         if not self._closed:
             for lease_id in self.lessor.owned_by(c):
                 self._revoke(lease_id)
+            if self.mirror is not None:
+                self.mirror.client_gone(c)
         self.core.drop_stream(c.stream)
         self.registry.reclaim(c)
 
@@ -288,6 +305,8 @@ class Broker:
             if c.replies.pending and not self._flush_replies(c):
                 continue
             for _ in range(REQUESTS_PER_CLIENT_PASS):
+                if self.mirror is not None and self.mirror.saturated():
+                    break  # etcd has enough of our requests: the rest wait in the rings
                 if self._reply_bytes(c) >= c.replies.sink.capacity:
                     # Its replies already fill its response ring: it is not reading
                     # them. Leave its requests in its ring (backpressure) rather than
@@ -379,6 +398,8 @@ class Broker:
                 req_id = getattr(exc, "req_id", 0)
                 raise
             req_id = req.req_id
+            if self.mirror is not None and self.mirror.take(c, req):
+                return True  # etcd answers; the reply waits for the mirror to have it
             if type(req) is KvRequest:
                 self._reply(c, self._kv(req))
                 return True

@@ -94,6 +94,7 @@ TRANSITIONS: dict[tuple[State, str], State] = {
     (S.NEW, "created_past"): S.UNSYNCED,
     (S.SYNCED, "ring_full"): S.VICTIM,
     (S.SYNCED, "cancel"): S.CANCELING,
+    (S.SYNCED, "behind"): S.UNSYNCED,  # a mirror lost revisions it had not delivered
     (S.VICTIM, "room_behind"): S.UNSYNCED,
     (S.VICTIM, "room_current"): S.SYNCED,
     (S.VICTIM, "cancel"): S.CANCELING,
@@ -399,6 +400,22 @@ class WatchCore:
     def compact(self, rev: int) -> None:
         """The compaction point moved to `rev` (a compaction, or the log wrapped)."""
         self.compact_rev = max(self.compact_rev, rev)
+
+    def cancel_behind(self, rev: int) -> None:
+        """A mirroring broker's etcd compacted revisions (< `rev`) the broker never
+        received: every synced or unsynced watcher that still needs one is cancelled
+        with etcd's compaction revision, as a direct etcd watch from there would be.
+        (Victims meet the compaction point when they resume.)"""
+        for w in list(self.synced):
+            w.min_rev = self.cur_rev + 1
+            self._move(w, "behind")
+        for w in list(self.unsynced):
+            if w.min_rev < rev:
+                self.compactions += 1
+                self._move(w, "compacted")
+                self._write(w, encode_watch_control(W_CANCELED, 0, rev))
+                if not w.out.pending:
+                    self._move(w, "delivered")
 
     # ------------------------------------------------------------ live events
 

@@ -242,6 +242,16 @@ class WatchClosed(ShmwatchError):
     default_message = "shmwatch: watch closed"
 
 
+class UpstreamUnavailable(Timeout):
+    """A mirroring broker could not get an answer from its etcd cluster in time (every
+    endpoint down, or no leader): the request was not acknowledged. A write may or may
+    not have been applied by etcd; read the key to find out (as with etcd's own
+    "context deadline exceeded")."""
+
+    code = 34
+    default_message = "shmwatch: etcd upstream unavailable"
+
+
 ERRORS_BY_CODE: dict[int, type[ShmwatchError]] = {
     cls.code: cls
     for cls in (
@@ -272,6 +282,7 @@ ERRORS_BY_CODE: dict[int, type[ShmwatchError]] = {
         LeaseProvidedError,
         LeaseTTLTooLargeError,
         TooManyLeasesError,
+        UpstreamUnavailable,
     )
 }
 
