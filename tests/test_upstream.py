@@ -1,0 +1,112 @@
+"""A mirroring broker against a real 3-member etcd cluster (README, "Beyond one host"):
+two brokers (two names standing in for two hosts), writers on both and etcdctl writing
+directly; every local watcher's stream equals a direct etcd watch's, revision by
+revision. Plus reads (serializable / linearizable), history before the mirror, leases."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+import broker
+import clientlib
+from shmwatch.wire import errors as E
+from tests.etcd_cluster import etcd_cluster  # noqa: F401  (fixture)
+from tests.upstream_support import (
+    assert_acked_in,
+    assert_same_stream,
+    collect,
+    direct_events,
+    etcdctl,
+    gateway,
+    needs_upstream,
+)
+
+pytestmark = needs_upstream
+
+
+def test_two_mirrors_equal_a_direct_watch(etcd_cluster):
+    eps = etcd_cluster.endpoints
+    etcdctl(eps[0], "put", "/m/before", "x")
+    with broker.spawn(upstream=eps) as a, broker.spawn(upstream=eps[::-1]) as b, \
+            clientlib.connect(a.name) as ca, clientlib.connect(b.name) as cb:
+        start = ca.get("/m/before").revision + 1
+        assert cb.get("/m/before").kvs[0].value == b"x"  # the initial load
+        wa = ca.watch("/m/", prefix=True, prev_kv=True, start_revision=start)
+        wb = cb.watch("/m/", prefix=True, prev_kv=True, start_revision=start)
+        acked = []
+        for i in range(12):
+            r = ca.put(f"/m/a{i % 3}", f"a{i}")
+            acked.append((f"/m/a{i % 3}".encode(), f"a{i}".encode(), r.revision))
+            # read-your-writes on the writer's broker
+            assert ca.get(f"/m/a{i % 3}").kvs[0].mod_revision == r.revision
+            r = cb.put(f"/m/b{i % 2}", f"b{i}", prev_kv=True)
+            acked.append((f"/m/b{i % 2}".encode(), f"b{i}".encode(), r.revision))
+            if i % 4 == 0:
+                etcdctl(eps[i % 3], "put", f"/m/e{i}", "direct")
+            if i % 5 == 4:
+                ca.delete("/m/a", prefix=True)
+                cb.txn(success=[clientlib.op_put("/m/t1", "1"), clientlib.op_put("/m/t2", "2")])
+        etcdctl(eps[1], "del", "--prefix", "/m/e")
+        end = cb.put("/m/end", "1").revision
+        local_a, local_b = collect(wa, end), collect(wb, end)
+        direct = direct_events(eps[2], "/m/", start, end)
+        n = assert_same_stream(local_a, direct)
+        assert assert_same_stream(local_b, direct) == n
+        assert n == 33  # 24 puts, 3 etcdctl puts, 2 deletes, 2 txns, 1 etcdctl del, the end
+        assert assert_acked_in(acked, local_a) == 24
+        # the mirror's state is etcd's
+        with gateway(eps[0]) as g:
+            want = g.get("/m/", prefix=True)
+        assert ca.get("/m/", prefix=True).kvs == want.kvs
+        assert cb.get("/m/", prefix=True).kvs == want.kvs
+
+
+def test_reads_and_history_before_the_mirror(etcd_cluster):
+    eps = etcd_cluster.endpoints
+    etcdctl(eps[0], "put", "/h/k", "v1")
+    etcdctl(eps[0], "put", "/h/k", "v2")
+    with broker.spawn(upstream=eps) as b, clientlib.connect(b.name) as c:
+        now = c.get("/h/k")
+        assert now.kvs[0].value == b"v2"
+        # a read below the mirror's start is etcd's
+        old = c.get("/h/k", revision=now.revision - 1)
+        assert old.kvs[0].value == b"v1"
+        # linearizable (etcd's default): a direct write is seen by the next read
+        etcdctl(eps[1], "put", "/h/k", "v3")
+        assert c.get("/h/k").kvs[0].value == b"v3"
+        # compaction is etcd's: forwarded, and older reads then fail as etcd's do
+        rev = c.put("/h/k", "v4").revision
+        c.compact(rev)
+        with pytest.raises(E.CompactedError):
+            c.get("/h/k", revision=rev - 1)
+        with gateway(eps[2]) as g, pytest.raises(E.CompactedError):
+            g.get("/h/k", revision=rev - 1)
+
+
+def test_serializable_reads_serve_the_mirror(etcd_cluster):
+    eps = etcd_cluster.endpoints
+    with broker.spawn(upstream=eps, consistency="s") as b, clientlib.connect(b.name) as c:
+        r = c.put("/s/k", "1")
+        got = c.get("/s/k")
+        assert got.kvs[0].mod_revision == r.revision  # own writes are there at once
+        assert got.revision >= r.revision
+
+
+def test_bound_lease_is_revoked_upstream_when_its_process_dies(etcd_cluster):
+    eps = etcd_cluster.endpoints
+    with broker.spawn(upstream=eps) as b:
+        c = clientlib.connect(b.name)
+        lease = c.lease_grant(2, bound=True)
+        c.put("/l/k", "v", lease=lease.id)
+        with gateway(eps[1]) as g:
+            assert g.lease_time_to_live(lease.id).ttl > 0
+            time.sleep(3)  # longer than its TTL: the broker keeps it alive upstream
+            assert g.get("/l/k").kvs, "a bound lease expired while its process lived"
+            c.close()  # the process's connection ends: revoked upstream at once
+            deadline = time.monotonic() + 5
+            while g.get("/l/k").kvs and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert not g.get("/l/k").kvs
+            assert g.lease_time_to_live(lease.id).ttl == -1
