@@ -10,6 +10,7 @@ import pytest
 
 import broker
 import clientlib
+from tests.etcd_cluster import etcd_cluster  # noqa: F401  (fixture: a 3-member etcd cluster)
 
 
 def _shm_entries() -> list[str]:

@@ -12,7 +12,6 @@ import pytest
 import broker
 import clientlib
 from shmwatch.wire import errors as E
-from tests.etcd_cluster import etcd_cluster  # noqa: F401  (fixture)
 from tests.upstream_support import (
     assert_acked_in,
     assert_same_stream,
