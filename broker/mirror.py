@@ -50,6 +50,7 @@ from .upstream_calls import forward_call, keep_alive_once
 
 log = logging.getLogger("shmwatch.broker.mirror")
 
+CONFIRM_WAIT_S = 0.05  # a linearizable read waits this long for the mirror, then asks etcd
 MAX_INFLIGHT = 1024  # forwarded requests at once (the rest wait in the request rings)
 GAP = ()  # the change-log entry of an etcd revision that touched nothing mirrored
 
@@ -174,6 +175,9 @@ class Mirror:
         store = b.mvcc
         if kind == "rev":
             _, rev, events = item
+            if rev <= store.rev:  # never expected: the watch resumes at rev + 1
+                log.error("etcd sent revision %d again (mirror at %d): ignored", rev, store.rev)
+                return
             store.apply_revision(rev, events)
             b._commit(rev, events)
             self.applied = rev
@@ -203,6 +207,11 @@ class Mirror:
         the mirror's history begins there (older reads go to etcd)."""
         b = self.b
         b._commit_batch()
+        if self.loaded:
+            # Watchers created while the mirror waited for its reload are behind it:
+            # the revisions up to `rev` never came as events (no silent skip).
+            b.core.cancel_behind(rev + 1, rev)
+            b._settle()
         b.mvcc.load(rev, kvs)
         b.history.truncate(rev + 1)
         b.core.compact(rev)
@@ -257,8 +266,10 @@ class Mirror:
             return
         rev, resp = result
         if what[0] == "confirm":
-            self._hold(rev, c, ("local", what[1]))
+            self._hold(rev, c, ("local", what[1]), CONFIRM_WAIT_S)
             return
+        if what[0] == "kv" and not self._touches(what[1], resp):
+            rev = 0  # etcd changed nothing mirrored: no revision of ours to wait for
         if what[0] == "compact":
             self._compact_local(what[1])
         if what[0] == "grant" and what[3]:
@@ -267,21 +278,63 @@ class Mirror:
             self._bound.pop(what[2], None)
         self._hold(rev, c, encode_reply(req_id, encode_response(resp)))
 
-    def _hold(self, rev: int, c, data) -> None:
+    def _hold(self, rev: int, c, data, wait: float | None = None) -> None:
+        """Send `data` once the mirror applied `rev`. After `wait` (default: the upstream
+        timeout) a linearizable read is asked of etcd itself, a reply is sent as it is
+        (the mirror lags: logged)."""
         if rev <= self.applied:
             self._send(c, data)
             return
-        heapq.heappush(self._held, (rev, next(self._seq), c, data))
-        self.up.want_progress()
+        wait = self.up.timeout if wait is None else wait
+        heapq.heappush(self._held, (rev, next(self._seq), c, data, time.monotonic() + wait))
 
     def _release(self) -> bool:
         held = self._held
         sent = False
         while held and held[0][0] <= self.applied:
-            _, _, c, data = heapq.heappop(held)
+            c, data = heapq.heappop(held)[2:4]
             self._send(c, data)
             sent = True
+        now = time.monotonic()
+        late = [h for h in held if h[4] <= now]
+        if late:
+            self._held = [h for h in held if h[4] > now]
+            heapq.heapify(self._held)
+            for rev, _, c, data, _ in late:
+                if type(data) is tuple:  # etcd reads it for us, linearizably
+                    req = data[1]
+                    self._forward(c, req.req_id, ("kv", req.op))
+                else:
+                    log.warning("mirror still below revision %d after %g s (at %d): "
+                                "replying anyway", rev, self.up.timeout, self.applied)
+                    self._send(c, data)
+                    sent = True
         return sent
+
+    def _in_mirror(self, key: bytes, end: bytes | None) -> bool:
+        """Whether [key, end) meets the mirrored range."""
+        lo, hi = self.up.prefix, self.up.range_end
+        if not lo:
+            return True
+        if end is None:
+            return key >= lo and (hi == b"\0" or key < hi)
+        return (end == b"\0" or end > lo) and (hi == b"\0" or key < hi)
+
+    def _touches(self, op, resp) -> bool:
+        """Whether a forwarded write changed a mirrored key (then its revision will
+        come through the watch; else there is nothing to wait for)."""
+        if not self.up.prefix:
+            return True
+        t = type(op)
+        if t is PutOp:
+            return self._in_mirror(op.key, None)
+        if t is DeleteOp:
+            return self._in_mirror(op.key, op.range_end) and bool(
+                self.b.mvcc._live_keys_in(op.key, op.range_end))
+        if t is TxnOp:
+            branch = op.success if resp.succeeded else op.failure
+            return any(self._touches(o, r) for o, r in zip(branch, resp.responses))
+        return False
 
     def _send(self, c, data) -> None:
         if type(data) is tuple:  # a linearizable read: etcd's revision is here now

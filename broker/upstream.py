@@ -122,7 +122,6 @@ class Upstream:
         self._channels: dict[str, grpc.Channel] = {}
         self._lock = threading.Lock()
         self._stopping = threading.Event()
-        self._progress = threading.Event()  # a progress request is wanted
         self._pool = ThreadPoolExecutor(CALL_THREADS, thread_name_prefix="etcd-call")
         self._thread = threading.Thread(target=self._watch_loop, name="etcd-watch", daemon=True)
 
@@ -198,11 +197,6 @@ class Upstream:
         self.etcd_rev = max(self.etcd_rev, rev)
         return rev
 
-    def want_progress(self) -> None:
-        """Ask the watch stream for a progress notification (the mirror waits for a
-        revision that touched nothing it mirrors)."""
-        self._progress.set()
-
     # ------------------------------------------------------------ the watch thread
 
     def _hand(self, item) -> bool:
@@ -219,14 +213,17 @@ class Upstream:
     def _watch_loop(self) -> None:
         n = len(self.endpoints)
         i = 0
+        failing = 0  # endpoints failed in a row (logged once per round)
         while not self._stopping.is_set():
             target = self.endpoints[i % n]
             try:
                 self._session(target)
+                failing = 0
             except grpc.RpcError as exc:
-                if not self._stopping.is_set():
-                    log.warning("etcd watch on %s failed (%s): trying the next endpoint",
-                                target, exc.code())
+                if not self._stopping.is_set() and failing % n == 0:
+                    log.warning("etcd watch on %s failed (%s): trying the next endpoint%s",
+                                target, exc.code(), "s" if failing else "")
+                failing += 1
             except Exception:  # noqa: BLE001 - keep mirroring; a bug is logged
                 log.exception("etcd watch session on %s failed", target)
             self.connected = None
@@ -253,11 +250,12 @@ class Upstream:
             self.next_rev = rev + 1
 
     def _requests(self, create, stream_done: threading.Event):
+        # No progress requests: etcd 3.4 answers one at once with its current revision
+        # even while this watch is still catching up (watch id -1), which would let the
+        # mirror skip revisions. Only a watch's own progress notifications are trusted.
         yield create
         while not (self._stopping.is_set() or stream_done.is_set()):
-            if self._progress.wait(0.1):
-                self._progress.clear()
-                yield etcdrpc.WatchRequest(progress_request=etcdrpc.WatchProgressRequest())
+            stream_done.wait(0.2)
 
     def _session(self, target: str) -> None:
         """One watch stream on one endpoint, until it fails or the session stops."""
@@ -295,6 +293,8 @@ class Upstream:
         if resp.created:
             return True
         if not resp.events:
+            if resp.watch_id == -1:  # a stream-wide progress answer: see _requests
+                return True
             return self._hand(("progress", resp.header.revision))
         batch: list = []
         rev = 0

@@ -401,11 +401,13 @@ class WatchCore:
         """The compaction point moved to `rev` (a compaction, or the log wrapped)."""
         self.compact_rev = max(self.compact_rev, rev)
 
-    def cancel_behind(self, rev: int) -> None:
-        """A mirroring broker's etcd compacted revisions (< `rev`) the broker never
-        received: every synced or unsynced watcher that still needs one is cancelled
-        with etcd's compaction revision, as a direct etcd watch from there would be.
-        (Victims meet the compaction point when they resume.)"""
+    def cancel_behind(self, rev: int, compact_rev: int | None = None) -> None:
+        """A mirroring broker lost revisions (< `rev`) it never delivered (etcd compacted
+        them, or it reloaded): every synced or unsynced watcher that still needs one is
+        cancelled with `compact_rev` (default `rev`: etcd's compaction revision), as a
+        direct etcd watch from there would be. (Victims meet the compaction point when
+        they resume.)"""
+        compact_rev = rev if compact_rev is None else compact_rev
         for w in list(self.synced):
             w.min_rev = self.cur_rev + 1
             self._move(w, "behind")
@@ -413,7 +415,7 @@ class WatchCore:
             if w.min_rev < rev:
                 self.compactions += 1
                 self._move(w, "compacted")
-                self._write(w, encode_watch_control(W_CANCELED, 0, rev))
+                self._write(w, encode_watch_control(W_CANCELED, 0, compact_rev))
                 if not w.out.pending:
                     self._move(w, "delivered")
 

@@ -93,12 +93,12 @@ class Writer(threading.Thread):
         self.broker_name, self.prefix, self.timeout, self.pause = name, prefix, timeout, pause
         self.acked: list[tuple[bytes, bytes, int]] = []
         self.errors: list[Exception] = []
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def run(self) -> None:
         with clientlib.connect(self.broker_name, timeout=self.timeout) as c:
             i = 0
-            while not self._stop.is_set():
+            while not self._halt.is_set():
                 key, value = f"{self.prefix}w{i % 50}".encode(), str(i).encode()
                 try:
                     r = c.put(key, value)
@@ -109,7 +109,7 @@ class Writer(threading.Thread):
                 time.sleep(self.pause)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
         self.join(timeout=30)
 
 
