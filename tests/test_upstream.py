@@ -109,3 +109,42 @@ def test_bound_lease_is_revoked_upstream_when_its_process_dies(etcd_cluster):
                 time.sleep(0.05)
             assert not g.get("/l/k").kvs
             assert g.lease_time_to_live(lease.id).ttl == -1
+
+
+def test_status_shows_the_upstream(etcd_cluster):
+    import json
+    import subprocess
+    import sys
+
+    eps = etcd_cluster.endpoints
+    with broker.spawn(upstream=eps) as b, clientlib.connect(b.name) as c:
+        rev = c.put("/st/k", "v").revision
+        deadline = time.monotonic() + 5
+        while True:  # stats are published ~5 times a second
+            out = subprocess.run([sys.executable, "-m", "shmwatch.tools.cli", "status", "--name",
+                                  b.name, "-w", "json"], capture_output=True, text=True, timeout=30)
+            up = json.loads(out.stdout)[0]["Status"].get("upstream") or {}
+            if up.get("mirror_revision", 0) >= rev or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert up["endpoints"] == eps
+        assert up["connected"] == eps[0]
+        assert up["mirror_revision"] >= rev and up["lag"] == 0
+        simple = subprocess.run([sys.executable, "-m", "shmwatch.tools.cli", "status", "--name",
+                                 b.name], capture_output=True, text=True, timeout=30).stdout
+        assert f"upstream: {','.join(eps)}, connected {eps[0]}" in simple
+
+
+def test_stress_verifies_a_mirroring_broker(etcd_cluster):
+    """tools/stress's standard verification through a broker mirroring the cluster
+    (small watch rings: etcd's write rate here is ~100/s, and the stalled watchers must
+    still become victims and meet a compaction)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "shmwatch.tools.stress", "--upstream",
+         ",".join(etcd_cluster.endpoints), "--duration", "6", "--watch-ring-bytes", "4k",
+         "--quiet"], capture_output=True, text=True, timeout=110)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    assert "PASSED" in out.stdout and "exercised: victims" in out.stdout

@@ -438,7 +438,15 @@ def broker_status(name: str) -> dict:
             "revision": info["revision"], "compact_revision": info["compact_revision"],
             "log_used": log["used"], "log_capacity": log["capacity"],
             "log_revisions": log["count"], "clients": info["clients"],
-            "watchers": stats["watchers"]["total"], "db_size": _shm_bytes(name)}
+            "watchers": stats["watchers"]["total"], "db_size": _shm_bytes(name),
+            "upstream": stats.get("upstream")}
+
+
+def upstream_line(up: dict) -> str:
+    """A mirroring broker's etcd, one line (status's simple and table output)."""
+    return (f"upstream: {','.join(up['endpoints'])}, connected {up['connected'] or 'to no member'}, "
+            f"mirror revision {up['mirror_revision']}, etcd revision {up['etcd_revision']}, "
+            f"lag {up['lag']}, failovers {up['failovers']}\n")
 
 
 def status_row(s: dict) -> list[str]:
@@ -455,7 +463,7 @@ def status_json(s: dict) -> list:
               "dbSize": s["db_size"], "pid": s["pid"], "compactRevision": s["compact_revision"],
               "logUsed": s["log_used"], "logCapacity": s["log_capacity"],
               "logRevisions": s["log_revisions"], "clients": s["clients"],
-              "watchers": s["watchers"]}
+              "watchers": s["watchers"], "upstream": s.get("upstream") or {}}
     return [{"Endpoint": s["name"],
              "Status": {k: v for k, v in fields.items() if v not in (0, "", {})}}]
 
@@ -478,6 +486,8 @@ def cmd_status(argv: list[str]) -> int:
         data = table_bytes(STATUS_HEADER, [status_row(s)])
     else:
         data = (", ".join(status_row(s)) + "\n").encode()
+    if s.get("upstream") and fmt != "json":
+        data += upstream_line(s["upstream"]).encode()
     sys.stdout.buffer.write(data)
     return 0
 

@@ -52,8 +52,9 @@ class Setup:
 
     def start(self) -> None:
         if not self.name:
+            extra = {"upstream": self.a.upstream} if self.a.upstream else {}
             self.handle = broker.spawn(**EMBEDDED, log_bytes=self.a.log_bytes,
-                                       watch_ring_bytes=self.a.watch_ring_bytes)
+                                       watch_ring_bytes=self.a.watch_ring_bytes, **extra)
             self.name = self.handle.name
         self.client = clientlib.connect(self.name, timeout=CONNECT_TIMEOUT_S)
         self.stats0 = self.read_stats() or {}
@@ -84,6 +85,9 @@ class Setup:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="tools/stress", description=DESCRIPTION)
     p.add_argument("--name", help="attach to this running broker instead of embedding one")
+    p.add_argument("--upstream", metavar="URLS", default=None,
+                   help="embed a broker mirroring this etcd cluster (client URLs, "
+                        "comma-separated; needs the extra `etcd`) and verify through it")
     p.add_argument("--duration", type=float, default=8.0, help="seconds of load (default 8)")
     p.add_argument("--writers", type=int, default=3, help="writer processes (default 3)")
     p.add_argument("--watchers", type=int, default=8,

@@ -37,7 +37,24 @@ def header_lines(view: dict, history: tuple, inner: int) -> list[Text]:
     lines += _rate_lines(view, gone, history, inner)
     lines += flow(_watcher_items(view, gone), SMALL_SEP, inner)
     lines += flow(_total_items(view, gone), SMALL_SEP, inner)
+    if view.get("upstream"):
+        lines += flow(upstream_items(view["upstream"]), SMALL_SEP, inner)
     return lines
+
+
+def upstream_items(up: dict) -> list[Text]:
+    """A mirroring broker's etcd: endpoints, the member its watch is on, the mirror's
+    revision against etcd's, the lag, failovers and forwarded requests."""
+    conn = up.get("connected")
+    return [
+        T(("etcd ", "dim"), (",".join(up.get("endpoints", ())), "bold")),
+        T(("on ", "dim"), (conn, "bold green") if conn else ("no member", "bold red")),
+        T(("mirror ", "dim"), (f"{up.get('mirror_revision', 0):,}", "bold cyan"),
+          (" / etcd ", "dim"), (f"{up.get('etcd_revision', 0):,}", "bold")),
+        T(("lag ", "dim"), (f"{up.get('lag', 0):,}", "bold yellow" if up.get("lag") else "bold")),
+        T(("failovers ", "dim"), f"{up.get('failovers', 0):,}"),
+        T(("forwarded ", "dim"), f"{up.get('forwarded', 0):,}"),
+    ]
 
 
 def header_panel(view: dict, lines: list[Text], *, alert: bool, paused: bool) -> Panel:
