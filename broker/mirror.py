@@ -51,7 +51,11 @@ from .upstream_calls import forward_call, keep_alive_once
 log = logging.getLogger("shmwatch.broker.mirror")
 
 CONFIRM_WAIT_S = 0.05  # a linearizable read waits this long for the mirror, then asks etcd
-MAX_INFLIGHT = 1024  # forwarded requests at once (the rest wait in the request rings)
+MAX_INFLIGHT = 1024
+# At start the mirror replays etcd's history since its compaction when it is at most
+# this many revisions (then the mirror's compaction point is etcd's, and old watches
+# and reads are answered as etcd would); a longer one starts at etcd's current revision.
+REPLAY_MAX = 100_000  # forwarded requests at once (the rest wait in the request rings)
 GAP = ()  # the change-log entry of an etcd revision that touched nothing mirrored
 
 
@@ -130,6 +134,7 @@ class Mirror:
         self.up = upstream
         self.linearizable = consistency == "l"
         self.loaded = False
+        self.head = 0  # etcd's revision when the mirror loaded (start waits for it)
         self.applied = 0  # the newest etcd revision the mirror applied
         self.inflight = 0
         self.forwarded = 0
@@ -187,6 +192,7 @@ class Mirror:
                 self._moved(item[1])
         elif kind == "load":
             self._load(item[1], item[2])
+            self.head = item[3]
         elif kind == "compacted":
             # etcd compacted history the mirror had not received: the watchers that
             # would need it are cancelled with etcd's compaction revision; the mirror
@@ -392,16 +398,18 @@ def start_mirror(broker) -> Mirror:
 
     cfg = broker.cfg
     up = Upstream(cfg.upstream, cfg.upstream_prefix.encode(), cfg.upstream_timeout,
-                  broker.bell.ring)
+                  broker.bell.ring, replay_max=REPLAY_MAX)
     mirror = Mirror(broker, up, cfg.consistency)
     up.start()
-    deadline = time.monotonic() + cfg.upstream_timeout * 2
-    while not mirror.loaded:
+    wait = cfg.upstream_timeout * 2
+    # Ready once loaded and (everything mirrored) the replayed history is applied: with a
+    # prefix, etcd's newest revision may not touch it, so only the load is awaited.
+    while not mirror.loaded or (not up.prefix and mirror.applied < mirror.head):
         try:
-            mirror._apply(up.items.get(timeout=max(0.0, deadline - time.monotonic())))
+            mirror._apply(up.items.get(timeout=wait))  # each item: more time
         except Exception as exc:  # queue.Empty: no endpoint answered in time
             up.close()
             raise BrokerStartError(
                 f"shmwatch: no etcd endpoint of --upstream {cfg.upstream} answered within "
-                f"{cfg.upstream_timeout * 2:g} s") from exc
+                f"{wait:g} s") from exc
     return mirror

@@ -106,12 +106,14 @@ class Upstream:
 
     `wake()` is called (from any thread) when an item or a finished call is waiting."""
 
-    def __init__(self, endpoints, prefix: bytes, timeout: float, wake: Callable[[], None]):
+    def __init__(self, endpoints, prefix: bytes, timeout: float, wake: Callable[[], None],
+                 replay_max: int = 0):
         self.endpoints = parse_endpoints(endpoints)
         self.prefix = prefix
         self.range_end = prefix_end(prefix)
         self.timeout = timeout
         self.wake = wake
+        self.replay_max = replay_max  # revisions of etcd's history the mirror replays
         self.items: queue.Queue = queue.Queue(maxsize=ITEMS_MAX)
         self.done: queue.SimpleQueue = queue.SimpleQueue()
         self.next_rev = 0  # the next etcd revision the watch thread asks for (0: load)
@@ -231,10 +233,37 @@ class Upstream:
             self.failovers += 1
             self._stopping.wait(RETRY_S)
 
+    def _oldest(self, stub, head: int) -> int:
+        """etcd's compaction revision (1 if it never compacted): the oldest revision a
+        read may ask for. A binary search of count-only reads (a read below it fails
+        with etcd's compaction error), ~log2(head) of them."""
+        lo, hi = 1, head  # the answer is in [lo, hi]
+        while lo < hi:
+            mid = (lo + hi) // 2
+            try:
+                stub.Range(etcdrpc.RangeRequest(key=self.prefix or b"\0", range_end=self.range_end,
+                                                count_only=True, revision=mid),
+                           timeout=self.timeout, metadata=REQUIRE_LEADER)
+                hi = mid
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.OUT_OF_RANGE:
+                    raise
+                lo = mid + 1
+        return lo
+
     def _load(self, target: str) -> None:
-        """Range the mirrored keys at one revision and hand them over as one item."""
+        """Range the mirrored keys at one revision and hand them over as one item: at
+        etcd's compaction revision when the history since is at most `replay_max`
+        revisions (the watch then replays it, so the mirror holds what etcd holds and
+        its compaction point is etcd's), else at etcd's current revision (older reads
+        are forwarded to etcd)."""
         stub = etcdrpc.KVStub(self.channel(target))
-        key, rev, kvs = self.prefix or b"\0", 0, []
+        head = stub.Range(etcdrpc.RangeRequest(key=self.prefix or b"\0", range_end=self.range_end,
+                                               count_only=True),
+                          timeout=self.timeout, metadata=REQUIRE_LEADER).header.revision
+        oldest = self._oldest(stub, head) if self.replay_max else head
+        start = oldest if head - oldest <= self.replay_max else head
+        key, rev, kvs = self.prefix or b"\0", start, []
         while True:
             req = etcdrpc.RangeRequest(key=key, range_end=self.range_end, limit=LOAD_PAGE,
                                        revision=rev)
@@ -245,8 +274,8 @@ class Upstream:
             if not resp.more or not resp.kvs:
                 break
             key = resp.kvs[-1].key + b"\0"
-        self.etcd_rev = max(self.etcd_rev, rev)
-        if self._hand(("load", rev, kvs)):
+        self.etcd_rev = max(self.etcd_rev, head)
+        if self._hand(("load", rev, kvs, head)):
             self.next_rev = rev + 1
 
     def _requests(self, create, stream_done: threading.Event):

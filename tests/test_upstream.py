@@ -62,6 +62,29 @@ def test_two_mirrors_equal_a_direct_watch(etcd_cluster):
         assert cb.get("/m/", prefix=True).kvs == want.kvs
 
 
+def test_history_before_the_mirror_is_etcds(etcd_cluster):
+    """The mirror replays etcd's retained history at start: a watch from an old
+    revision gets exactly etcd's events, and below etcd's compaction etcd's cancel."""
+    eps = etcd_cluster.endpoints
+    with gateway(eps[0]) as g:
+        first = g.put("/old/a", "1").revision
+        g.put("/old/b", "2")
+        g.delete("/old/a")
+        mid = g.put("/old/c", "3").revision
+        g.compact(mid - 1)
+        last = g.put("/old/a", "4").revision
+    with broker.spawn(upstream=eps) as b, clientlib.connect(b.name) as c:
+        w = c.watch("/old/", prefix=True, prev_kv=True, start_revision=mid - 1)
+        local = collect(w, last)
+        # (etcd keeps no event of its compaction revision here: the tombstone went with it)
+        assert assert_same_stream(local, direct_events(eps[1], "/old/", mid - 1, last)) == 2
+        old = c.watch("/old/", prefix=True, start_revision=first)
+        got = old.get(timeout=5)
+        got = got if got.canceled else old.get(timeout=5)
+        assert got.canceled and got.compact_revision == mid - 1  # etcd's compaction
+        assert c.get("/old/b", revision=mid - 1).kvs[0].value == b"2"
+
+
 def test_reads_and_history_before_the_mirror(etcd_cluster):
     eps = etcd_cluster.endpoints
     etcdctl(eps[0], "put", "/h/k", "v1")

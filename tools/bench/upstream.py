@@ -25,6 +25,7 @@ import psutil
 
 PREFIX = b"/bench/"
 DIRECT_PER_PROC = 10  # direct watch streams per process
+READY_S = 300.0  # 100 processes starting on a busy 2-core machine
 
 
 def _pct(xs: list[int], p: float) -> float:
@@ -34,7 +35,7 @@ def _pct(xs: list[int], p: float) -> float:
     return xs[min(len(xs) - 1, int(p * len(xs)))] / 1e6
 
 
-def _local_watcher(name: str, go, stop, out) -> None:
+def _local_watcher(name: str, ready, go, stop, out) -> None:
     import clientlib
     from shmwatch.wire.errors import Timeout
 
@@ -42,6 +43,7 @@ def _local_watcher(name: str, go, stop, out) -> None:
     with clientlib.connect(name, timeout=60) as c:
         w = c.watch(PREFIX, prefix=True)
         w.get(60)
+        ready.release()
         go.wait()
         while not stop.is_set():
             try:
@@ -78,7 +80,7 @@ def _direct_stream(target: str, ready, stop, lat: list) -> None:
     ch.close()
 
 
-def _direct_watchers(target: str, n: int, go, stop, out) -> None:
+def _direct_watchers(target: str, n: int, created, go, stop, out) -> None:
     ready = threading.Semaphore(0)
     tstop = threading.Event()
     lats: list[list] = [[] for _ in range(n)]
@@ -88,6 +90,7 @@ def _direct_watchers(target: str, n: int, go, stop, out) -> None:
         t.start()
     for _ in range(n):
         ready.acquire(timeout=60)
+        created.release()
     go.wait()
     stop.wait()
     tstop.set()
@@ -116,18 +119,21 @@ def _write(target: str, rate: float, seconds: float) -> int:
 def _trial(kind: str, a, target: str, etcd_pid: int, broker_name: str | None,
            broker_pid: int | None) -> dict:
     ctx = mp.get_context("spawn")
-    go, stop, out = ctx.Event(), ctx.Event(), ctx.Queue()
+    go, stop, out, ready = ctx.Event(), ctx.Event(), ctx.Queue(), ctx.Semaphore(0)
     procs = []
     if kind == "mirror":
         for _ in range(a.watchers):
-            procs.append(ctx.Process(target=_local_watcher, args=(broker_name, go, stop, out)))
+            procs.append(ctx.Process(target=_local_watcher, args=(broker_name, ready, go, stop, out)))
     else:
         for i in range(0, a.watchers, DIRECT_PER_PROC):
             procs.append(ctx.Process(target=_direct_watchers, args=(
-                target, min(DIRECT_PER_PROC, a.watchers - i), go, stop, out)))
+                target, min(DIRECT_PER_PROC, a.watchers - i), ready, go, stop, out)))
     for p in procs:
         p.start()
-    time.sleep(2.0 + a.watchers * 0.05)  # every watch created (each waits for it)
+    for _ in range(a.watchers):  # every watch created (processes start slowly)
+        if not ready.acquire(timeout=READY_S):
+            raise RuntimeError("a watcher did not start in time")
+    time.sleep(1.0)  # the start-up CPU settles
     etcd = psutil.Process(etcd_pid)
     brk = psutil.Process(broker_pid) if broker_pid else None
     cpu0 = sum(etcd.cpu_times()[:2])
