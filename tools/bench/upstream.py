@@ -201,16 +201,18 @@ def report(rows: list[dict], a) -> str:
              f"{a.seconds:g} s (etcd 3.4, one member, 127.0.0.1; `python -m "
              f"shmwatch.tools.bench.upstream --watchers {a.watchers} --rate {a.rate:g} "
              f"--seconds {a.seconds:g}`)", "",
-             "| path | events delivered/s | of expected | watch latency p50 / p99 | etcd CPU "
-             "| broker CPU |", "|---|---|---|---|---|---|"]
+             "| path | writes/s done | events delivered/s | of expected | watch latency p50 / p99 "
+             "| etcd CPU | etcd CPU per write | broker CPU |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["kind"] == "puts":
             continue
         name = (f"{a.watchers} direct etcd watches" if r["kind"] == "direct"
                 else f"{a.watchers} local watchers via one mirroring broker")
-        lines.append(f"| {name} | {r['delivered_per_s']:,.0f} | "
+        per_write = 10 * r["etcd_cpu_pct"] * r["seconds"] / max(1, r["writes"])
+        lines.append(f"| {name} | {r['writes'] / r['seconds']:,.0f} | {r['delivered_per_s']:,.0f} | "
                      f"{100 * r['events'] / max(1, r['expected']):.1f}% | "
                      f"{r['p50_ms']:.2f} / {r['p99_ms']:.2f} ms | {r['etcd_cpu_pct']:.1f}% | "
+                     f"{per_write:.2f} ms | "
                      + (f"{r['broker_cpu_pct']:.1f}% |" if r["kind"] == "mirror" else "- |"))
     puts = next(r for r in rows if r["kind"] == "puts")
     lines += ["", f"Sequential puts (one client, 3 s): direct gRPC {puts['direct_per_s']:,.0f}/s, "
