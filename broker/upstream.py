@@ -54,6 +54,11 @@ GRPC_OPTIONS = [("grpc.max_receive_message_length", 256 << 20),
 REQUIRE_LEADER = (("hasleader", "true"),)  # clientv3.WithRequireLeader's metadata
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
              grpc.StatusCode.CANCELLED)
+# UNAVAILABLE details that say the request was never applied: a write may then be sent
+# to the next endpoint. Any other failure of a write (connection lost after sending,
+# timed out) may have been applied: it is not sent again (etcd's client does the same).
+NOT_APPLIED = ("failed to connect", "connection refused", "etcdserver: no leader",
+               "etcdserver: leader changed", "etcdserver: not capable")
 
 
 def to_dict(msg) -> dict:
@@ -165,8 +170,9 @@ class Upstream:
             self.wake()
         self._pool.submit(run)
 
-    def call(self, stub: str, method: str, request, metadata=()):
-        """One unary call, trying the endpoints in turn until the deadline."""
+    def call(self, stub: str, method: str, request, metadata=(), write: bool = False):
+        """One unary call, trying the endpoints in turn until the deadline. A `write` is
+        tried again only where it cannot have been applied (`NOT_APPLIED`)."""
         deadline = time.monotonic() + self.timeout
         last = "no endpoint answered"
         n = len(self.endpoints)
@@ -185,6 +191,10 @@ class Upstream:
                 if exc.code() not in RETRYABLE:
                     raise rpc_error(exc) from None
                 last = f"{target}: {exc.details()}"
+                if write and not any(s in (exc.details() or "").lower() for s in NOT_APPLIED):
+                    raise E.UpstreamUnavailable(
+                        f"shmwatch: etcd upstream unavailable: the write may or may not have "
+                        f"been applied ({last})") from None
             i += 1
             if i % n == self._current % n:
                 time.sleep(min(RETRY_S, max(0.0, deadline - time.monotonic())))
@@ -215,14 +225,14 @@ class Upstream:
     def _watch_loop(self) -> None:
         n = len(self.endpoints)
         i = 0
-        failing = 0  # endpoints failed in a row (logged once per round)
+        failing = 0  # endpoints failed in a row (logged now and then, not per attempt)
         while not self._stopping.is_set():
             target = self.endpoints[i % n]
             try:
                 self._session(target)
                 failing = 0
             except grpc.RpcError as exc:
-                if not self._stopping.is_set() and failing % n == 0:
+                if not self._stopping.is_set() and failing % (n * 50) == 0:  # ~every 15 s
                     log.warning("etcd watch on %s failed (%s): trying the next endpoint%s",
                                 target, exc.code(), "s" if failing else "")
                 failing += 1

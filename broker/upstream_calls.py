@@ -50,11 +50,11 @@ def _kv(call, op):
     t = type(op)
     if t is TxnOp:
         req = ParseDict(txn_json(op.compare, op.success, op.failure), etcdrpc.TxnRequest())
-        obj = to_dict(call("KV", "Txn", req))
+        obj = to_dict(call("KV", "Txn", req, write=True))
         resp = txn_response(obj)
         return resp.revision, resp
     method, cls, build, convert = KV_CALLS[t]
-    obj = to_dict(call("KV", method, ParseDict(build(op), cls())))
+    obj = to_dict(call("KV", method, ParseDict(build(op), cls()), write=t is not RangeOp))
     resp = convert(obj)
     # a write is answered once the mirror has it; a read of old history at once
     return (0 if t is RangeOp else _header_rev(obj)), resp
@@ -69,11 +69,12 @@ def forward_call(up, call, what: tuple):
         return up.current_revision(call), None
     if kind == "compact":
         obj = to_dict(call("KV", "Compact", etcdrpc.CompactionRequest(
-            revision=int(what[1]), physical=True)))
+            revision=int(what[1]), physical=True), write=True))
         return 0, CompactResponse(_header_rev(obj))
     if kind == "grant":
         _, ttl, lease_id, _bound = what
-        obj = to_dict(call("Lease", "LeaseGrant", etcdrpc.LeaseGrantRequest(TTL=ttl, ID=lease_id)))
+        obj = to_dict(call("Lease", "LeaseGrant", etcdrpc.LeaseGrantRequest(TTL=ttl, ID=lease_id),
+                           write=True))
         return 0, LeaseGrantResponse(_header_rev(obj), _int(obj, "ID"), _int(obj, "TTL"))
     _, op, lease_id, keys = what
     if op == OP_LEASE_REVOKE:
