@@ -171,3 +171,22 @@ def test_stress_verifies_a_mirroring_broker(etcd_cluster):
          "--quiet"], capture_output=True, text=True, timeout=110)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
     assert "PASSED" in out.stdout and "exercised: victims" in out.stdout
+
+
+def test_bench_upstream_smoke():
+    """`shmwatch bench upstream` end to end at a tiny size (its own etcd): every event
+    delivered on both paths, and the report's rows."""
+    import subprocess
+    import sys
+
+    from tests.etcd_support import SKIP_REASON, etcd_binary
+
+    if etcd_binary() is None:
+        pytest.skip(SKIP_REASON)
+    out = subprocess.run([sys.executable, "-m", "shmwatch.tools.cli", "bench", "upstream",
+                          "--watchers", "2", "--rate", "20", "--seconds", "1"],
+                         capture_output=True, text=True, timeout=110)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [ln for ln in out.stdout.splitlines() if ln.startswith("| 2 ")]
+    assert len(rows) == 2 and all("| 100.0% |" in ln for ln in rows), out.stdout
+    assert "through the mirroring broker" in out.stdout

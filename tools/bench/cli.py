@@ -85,6 +85,10 @@ def _choices(a: argparse.Namespace) -> tuple[Profile, list, list[str]] | str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["upstream"]:  # `shmwatch bench upstream ...`: tools/bench/upstream
+        from .upstream import main as upstream
+
+        return upstream(argv[1:])
     a = parse_args(argv)
     chosen = _choices(a)
     if isinstance(chosen, str):

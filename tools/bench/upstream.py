@@ -2,7 +2,8 @@
 beside N direct etcd watches, on one real etcd (a single member on 127.0.0.1, so its
 CPU is one process's).
 
-    python -m shmwatch.tools.bench.upstream [--watchers 100] [--rate 200] [--seconds 8]
+    shmwatch bench upstream [--watchers 100] [--rate 200] [--seconds 8]
+    (or python -m shmwatch.tools.bench.upstream ...)
 
 One writer puts `--rate` times a second straight to etcd over gRPC (the same writes in
 both cases), each value its send time. Direct: N gRPC watch streams (one channel each,
