@@ -15,7 +15,8 @@ Two kinds of threads talk to etcd; the broker's loop never blocks on the network
   compact, leases, linearizable confirmations), each against the endpoint in use, moving
   on to the next one on UNAVAILABLE until the call's deadline; then `UpstreamUnavailable`.
 
-Messages are converted through etcd's JSON shapes (`shmwatch.wire.etcd_json`, shared
+Watch events and loaded keys are converted field by field (`event_of`, `kv_of`: the hot
+path); forwarded calls go through etcd's JSON shapes (`shmwatch.wire.etcd_json`, shared
 with the differential tests' gateway client) with protobuf's `MessageToDict`/`ParseDict`.
 The stubs are etcd-sdk-python's (`pyetcd.etcdrpc`), generated from etcd's .proto files.
 """
@@ -34,11 +35,8 @@ from google.protobuf.json_format import MessageToDict
 from pyetcd import etcdrpc
 
 from shmwatch.wire import errors as E
-from shmwatch.wire.etcd_json import (
-    error_from_json,
-    event_from_json,
-    kv_from_json,
-)
+from shmwatch.wire.etcd_json import error_from_json
+from shmwatch.wire.types import DELETE, PUT, Event, KeyValue
 
 log = logging.getLogger("shmwatch.broker.upstream")
 
@@ -94,6 +92,17 @@ def prefix_end(prefix: bytes) -> bytes:
             return bytes(p)
         p.pop()
     return b"\0"
+
+
+def kv_of(kv) -> KeyValue:
+    """etcd's mvccpb.KeyValue as shmwatch's (the hot path: no JSON detour)."""
+    return KeyValue(kv.key, kv.value, kv.create_revision, kv.mod_revision, kv.version, kv.lease)
+
+
+def event_of(ev) -> Event:
+    """etcd's mvccpb.Event as shmwatch's (type 0 PUT, 1 DELETE)."""
+    return Event(DELETE if ev.type == 1 else PUT, kv_of(ev.kv),
+                 kv_of(ev.prev_kv) if ev.HasField("prev_kv") else None)
 
 
 def rpc_error(exc: grpc.RpcError) -> E.ShmwatchError:
@@ -280,7 +289,7 @@ class Upstream:
             resp = stub.Range(req, timeout=self.timeout, metadata=REQUIRE_LEADER)
             if not rev:
                 rev = resp.header.revision
-            kvs += [kv_from_json(to_dict(kv)) for kv in resp.kvs]
+            kvs += [kv_of(kv) for kv in resp.kvs]
             if not resp.more or not resp.kvs:
                 break
             key = resp.kvs[-1].key + b"\0"
@@ -345,7 +354,7 @@ class Upstream:
                 self.next_rev = rev + 1
                 batch = []
             rev = r
-            batch.append(event_from_json(to_dict(ev)))
+            batch.append(event_of(ev))
         if not self._hand(("rev", rev, batch)):
             return False
         self.next_rev = rev + 1
