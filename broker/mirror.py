@@ -139,7 +139,8 @@ class Mirror:
         self.inflight = 0
         self.forwarded = 0
         self.compactions_lost = 0
-        self._held: list = []  # heap of (rev, seq, client, data): replies waiting for rev
+        # heap of (rev, seq, client, data, deadline): replies waiting for the mirror at rev
+        self._held: list = []
         self._seq = itertools.count()
         broker._set_store(MirrorStore())
         self._bound: dict[int, tuple[object, int, float]] = {}  # lease -> (client, ttl, next)
@@ -156,7 +157,9 @@ class Mirror:
         """Apply what etcd sent, finish forwarded calls, release replies; True if worked."""
         worked = False
         items = self.up.items
-        while not items.empty():
+        for _ in range(items.maxsize):  # at most a queue's worth per pass: clients too
+            if items.empty():
+                break
             self._apply(items.get_nowait())
             worked = True
         done = self.up.done
