@@ -575,3 +575,19 @@ def test_live_view_reports_a_broker_that_exits(broker_proc, tmp_path):
         assert f"broker '{name}' exited and no broker of that name came back" in scr
     finally:
         t.close()
+
+
+def test_header_shows_a_mirroring_brokers_upstream():
+    """A mirroring broker's stats carry `upstream`: top's header shows its endpoints, the
+    member its watch is on, the mirror's revision against etcd's and the lag."""
+    from shmwatch.tools.top.header import header_lines
+
+    up = {"endpoints": ["http://127.0.0.1:2379", "http://127.0.0.1:22379"],
+          "connected": "http://127.0.0.1:22379", "mirror_revision": 1200, "etcd_revision": 1234,
+          "lag": 34, "failovers": 1, "forwarded": 99}
+    text = " ".join(ln.plain for ln in header_lines({"upstream": up}, ([], []), 300))
+    for part in ("etcd http://127.0.0.1:2379,http://127.0.0.1:22379", "on http://127.0.0.1:22379",
+                 "mirror 1,200 / etcd 1,234", "lag 34", "failovers 1", "forwarded 99"):
+        assert part in text, (part, text)
+    standalone = " ".join(ln.plain for ln in header_lines({}, ([], []), 300))
+    assert "mirror" not in standalone
