@@ -52,6 +52,9 @@ log = logging.getLogger("shmwatch.broker.mirror")
 
 CONFIRM_WAIT_S = 0.05  # a linearizable read waits this long for the mirror, then asks etcd
 MAX_INFLIGHT = 1024
+# How often the mirror asks whether etcd was compacted directly (etcdctl compact, another
+# client): then it compacts the same revision, so old reads and watches fail as etcd's.
+COMPACTION_PROBE_S = 2.0
 # At start the mirror replays etcd's history since its compaction when it is at most
 # this many revisions (then the mirror's compaction point is etcd's, and old watches
 # and reads are answered as etcd would); a longer one starts at etcd's current revision.
@@ -144,6 +147,7 @@ class Mirror:
         self._seq = itertools.count()
         broker._set_store(MirrorStore())
         self._bound: dict[int, tuple[object, int, float]] = {}  # lease -> (client, ttl, next)
+        self._next_probe = 0.0  # when to look for a compaction made at etcd directly
 
     # ------------------------------------------------------------ the loop's hooks
 
@@ -173,6 +177,10 @@ class Mirror:
             worked = True
         if self._bound:
             self._keep_alive(now)
+        if now >= self._next_probe and self.loaded:
+            self._next_probe = float("inf")  # until this probe's answer
+            self.up.submit("probe", lambda call, c=self.b.mvcc.compact_rev, h=self.b.mvcc.rev:
+                           (self.up.compaction_since(c, h), None))
         return worked
 
     # ------------------------------------------------------------ etcd -> the mirror
@@ -264,6 +272,11 @@ class Mirror:
         self.up.submit((c, req_id, what), lambda call: forward_call(self.up, call, what))
 
     def _finish(self, token, result, error) -> None:
+        if token == "probe":
+            self._next_probe = time.monotonic() + COMPACTION_PROBE_S
+            if error is None and result[0]:
+                self._compact_local(result[0])
+            return
         if token is None:  # a bound lease's keep-alive or revoke: nobody waits for it
             if error is not None:
                 log.warning("bound lease call to etcd failed: %s", error)

@@ -252,23 +252,43 @@ class Upstream:
             self.failovers += 1
             self._stopping.wait(RETRY_S)
 
-    def _oldest(self, stub, head: int) -> int:
-        """etcd's compaction revision (1 if it never compacted): the oldest revision a
-        read may ask for. A binary search of count-only reads (a read below it fails
-        with etcd's compaction error), ~log2(head) of them."""
-        lo, hi = 1, head  # the answer is in [lo, hi]
+    def _readable(self, stub, rev: int) -> bool:
+        """Whether etcd still answers a read at `rev` (False: compacted)."""
+        try:
+            stub.Range(etcdrpc.RangeRequest(key=self.prefix or b"\0", range_end=self.range_end,
+                                            count_only=True, revision=rev),
+                       timeout=self.timeout, metadata=REQUIRE_LEADER)
+            return True
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.OUT_OF_RANGE:
+                raise
+            return False
+
+    def _oldest(self, stub, head: int, lo: int = 1) -> int:
+        """etcd's compaction revision (1 if it never compacted), known to be >= `lo`: the
+        oldest revision a read may ask for. A binary search of count-only reads (a read
+        below it fails with etcd's compaction error), ~log2(head - lo) of them."""
+        hi = head  # the answer is in [lo, hi]
         while lo < hi:
             mid = (lo + hi) // 2
-            try:
-                stub.Range(etcdrpc.RangeRequest(key=self.prefix or b"\0", range_end=self.range_end,
-                                                count_only=True, revision=mid),
-                           timeout=self.timeout, metadata=REQUIRE_LEADER)
+            if self._readable(stub, mid):
                 hi = mid
-            except grpc.RpcError as exc:
-                if exc.code() != grpc.StatusCode.OUT_OF_RANGE:
-                    raise
+            else:
                 lo = mid + 1
         return lo
+
+    def compaction_since(self, compact_rev: int, head: int) -> int:
+        """etcd's compaction revision if it moved past `compact_rev` (someone compacted
+        etcd directly), else 0. One count-only read when it did not; a call thread's."""
+        for target in self.endpoints[self._current:] + self.endpoints[:self._current]:
+            stub = etcdrpc.KVStub(self.channel(target))
+            try:
+                if self._readable(stub, max(1, compact_rev)):
+                    return 0
+                return self._oldest(stub, head, compact_rev + 1)
+            except grpc.RpcError:
+                continue
+        return 0
 
     def _load(self, target: str) -> None:
         """Range the mirrored keys at one revision and hand them over as one item: at

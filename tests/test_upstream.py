@@ -85,6 +85,29 @@ def test_history_before_the_mirror_is_etcds(etcd_cluster):
         assert c.get("/old/b", revision=mid - 1).kvs[0].value == b"2"
 
 
+def test_a_compaction_made_at_etcd_directly_is_followed(etcd_cluster):
+    """etcdctl compacts etcd while a broker mirrors it: within the probe period the
+    mirror compacts the same revision, so an old read or watch fails as etcd's does."""
+    eps = etcd_cluster.endpoints
+    with broker.spawn(upstream=eps) as b, clientlib.connect(b.name) as c:
+        revs = [c.put("/dc/k", str(i)).revision for i in range(4)]
+        assert c.get("/dc/k", revision=revs[0]).kvs[0].value == b"0"
+        etcdctl(eps[1], "compact", str(revs[2]), "--physical")
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                c.get("/dc/k", revision=revs[1])
+            except E.CompactedError:
+                break
+            assert time.monotonic() < deadline, "the mirror kept history etcd compacted"
+            time.sleep(0.1)
+        w = c.watch("/dc/", prefix=True, start_revision=revs[1])
+        got = w.get(timeout=5)
+        got = got if got.canceled else w.get(timeout=5)
+        assert got.canceled and got.compact_revision == revs[2]
+        assert c.get("/dc/k", revision=revs[2]).kvs[0].value == b"2"
+
+
 def test_reads_and_history_before_the_mirror(etcd_cluster):
     eps = etcd_cluster.endpoints
     etcdctl(eps[0], "put", "/h/k", "v1")
