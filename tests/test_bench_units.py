@@ -200,3 +200,19 @@ def test_mem_watchers_are_split_over_the_holder_processes():
 
 
 # ------------------------------------------------------------------ imports
+
+
+def test_upstream_section_is_written_and_kept(tmp_path):
+    """`shmwatch bench upstream --out` writes (then replaces) its own section of a
+    report, and the main report keeps it (`section_of`)."""
+    from shmwatch.tools.bench.upstream import SECTION, put_section, section_of
+
+    path = tmp_path / "B.md"
+    path.write_text("# shmwatch benchmarks\n\n## W1 x\n\nbody\n")
+    put_section(str(path), "first | figures")
+    put_section(str(path), "second | figures")
+    text = path.read_text()
+    assert text.count(SECTION) == 1 and "second" in text and "first" not in text
+    assert text.startswith("# shmwatch benchmarks\n\n## W1 x\n\nbody\n")
+    assert section_of(text) == f"{SECTION}\n\nsecond | figures\n"
+    assert section_of("# no section\n") == ""

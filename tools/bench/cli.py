@@ -147,8 +147,15 @@ def _write(a: argparse.Namespace, run, session: Session) -> None:
     targets = report.compute_targets(run)
     out = a.out if a.out is not None else (None if a.smoke else "BENCHMARKS.md")
     if out:
+        from .upstream import section_of
+
+        try:
+            with open(out) as f:
+                kept = section_of(f.read())  # written by `shmwatch bench upstream`
+        except FileNotFoundError:
+            kept = ""
         with open(out, "w") as f:
-            f.write(report.markdown(run, targets))
+            f.write(report.markdown(run, targets) + ("\n" + kept if kept else ""))
         log(f"wrote {out}")
     if session.spies and session.spies.profiles:
         log(f"wrote {session.spies.write_summary(run.machine['command'])}")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import os
 import sys
 import threading
 import time
@@ -25,6 +26,7 @@ import time
 import psutil
 
 PREFIX = b"/bench/"
+SECTION = "## UP: beyond one host (`shmwatch bench upstream`)"
 DIRECT_PER_PROC = 10  # direct watch streams per process
 READY_S = 300.0  # 100 processes starting on a busy 2-core machine
 
@@ -199,8 +201,8 @@ def run(a) -> list[dict]:
 
 def report(rows: list[dict], a) -> str:
     lines = [f"{a.watchers} watchers of one prefix, {a.rate:g} puts/s to etcd for "
-             f"{a.seconds:g} s (etcd 3.4, one member, 127.0.0.1; `python -m "
-             f"shmwatch.tools.bench.upstream --watchers {a.watchers} --rate {a.rate:g} "
+             f"{a.seconds:g} s (etcd 3.4, one member, 127.0.0.1; `shmwatch bench "
+             f"upstream --watchers {a.watchers} --rate {a.rate:g} "
              f"--seconds {a.seconds:g}`)", "",
              "| path | writes/s done | events delivered/s | of expected | watch latency p50 / p99 "
              "| etcd CPU | etcd CPU per write | broker CPU |", "|---|---|---|---|---|---|---|---|"]
@@ -221,15 +223,47 @@ def report(rows: list[dict], a) -> str:
     return "\n".join(lines)
 
 
+def section_of(text: str) -> str:
+    """The UP section of a BENCHMARKS.md text ('' if none), to keep it when the main
+    report is rewritten (it comes from this tool, not from `shmwatch bench`)."""
+    start = text.find(SECTION)
+    if start < 0:
+        return ""
+    end = text.find("\n## ", start + 1)
+    return text[start:end if end >= 0 else len(text)].rstrip() + "\n"
+
+
+def put_section(path: str, body: str) -> None:
+    """Write (or replace) the UP section of the markdown file at `path`."""
+    try:
+        with open(path) as f:
+            old = f.read()
+    except FileNotFoundError:
+        old = ""
+    new = f"{SECTION}\n\n{body.rstrip()}\n"
+    kept = section_of(old)
+    text = old.replace(kept, new) if kept else (old.rstrip() + "\n\n" + new if old else new)
+    with open(path, "w") as f:
+        f.write(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m shmwatch.tools.bench.upstream",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--watchers", type=int, default=100)
     p.add_argument("--rate", type=float, default=200.0)
     p.add_argument("--seconds", type=float, default=8.0)
+    p.add_argument("--out", default=None, metavar="FILE",
+                   help="also write the figures as the UP section of this markdown file "
+                        "(e.g. BENCHMARKS.md; `shmwatch bench` keeps the section)")
     a = p.parse_args(argv)
+    load0 = os.getloadavg()[0]
     rows = run(a)
-    print(report(rows, a))
+    text = report(rows, a) + (f"\n\nMachine load average {load0:.1f} at the start, "
+                              f"{os.getloadavg()[0]:.1f} at the end ({os.cpu_count()} cores).")
+    print(text)
+    if a.out:
+        put_section(a.out, text)
     for r in rows:
         print(r, file=sys.stderr)
     return 0
