@@ -54,9 +54,10 @@ RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
              grpc.StatusCode.CANCELLED)
 # UNAVAILABLE details that say the request was never applied: a write may then be sent
 # to the next endpoint. Any other failure of a write (connection lost after sending,
-# timed out) may have been applied: it is not sent again (etcd's client does the same).
+# "leader changed", timed out) may have been applied: it is not sent again (clientv3
+# retries a mutating call only when no connection was available, alike).
 NOT_APPLIED = ("failed to connect", "connection refused", "etcdserver: no leader",
-               "etcdserver: leader changed", "etcdserver: not capable")
+               "etcdserver: not capable")
 
 
 def to_dict(msg) -> dict:
