@@ -150,8 +150,13 @@ class Broker:
         self.stats = StatsWriter(self.registry.statseg)
         self.mirror = None  # broker.mirror.Mirror when it mirrors an etcd cluster
         if cfg.upstream:
-            from .mirror import start_mirror  # the optional extra `etcd`: only here
             try:
+                try:
+                    from .mirror import start_mirror  # the optional extra `etcd`: only here
+                except ImportError as exc:
+                    raise BrokerStartError(
+                        f"--upstream needs the optional extra `etcd` (pip install "
+                        f"'shmwatch[etcd]'): {exc}") from None
                 self.mirror = start_mirror(self)
             except BaseException:
                 self.stats.release()

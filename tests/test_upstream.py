@@ -213,3 +213,22 @@ def test_bench_upstream_smoke():
     rows = [ln for ln in out.stdout.splitlines() if ln.startswith("| 2 ")]
     assert len(rows) == 2 and all("| 100.0% |" in ln for ln in rows), out.stdout
     assert "through the mirroring broker" in out.stdout
+
+
+def test_upstream_without_the_extra_is_a_clear_start_error(monkeypatch):
+    """Without the extra `etcd`, --upstream refuses the start with what to install, and
+    leaves nothing in /dev/shm."""
+    import os
+    import sys
+
+    from broker.config import BrokerConfig
+    from broker.errors import BrokerStartError
+    from broker.server import Broker, unique_name
+
+    for mod in ("broker.mirror", "broker.upstream", "broker.upstream_calls", "pyetcd"):
+        monkeypatch.delitem(sys.modules, mod, raising=False)
+    monkeypatch.setitem(sys.modules, "pyetcd", None)  # import pyetcd -> ImportError
+    name = unique_name()
+    with pytest.raises(BrokerStartError, match=r"shmwatch\[etcd\]"):
+        Broker(BrokerConfig(name=name, upstream="http://127.0.0.1:1", log_bytes=1 << 20))
+    assert not [e for e in os.listdir("/dev/shm") if f".{name}." in e]
