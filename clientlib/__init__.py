@@ -72,9 +72,11 @@ from shmwatch.wire.types import (
 
 from .client import Client, Watch, connect
 from .lease import Lease
+from .pipeline import Pipeline, WriteFuture
+from .watch import wait_any
 
 __all__ = [
-    "Client", "Lease", "Watch", "connect",
+    "Client", "Lease", "Pipeline", "Watch", "WriteFuture", "connect", "wait_any",
     "BrokerUnavailable", "ClientClosed", "CompactedError", "DuplicateKeyError",
     "DuplicateWatchIdError", "EmptyKeyError", "FutureRevisionError", "InheritedWatchError",
     "InvalidRangeError", "KeyNotFoundError", "LeaseExistsError", "LeaseNotFoundError",

@@ -28,6 +28,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 
 from shm import layout as L
@@ -61,6 +62,7 @@ from .attach import (
     open_control,
 )
 from .calls import Calls
+from .pipeline import AsyncWrites
 from .catchup import LogAccess
 from .watch import Watch
 
@@ -79,7 +81,7 @@ def connect(name: str, timeout: float = DEFAULT_TIMEOUT, *, label: str | None = 
     return Client(name, timeout=timeout, label=label)
 
 
-class Client(Calls):
+class Client(Calls, AsyncWrites):
     """A connection to one broker. Use as a context manager, or call `close()`."""
 
     def __init__(self, name: str, timeout: float = DEFAULT_TIMEOUT, *,
@@ -97,6 +99,8 @@ class Client(Calls):
         # come, or handed to a late handler (a watch created after its caller gave up).
         self._abandoned: dict[int, Callable | None] = {}
         self._to_cancel: list[int] = []  # watches created late, to cancel at next send
+        self._futures: dict = {}  # async writes in flight (clientlib.pipeline)
+        self._inflight: deque = deque()  # put_async's window
         self._orphans: set = set()  # those watches: drained until their final response
         self._req_id = 0
         self._watches: dict[int, Watch] = {}
@@ -211,6 +215,9 @@ class Client(Calls):
             self._cond.wait(0.05)
 
     def _release(self) -> None:
+        self._fail_futures(errors.ClientClosed() if self._user_closed else
+                           errors.BrokerUnavailable(f"shmwatch: broker {self.name!r} went away "
+                                                    f"before it answered"))
         for w in list(self._watches.values()):
             if w._ring is not None:
                 w._ring.release()
@@ -275,6 +282,10 @@ class Client(Calls):
         self._watches.clear()
         self._replies.clear()
         self._abandoned.clear()
+        self._fail_futures(errors.InheritedWatchError(
+            "shmwatch: this write was sent by the parent process before fork(); "
+            "its reply belongs to the parent"))
+        self._inflight.clear()
         self._to_cancel.clear()
         self._orphans.clear()
         self._free_rings.clear()
@@ -552,6 +563,7 @@ class Client(Calls):
                 continue  # the broker could not read a request id: nobody waits for it
             if rid in self._abandoned:
                 late = self._abandoned.pop(rid)
+                self._futures.pop(rid, None)
                 if late is not None:
                     late(result)
             else:
