@@ -20,6 +20,8 @@ client. A write the broker never answers because it went away fails with
 from __future__ import annotations
 
 import concurrent.futures
+import threading
+from concurrent.futures import _base
 from collections import deque
 from collections.abc import Callable, Iterable
 
@@ -30,16 +32,33 @@ from shmwatch.wire.protocol import decode_put_response, decode_response, kv_requ
 from .flows import put_message, raise_first_failure
 
 DEFAULT_WINDOW = 1024  # writes in flight per client (or per pipeline)
+PUMP_EVERY = 32  # an async write reads the replies waiting at least this often
+
+
+_SHARED = threading.Condition()  # the condition of every WriteFuture (see __init__)
+_DONE = frozenset((_base.FINISHED, _base.CANCELLED, _base.CANCELLED_AND_NOTIFIED))
 
 
 class WriteFuture(concurrent.futures.Future):
     """A write's reply to come. `result(timeout)` and `exception(timeout)` read the
     client's replies while they wait (there is no thread doing it in the background);
-    a timeout raises `clientlib.Timeout` (a `TimeoutError`)."""
+    a timeout raises `clientlib.Timeout` (a `TimeoutError`). The write is already sent:
+    `cancel()` returns False, as for a running future."""
 
     def __init__(self, client) -> None:
-        super().__init__()
+        # Future's own fields, set here: one Condition shared by all WriteFutures (a
+        # Condition of its own would cost more than the rest of a put_async; nothing
+        # sleeps on it: result() reads replies instead), and running from the start.
+        self._condition = _SHARED
+        self._state = _base.RUNNING
+        self._result = None
+        self._exception = None
+        self._waiters: list = []
+        self._done_callbacks: list = []
         self._client = client
+
+    def done(self) -> bool:
+        return self._state in _DONE
 
     def result(self, timeout: float | None = None):
         self._client._await_done(self, timeout)
@@ -82,8 +101,9 @@ class AsyncWrites:
                     self._futures.pop(rid, None)
                 raise
             self._req_id = rid
-        with self._cond:
-            self._pump()  # replies already here complete their futures now
+        if not rid % PUMP_EVERY or self._resp.producer_blocked:
+            with self._cond:
+                self._pump()  # replies already here complete their futures now
 
     def _await_done(self, fut: concurrent.futures.Future, timeout: float | None) -> None:
         """Read replies until `fut` is done; Timeout if it is not within `timeout`."""

@@ -240,3 +240,10 @@ def test_wait_any_refuses_watches_of_two_clients(broker_proc, client):
             clientlib.wait_any([client.watch("a"), other.watch("b")])
     with pytest.raises(ValueError):
         clientlib.wait_any([])
+
+
+def test_an_async_write_cannot_be_cancelled_once_sent(client):
+    fut = client.put_async("nc", "v")
+    assert fut.cancel() is False  # already sent: like a running future
+    assert fut.result(5).revision == client.get("nc").kvs[0].mod_revision
+    assert fut.done() and not fut.cancelled()

@@ -43,10 +43,17 @@ def w1(run: Run) -> list[str]:
          "(shmwatch `txn` of 64 puts = one revision of 64 events; etcd `/v3/kv/txn` "
          "of 64 puts; Redis a pipeline of 64 publishes). `pipelined`: 64 separate writes "
          "sent in one go, each its own revision (shmwatch `put_many` of 64: one broker "
-         "wake-up, 64 replies; Redis the same pipeline of 64 publishes).", ""]
+         "wake-up, 64 replies; Redis the same pipeline of 64 publishes). `async`: one "
+         "write per record, not waiting for its reply (shmwatch `put_async`, at most "
+         "1,024 in flight, the writer done once every reply came; Queue `put`, which "
+         "never has a reply).", ""]
     L += table(R, "W1", vs, "rate")
     L += ratio_table(R, "W1", vs, "rate")
     L += cpu_table(R, "W1", vs, run.machine["cores"])
+    acked = R.get("W1", "async", "shmwatch", "acked")
+    if acked:
+        L += ["", f"shmwatch `put_async`: replies received for {pct_cell(acked)} of the "
+              "writes sent (every write acknowledged, none lost)."]
     return L + loss_lines(R, "W1", vs) + [""]
 
 

@@ -1,7 +1,8 @@
 """The workloads, in the order a repetition runs them (and BENCHMARKS.md shows them).
 
-  W1  unicast put -> watch, 1 and 4 writers with synchronous writes, and the batched
-      and pipelined write paths (64 puts per txn / per call); records/s to 1 watcher.
+  W1  unicast put -> watch, 1 and 4 writers with synchronous writes, and the batched,
+      pipelined (64 puts per txn / per call) and async (put_async) write paths;
+      records/s to 1 watcher.
   W2  fan-out: 1 writer -> 8 watcher processes on one prefix; total delivered/s.
   W3  one-way latency at a paced 5,000 records/s (etcd: 500/s), stamped with the
       intended send time (no coordinated omission); p50 / p99 / p99.9 in us.
