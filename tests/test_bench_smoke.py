@@ -25,6 +25,7 @@ REQUIRED = {
     "W5": ["write_rate", "cpu_us_per_write"],
     "MEM": [],  # checked below: metric names carry the checkpoint
     "LIGHT": [],  # checked below: the idle variant has other figures
+    "CATCHUP": ["watchers_us_per_event", "replayed", "exact"],  # the broker may use ~0
 }
 
 
@@ -62,6 +63,8 @@ def test_bench_smoke(tmp_path):
             if name == "LIGHT":
                 key = "broker_core" if variant == "idle" else "cpu_us_per_write"
                 assert figs[key]["median"] > 0, f"LIGHT {variant}: {figs}"
+            if name == "CATCHUP":
+                assert figs["exact"]["min"] == 1.0, f"CATCHUP {variant}: a stream was not exact"
             if name == "MEM":
                 anon = [v["median"] for k, v in figs.items() if k.startswith("anon@")]
                 assert anon and all(x > 0 for x in anon), f"MEM {variant}: {figs}"

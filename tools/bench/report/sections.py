@@ -13,7 +13,7 @@ import functools
 from ..results import Run, ratios, summary
 from ..transports import LABELS, ORDER
 from ..transports.etcd_watch import ETCD_IDLE_S, ETCD_PACE
-from ..workloads import light, many_watchers, memory, stall, throughput
+from ..workloads import catchup, light, many_watchers, memory, stall, throughput
 from ..workloads.latency import RATE as W3_RATE
 from .cells import cell, cpu_table, fmt_num, loss_lines, pct_cell, ratio_cell, ratio_table, table
 
@@ -236,5 +236,37 @@ def light_load(run: Run) -> list[str]:
     return L + [""]
 
 
+def mass_catchup(run: Run) -> list[str]:
+    R, P = run.results, run.profile
+    L = ["## CATCHUP: mass catch-up (shmwatch)", "",
+         f"{P.cu_watchers:,} watchers on one prefix, in {P.w5_procs} processes, read "
+         f"nothing while {P.cu_events:,} events are written (txns of {catchup.BATCH}); "
+         "their 16 KiB rings fill and they become victims. Then all resume at once and "
+         "read their whole backlog (each process waits on its watches with "
+         f"`clientlib.wait_any`), while a writer paced at {catchup.PACE:,.0f}/s keeps "
+         f"writing to {catchup.FAST} fast watcher processes that read live throughout. "
+         "`--catch-up broker`: the broker replays every victim's backlog; `--catch-up "
+         "client` (the default): each watcher reads its backlog from the shared "
+         "revision log itself. Broker CPU from the resume until every watcher is past "
+         "the stalled writes, per replayed event (watchers x events); `fast kept`: the "
+         "share of the paced records the fast watchers received during the catch-up; "
+         "`exact`: every stream (stalled and fast) held every event once, in order.",
+         "", "| catch-up by | broker CPU us per replayed event | watchers' CPU us per "
+         "event | catch-up (s) | fast kept | exact |", "|---|---|---|---|---|---|"]
+    for v in R.variants("CATCHUP"):
+        g = functools.partial(R.get, "CATCHUP", v, "shmwatch")
+        ex = g("exact")
+        L.append(f"| {v} | {cell(g('broker_us_per_event'), 'us')} | "
+                 f"{cell(g('watchers_us_per_event'), 'us')} | {cell(g('catchup_s'))} | "
+                 f"{pct_cell(g('fast_kept'))} | "
+                 f"{'yes' if ex and all(x == 1.0 for x in ex) else 'NO'} |")
+    r = ratios(R.get("CATCHUP", "catch-up client", "shmwatch", "broker_us_per_event"),
+               R.get("CATCHUP", "catch-up broker", "shmwatch", "broker_us_per_event"))
+    if r:
+        L += ["", f"Broker CPU per replayed event, watchers' own catch-up / the broker's: "
+              f"{ratio_cell(r)}."]
+    return L + [""]
+
+
 SECTIONS = {"W1": w1, "W2": w2, "W3": w3, "W4": w4, "W5": w5, "MEM": mem,
-            "LIGHT": light_load}
+            "LIGHT": light_load, "CATCHUP": mass_catchup}

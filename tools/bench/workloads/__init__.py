@@ -13,6 +13,8 @@
   MEM (shmwatch) broker RSS with 1,000 stalled watchers as N writes pile up.
   LIGHT CPU per record of every process at a paced 1,000 and 5,000 records/s to 4
       watchers, beside multiprocessing.Queue; and an idle broker's and watchers' CPU.
+  CATCHUP (shmwatch) 1,000 stalled watchers catch up at once, replayed by the broker
+      or read from the shared log by the watchers: broker CPU per replayed event.
 
 Adding a workload is one Workload subclass in a module here, one entry in WORKLOADS,
 and its section in report/sections.py (a test checks that every workload has one).
@@ -21,6 +23,7 @@ and its section in report/sections.py (a test checks that every workload has one
 from __future__ import annotations
 
 from .base import Workload
+from .catchup import MassCatchUp
 from .latency import Latency
 from .light import Light
 from .many_watchers import ManyWatchers
@@ -29,7 +32,7 @@ from .stall import Stall
 from .throughput import FanOut, Unicast
 
 WORKLOADS: tuple[Workload, ...] = (Unicast(), FanOut(), Latency(), Stall(), ManyWatchers(),
-                                   Memory(), Light())
+                                   Memory(), Light(), MassCatchUp())
 NAMES = tuple(w.name for w in WORKLOADS)
 
 __all__ = ["NAMES", "WORKLOADS", "Workload"]
