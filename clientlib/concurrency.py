@@ -40,6 +40,7 @@ class Session:
     with. `Session(client)` grants a bound lease with no TTL (it lives exactly as long
     as `client`); `Session(client, ttl=10)` a lease of 10 s kept alive in the
     background (bound too unless `bound=False`; unbound and without a ttl: etcd's 60 s).
+    `lease_id` grants the lease with that id (0: a fresh one).
 
     `lease_id`, `lease` (the `Lease`), `done` (True once the lease is lost: etcd's
     Done()), `wait_done(timeout)`, `close()` (revokes the lease, deleting its keys:
@@ -47,12 +48,13 @@ class Session:
     without revoking). A context manager that closes it."""
 
     def __init__(self, client, ttl: int | None = None, *, bound: bool = True,
-                 timeout: float | None = None):
+                 lease_id: int = 0, timeout: float | None = None):
         if ttl is None and not bound:
             ttl = DEFAULT_SESSION_TTL
         self.client = client
         self.ttl = ttl
-        self.lease: Lease = client.lease(ttl or 0, bound=bound, timeout=timeout)
+        self.lease: Lease = client.lease(ttl or 0, bound=bound, lease_id=lease_id,
+                                         timeout=timeout)
 
     @property
     def lease_id(self) -> int:
