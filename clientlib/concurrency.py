@@ -104,6 +104,12 @@ def _first_create(prefix: bytes):
     return op_get(prefix, prefix=True, limit=1, sort_order="ascend", sort_target="create")
 
 
+def _oldest(client, prefix: bytes, timeout: float | None = None) -> RangeResponse:
+    """The same read as a Get: the owner of a lock, the leader of an election."""
+    return client.get(prefix, prefix=True, limit=1, sort_order="ascend", sort_target="create",
+                      timeout=timeout)
+
+
 class _Deadline:
     """A wait's deadline (None: none) and the session whose loss ends it early."""
 
@@ -209,6 +215,7 @@ class Lock(_Recipe):
         self.key: bytes | None = None  # set while held
         self.create_revision = -1  # the key's create revision (etcd's myRev)
         self.revision = 0  # the revision at which the lock was acquired (etcd's Header)
+        self._held = False
 
     def _try(self, s: Session):
         """etcd's tryAcquire: one txn puts our key if missing (else reads it) and reads
@@ -237,6 +244,7 @@ class Lock(_Recipe):
         try:
             owner = self._try(s)
             if owner is None or owner.create_revision == self.create_revision:
+                self._held = True
                 return self.revision
             if not blocking:
                 raise errors.LockedError()
@@ -246,6 +254,7 @@ class Lock(_Recipe):
             if not got.kvs or got.kvs[0].create_revision != self.create_revision:
                 raise errors.SessionExpiredError()
             self.revision = got.revision
+            self._held = True
             return self.revision
         except BaseException:
             self._give_up()
@@ -267,7 +276,7 @@ class Lock(_Recipe):
         the key had vanished already (the session's lease ended while held)."""
         if self.key is None:
             raise errors.LockReleasedError()
-        key, self.key = self.key, None
+        key, self.key, self._held = self.key, None, False
         rev = self.create_revision
         self.create_revision = -1
         try:
@@ -281,11 +290,13 @@ class Lock(_Recipe):
         return resp.revision
 
     def is_owner(self) -> bool:
-        """Whether this Lock holds the lock now (one read at the broker)."""
+        """Whether this Lock holds the lock now: its key is the oldest under the prefix
+        (one read at the broker)."""
         if self.key is None:
             return False
-        resp = self.client.get(self.key)
-        return bool(resp.kvs) and resp.kvs[0].create_revision == self.create_revision
+        resp = _oldest(self.client, self.prefix)
+        return bool(resp.kvs) and (resp.kvs[0].key, resp.kvs[0].create_revision) == (
+            self.key, self.create_revision)
 
     def owner_compare(self):
         """etcd's IsOwner(): a compare for a txn that holds only while we own the lock."""
@@ -294,7 +305,7 @@ class Lock(_Recipe):
     @property
     def locked(self) -> bool:
         """Whether this Lock object believes it holds the lock (no request)."""
-        return self.key is not None
+        return self._held
 
     def __enter__(self) -> Lock:
         self.acquire()
@@ -395,15 +406,13 @@ class Election(_Recipe):
         """Whether our key is the leader's now (one read at the broker)."""
         if self.key is None:
             return False
-        resp = self.client.get(self.prefix, prefix=True, limit=1, sort_order="ascend",
-                               sort_target="create")
+        resp = _oldest(self.client, self.prefix)
         return bool(resp.kvs) and resp.kvs[0].key == self.key
 
     def leader(self, *, timeout: float | None = None) -> RangeResponse:
         """The current leader as etcd's Leader(): a RangeResponse whose `kvs[0]` is the
         leader's key and value. `ElectionNoLeaderError` if there is none."""
-        resp = self.client.get(self.prefix, prefix=True, limit=1, sort_order="ascend",
-                               sort_target="create", timeout=timeout)
+        resp = _oldest(self.client, self.prefix, timeout)
         if not resp.kvs:
             raise errors.ElectionNoLeaderError()
         return resp
@@ -414,8 +423,7 @@ class Election(_Recipe):
         one). `timeout`: the longest wait for the next one (`Timeout`; None: forever).
         Closing the iterator (or leaving a `for`) cancels its watch."""
         while True:
-            resp = self.client.get(self.prefix, prefix=True, limit=1, sort_order="ascend",
-                                   sort_target="create")
+            resp = _oldest(self.client, self.prefix)
             if resp.kvs:
                 kv, rev = resp.kvs[0], resp.revision
             else:
