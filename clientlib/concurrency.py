@@ -111,26 +111,41 @@ def _oldest(client, prefix: bytes, timeout: float | None = None) -> RangeRespons
 
 
 class _Deadline:
-    """A wait's deadline (None: none) and the session whose loss ends it early."""
+    """A wait's deadline (None: none), the session whose loss ends it early, and the
+    `cancel` event (a threading.Event: etcd's context) that ends it on demand."""
 
-    def __init__(self, timeout: float | None, session: Session | None, what: str):
+    def __init__(self, timeout: float | None, session: Session | None, what: str,
+                 cancel=None, error=errors.RecipeTimeout):
         self.at = None if timeout is None else time.monotonic() + timeout
         self.timeout = timeout
         self.session = session
         self.what = what
+        self.cancel = cancel
+        self.error = error
 
     def slice(self) -> float:
-        """How long the next wait may block; raises when the time is up or the
-        session is gone."""
+        """How long the next wait may block; raises when the time is up, the wait is
+        cancelled or the session is gone."""
+        if self.cancel is not None and self.cancel.is_set():
+            raise errors.RecipeCancelled()
         if self.session is not None and self.session.done:
             raise errors.SessionExpiredError()
         if self.at is None:
             return POLL_S
         left = self.at - time.monotonic()
         if left <= 0:
-            raise errors.RecipeTimeout(f"shmwatch: {self.what} not acquired within "
-                                       f"{self.timeout:g} s")
+            raise self.error(f"shmwatch: {self.what} within {self.timeout:g} s")
         return min(POLL_S, left)
+
+    def get(self, w):
+        """`w`'s next response, waiting in slices (each checks the deadline, the
+        cancel event and the session)."""
+        while True:
+            wait = self.slice()
+            try:
+                return w.get(wait)
+            except errors.Timeout:
+                continue
 
 
 def wait_delete(client, key: bytes, revision: int, deadline: _Deadline) -> None:
@@ -138,12 +153,7 @@ def wait_delete(client, key: bytes, revision: int, deadline: _Deadline) -> None:
     on that key only, for its DELETE."""
     with client.watch(key, start_revision=revision, filters=["noput"]) as w:
         while True:
-            try:
-                resp = w.get(deadline.slice())
-            except errors.Timeout as exc:
-                if isinstance(exc, errors.RecipeTimeout):
-                    raise
-                continue
+            resp = deadline.get(w)
             if any(ev.type == DELETE for ev in resp.events):
                 return
             if resp.canceled:
@@ -232,12 +242,14 @@ class Lock(_Recipe):
         self.revision = resp.revision
         return owner[0] if owner else None
 
-    def acquire(self, blocking: bool = True, timeout: float | None = None) -> int:
+    def acquire(self, blocking: bool = True, timeout: float | None = None, *,
+                cancel=None) -> int:
         """Take the lock; returns the revision at which it was acquired (etcdctl's
         ETCD_LOCK_REV). Waits for the holder before us in the queue (`timeout` None:
         for as long as it takes); on `RecipeTimeout` our key is removed again.
         `blocking=False` is etcd's TryLock: `LockedError` if someone holds it.
-        `SessionExpiredError` if the session ends before we get it."""
+        `SessionExpiredError` if the session ends before we get it; `cancel` (a
+        threading.Event) set by another thread ends the wait with `RecipeCancelled`."""
         if self.key is not None:
             raise RuntimeError(f"lock {self.name!r} is already held by this Lock object")
         s = self._ensure_session()
@@ -249,7 +261,8 @@ class Lock(_Recipe):
             if not blocking:
                 raise errors.LockedError()
             wait_deletes(self.client, self.prefix, self.create_revision - 1,
-                         _Deadline(timeout, s, f"lock {self.name.decode(errors='replace')!r}"))
+                         _Deadline(timeout, s, f"lock {self.name.decode(errors='replace')!r} "
+                                             f"not acquired", cancel))
             got = self.client.get(self.key)  # is our key still there (our session)?
             if not got.kvs or got.kvs[0].create_revision != self.create_revision:
                 raise errors.SessionExpiredError()
@@ -341,10 +354,11 @@ class Election(_Recipe):
         self.header_revision = 0  # the revision of our last successful change
         self._leader_session: Session | None = None
 
-    def campaign(self, value, timeout: float | None = None) -> int:
+    def campaign(self, value, timeout: float | None = None, *, cancel=None) -> int:
         """Become the leader with `value`: blocks until every earlier candidate is gone
         (`timeout` None: as long as it takes; on `RecipeTimeout` our candidacy is
-        withdrawn). Returns the revision of the txn that entered the race. Campaigning
+        withdrawn; so it is when `cancel`, a threading.Event, is set: `RecipeCancelled`).
+        Returns the revision of the txn that entered the race. Campaigning
         again while a candidate updates the value (etcd's)."""
         s = self._ensure_session()
         value = to_bytes(value, "value")
@@ -358,8 +372,9 @@ class Election(_Recipe):
                 self.revision = kv.create_revision
                 if kv.value != value:
                     self.proclaim(value)
-            name = f"campaign {self.name.decode(errors='replace')!r}"
-            wait_deletes(self.client, self.prefix, self.revision - 1, _Deadline(timeout, s, name))
+            name = f"campaign {self.name.decode(errors='replace')!r} not won"
+            wait_deletes(self.client, self.prefix, self.revision - 1,
+                         _Deadline(timeout, s, name, cancel))
             got = self.client.get(key)
             if not got.kvs or got.kvs[0].create_revision != self.revision:
                 raise errors.SessionExpiredError("election: session is expired")
@@ -417,38 +432,44 @@ class Election(_Recipe):
             raise errors.ElectionNoLeaderError()
         return resp
 
-    def observe(self, timeout: float | None = None) -> Iterator[RangeResponse]:
+    def observe(self, timeout: float | None = None, *,
+                cancel=None) -> Iterator[RangeResponse]:
         """etcd's Observe: an iterator of RangeResponses, one per leader and one per
         value a leader proclaims, in order (the first is the leader now, or the next
-        one). `timeout`: the longest wait for the next one (`Timeout`; None: forever).
-        Closing the iterator (or leaving a `for`) cancels its watch."""
+        one; `count` is 0, as in etcd's). `timeout`: the longest wait for the next one
+        (`Timeout`; None: forever); `cancel` (a threading.Event) set ends it with
+        `RecipeCancelled`. Closing the iterator (or leaving a `for`) cancels its watch."""
         while True:
             resp = _oldest(self.client, self.prefix)
             if resp.kvs:
                 kv, rev = resp.kvs[0], resp.revision
             else:
-                kv = self._next_put(resp.revision, timeout)
+                kv = self._next_put(resp.revision, timeout, cancel)
                 rev = kv.mod_revision
-            yield RangeResponse(revision=rev, kvs=[kv], count=1)
-            yield from self._follow(kv.key, rev + 1, timeout)
+            yield RangeResponse(revision=rev, kvs=[kv])
+            yield from self._follow(kv.key, rev + 1, timeout, cancel)
 
-    def _next_put(self, revision: int, timeout: float | None):
+    def _waiting(self, timeout: float | None, cancel) -> _Deadline:
+        return _Deadline(timeout, None, f"observe {self.name.decode(errors='replace')!r}: "
+                         "nothing new", cancel, errors.Timeout)
+
+    def _next_put(self, revision: int, timeout: float | None, cancel):
         """The first key put under the prefix from `revision` on (no leader yet)."""
         with self.client.watch(self.prefix, prefix=True, start_revision=revision) as w:
             while True:
-                for ev in w.get(timeout).events:
+                for ev in self._waiting(timeout, cancel).get(w).events:
                     if ev.type == PUT:
                         return ev.kv
 
-    def _follow(self, key: bytes, revision: int, timeout: float | None):
+    def _follow(self, key: bytes, revision: int, timeout: float | None, cancel):
         """The leader's proclamations until its key is deleted."""
         with self.client.watch(key, start_revision=revision) as w:
             while True:
-                wr = w.get(timeout)
+                wr = self._waiting(timeout, cancel).get(w)
                 for ev in wr.events:
                     if ev.type == DELETE:
                         return
-                    yield RangeResponse(revision=wr.revision, kvs=[ev.kv], count=1)
+                    yield RangeResponse(revision=wr.revision, kvs=[ev.kv])
 
     def __repr__(self) -> str:
         return f"<Election {self.name!r}{' key=' + repr(self.key) if self.key else ''}>"

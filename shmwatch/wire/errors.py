@@ -298,6 +298,14 @@ class RecipeTimeout(Timeout):
     default_message = "shmwatch: not acquired within the timeout"
 
 
+class RecipeCancelled(ShmwatchError):
+    """A wait of a lock, a campaign or an observer was cancelled through its `cancel`
+    event (etcd's context cancellation, with its text); a waiter's key was removed."""
+
+    code = 47
+    default_message = "context canceled"
+
+
 ERRORS_BY_CODE: dict[int, type[ShmwatchError]] = {
     cls.code: cls
     for cls in (
@@ -335,6 +343,7 @@ ERRORS_BY_CODE: dict[int, type[ShmwatchError]] = {
         ElectionNotLeaderError,
         ElectionNoLeaderError,
         RecipeTimeout,
+        RecipeCancelled,
     )
 }
 
