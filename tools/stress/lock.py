@@ -187,6 +187,7 @@ class LockRun:
         return {"scenario": "lock", "broker": self.name, "seed": self.seed,
                 "handover_ms": [round(h * 1000, 1) for h in hand],
                 "duration_s": self.a.duration, "lockers": self.a.lockers, "kills": self.kills,
+                "min_acquisitions": self.a.min_acquisitions,
                 "history_events": len(events), **asdict(v), "problems": problems,
                 "passed": not problems}
 
