@@ -111,6 +111,7 @@ def test_lock_holds_until_a_signal(pair, fmt):
 
 def test_elect_campaign_and_listen(pair):
     listen = both(pair, "elect", "-l", "E")
+    listen_json = both(pair, "elect", "-l", "E", "-w", "json")
     time.sleep(0.5)  # the observers wait for a first leader
     first = both(pair, "elect", "E", "v1")
     held(pair, "E")
@@ -125,4 +126,7 @@ def test_elect_campaign_and_listen(pair):
     got = stop(listen)
     assert_same(got)
     assert unlease(got["shmwatch"].out) == b"E/LEASE\nv1\nE/LEASE\nv2\n"
+    got = stop(listen_json)
+    assert_same(got)  # etcd's Observe responses: header and kvs, no count
+    assert len(got["shmwatch"].out.splitlines()) == 2 and b'"count"' not in got["shmwatch"].out
     pair.same("put", "after", "x", "-w", "json")

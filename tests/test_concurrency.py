@@ -122,6 +122,25 @@ def test_timeout_removes_the_waiters_key(broker_proc):
         waiter.release()
 
 
+def test_a_waiter_whose_predecessor_gives_up_waits_for_the_one_before(broker_proc):
+    name = broker_proc.name
+    with clientlib.connect(name) as a, clientlib.connect(name) as b, \
+            clientlib.connect(name) as c:
+        holder, quitter, last = Lock(a, "chain"), Lock(b, "chain"), Lock(c, "chain")
+        holder.acquire()
+        tq, outq = in_thread(quitter.acquire, timeout=0.5)
+        fw.wait_for(lambda: len(keys(a, "chain/")) == 2, 10, "the quitter queued")
+        tl, outl = in_thread(last.acquire, timeout=30)
+        tq.join(10)
+        assert isinstance(outq.get("error"), clientlib.RecipeTimeout)
+        time.sleep(0.3)  # the last waiter now watches the holder: it must not acquire
+        assert tl.is_alive() and keys(a, "chain/") == sorted([holder.key, last.key])
+        holder.release()
+        tl.join(10)
+        assert "error" not in outl and last.is_owner()
+        last.release()
+
+
 def test_waiters_watch_only_their_predecessor(broker_proc):
     name = broker_proc.name
     clients = [clientlib.connect(name, timeout=5) for _ in range(4)]
