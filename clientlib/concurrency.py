@@ -26,7 +26,7 @@ import time
 from collections.abc import Iterator
 
 from shmwatch.wire import errors
-from shmwatch.wire.ops import compare_create, op_delete, op_get, op_put, to_bytes
+from shmwatch.wire.ops import compare_create, compare_lease, op_delete, op_get, op_put, to_bytes
 from shmwatch.wire.types import DELETE, PUT, RangeResponse
 
 from .lease import Lease
@@ -230,12 +230,11 @@ class Lock(_Recipe):
     def _try(self, s: Session):
         """etcd's tryAcquire: one txn puts our key if missing (else reads it) and reads
         the owner; returns the owner's KeyValue (None: no key)."""
-        key = self._key_for(s)
+        self.key = key = self._key_for(s)  # set first: a txn that fails may have applied
         resp = self.client.txn(
             [compare_create(key, "=", 0)],
             [op_put(key, b"", lease=s.lease_id), _first_create(self.prefix)],
             [op_get(key), _first_create(self.prefix)])
-        self.key = key
         self.create_revision = (resp.revision if resp.succeeded
                                 else resp.responses[0].kvs[0].create_revision)
         owner = resp.responses[1].kvs
@@ -363,8 +362,12 @@ class Election(_Recipe):
         s = self._ensure_session()
         value = to_bytes(value, "value")
         key = self._key_for(s)
-        resp = self.client.txn([compare_create(key, "=", 0)],
-                               [op_put(key, value, lease=s.lease_id)], [op_get(key)])
+        try:
+            resp = self.client.txn([compare_create(key, "=", 0)],
+                                   [op_put(key, value, lease=s.lease_id)], [op_get(key)])
+        except BaseException:
+            self._remove_candidate(key, s)  # it may have been applied (a timeout)
+            raise
         self.key, self.revision, self._leader_session = key, resp.revision, s
         try:
             if not resp.succeeded:
@@ -383,6 +386,14 @@ class Election(_Recipe):
             raise
         self.header_revision = resp.revision
         return resp.revision
+
+    def _remove_candidate(self, key: bytes, s: Session) -> None:
+        """Best effort: delete `key` if it carries our lease; end an owned session."""
+        try:
+            self.client.txn([compare_lease(key, "=", s.lease_id)], [op_delete(key)])
+            self._end_owned_session()
+        except errors.ShmwatchError:
+            pass  # the client is gone: so is a bound lease, and its key with it
 
     def _withdraw(self) -> None:
         try:
