@@ -264,7 +264,8 @@ def test_observe_sees_every_leader_and_value_in_order(broker_proc):
         obs = Election(b, "o").observe(timeout=10)
         seen: list[bytes] = []
         t, out = in_thread(lambda: [seen.append(next(obs).kvs[0].value) for _ in range(5)])
-        time.sleep(0.2)  # the observer is waiting for a first leader
+        fw.stats_where(broker_proc.name, lambda st: st["watchers"]["total"] >= 1, 10,
+                       "the observer waiting for a first leader (its watch)")
         e1, e2 = Election(a, "o"), Election(a.__class__(a.name), "o")
         e1.campaign("l1")
         e1.proclaim("l1b")
@@ -273,6 +274,9 @@ def test_observe_sees_every_leader_and_value_in_order(broker_proc):
         e1.proclaim("l1c")
         e1.resign()
         t2.join(30)
+        # Observe reports the leader's value when it looks: proclaimed before it looks
+        # at the new leader, "l2" would be skipped (etcd's too), so wait for it.
+        fw.wait_for(lambda: b"l2" in seen, 10, "the observer saw l2")
         e2.proclaim("l2b")
         t.join(30)
         obs.close()
