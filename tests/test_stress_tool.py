@@ -419,7 +419,7 @@ def test_the_lock_verifier_finds_an_overlap_hidden_behind_a_short_interval():
 
 @pytest.mark.timeout(180)
 def test_the_lock_scenario_with_chaos_kills_holders_and_proves_exclusion(tmp_path):
-    s = stress(tmp_path, "--scenario", "lock", "--duration", "4", "--chaos", "--lockers", "4")
+    s = stress(tmp_path, "--scenario", "lock", "--duration", "5", "--chaos", "--lockers", "4")
     assert s["passed"] is True and s["problems"] == [], s["problems"]
     assert s["acquisitions"] >= s["min_acquisitions"] == 10
     assert s["kills"] >= 1 and s["killed_holding"] >= 1

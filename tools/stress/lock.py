@@ -30,7 +30,7 @@ from .start import EMBEDDED, SEED_RANGE
 from .workers import _arrive
 
 LOCK_NAME = "stress-lock"
-HOLD_S = (0.0, 0.01)  # how long a locker holds the lock, drawn between these
+HOLD_S = (0.002, 0.02)  # how long a locker holds the lock, drawn between these
 PAUSE_S = (0.0, 0.005)  # between a release and the next acquire
 ACQUIRE_SLICE_S = 2.0  # a locker's acquire timeout: it looks at the clock this often
 CHAOS_EVERY_S = (0.3, 0.7)
@@ -70,7 +70,14 @@ class Locker:
     proc: mp.process.BaseProcess
     path: str
     killed: bool = False
-    holding_when_killed: bool = False
+    killed_at: float = 0.0  # time.monotonic() of the SIGKILL
+    key: bytes | None = None  # its lock key (its session's), once read from its records
+
+    def lock_key(self) -> bytes | None:
+        if self.key is None:
+            recs = read_records(self.path)
+            self.key = recs[0][1] if recs else None
+        return self.key
 
 
 class LockRun:
@@ -86,7 +93,6 @@ class LockRun:
                      self.ctx.Value("d", 0.0))
         self.lockers: list[Locker] = []
         self.kills = 0
-        self.holder_kill_times: list[float] = []
         self.handle = None
         self.name = a.name
         self.client = None
@@ -139,14 +145,11 @@ class LockRun:
         pick = keys[-1] if self.kills % WAITER_KILL_EVERY == WAITER_KILL_EVERY - 1 \
             and len(keys) > 1 else keys[0]
         for x in self.lockers:
-            recs = read_records(x.path)
-            if not x.killed and recs and recs[0][1] == pick and x.proc.is_alive():
-                t = time.monotonic()
+            if not x.killed and x.lock_key() == pick and x.proc.is_alive():
+                x.killed_at = time.monotonic()
                 os.kill(x.proc.pid, signal.SIGKILL)
                 x.proc.join(REAP_S)
-                x.killed, x.holding_when_killed = True, pick == keys[0]
-                if x.holding_when_killed:
-                    self.holder_kill_times.append(t)
+                x.killed = True
                 self.kills += 1
                 self._start_locker()
                 return
@@ -168,12 +171,15 @@ class LockRun:
     def _verdict(self, events: list, final) -> dict:
         from .lockcheck import acquisitions, handovers, verify_lock
 
-        acqs, killed_keys = [], []
+        acqs, killed_keys, holder_kills = [], [], []
         for x in self.lockers:
             recs = read_records(x.path)
-            acqs += acquisitions(x.name, recs)
+            mine = acquisitions(x.name, recs)
+            acqs += mine
             if x.killed and recs:
                 killed_keys.append(recs[0][1])
+                if mine and mine[-1].rel == 0:  # it held the lock when it was killed
+                    holder_kills.append(x.killed_at)
         v = verify_lock(acqs, events, [kv.key for kv in final.kvs], killed_keys)
         problems = list(v.problems)
         problems += [f"{x.name}: exit code {x.proc.exitcode}" for x in self.lockers
@@ -183,7 +189,7 @@ class LockRun:
                             f"{self.a.min_acquisitions})")
         if self.a.chaos and not v.killed_holding:
             problems.append("--chaos killed no holder while it held the lock")
-        hand = sorted(handovers(acqs, self.holder_kill_times))
+        hand = sorted(handovers(acqs, holder_kills))
         return {"scenario": "lock", "broker": self.name, "seed": self.seed,
                 "handover_ms": [round(h * 1000, 1) for h in hand],
                 "duration_s": self.a.duration, "lockers": self.a.lockers, "kills": self.kills,
