@@ -52,6 +52,7 @@ from .output import (
     table_bytes,
     table_get,
 )
+from .recipes import RECIPES
 from .txn import read_txn
 from clientlib import connect
 
@@ -352,6 +353,7 @@ CLIENT_COMMANDS: dict[str, ClientCommand] = {
                            ("simple", "json"), _prepare_watch, run_watch),
 }
 CLIENT_COMMANDS["compact"] = CLIENT_COMMANDS["compaction"]
+CLIENT_COMMANDS.update({name: ClientCommand(*spec) for name, spec in RECIPES.items()})  # lock, elect
 OUTPUT_FORMATS = ("simple", "json", "table", "fields", "protobuf")  # what etcdctl's -w knows
 
 

@@ -55,6 +55,13 @@ def main(argv: list[str] | None = None) -> int:
     a = parse_args(sys.argv[1:] if argv is None else argv)
     if not sys.stderr.isatty():
         a.quiet = True
+    if a.scenario == "lock":
+        from .lock import run_lock
+        try:
+            return run_lock(a)
+        except Exception as exc:
+            print(f"stress: could not run: {exc!r}", file=sys.stderr)
+            return 2
     try:
         s = run(a)
     except Exception as exc:
