@@ -85,10 +85,8 @@ def build_put(values: dict, args: list[str], read_stdin: Callable[[], bytes]) ->
         lease = go_parse_int(values["lease"], 16)
     except ValueError as exc:
         raise CliError(EXIT_BAD_ARGS, f"bad lease ID ({exc}), expecting ID in Hex") from None
-    if lease:
-        # The broker has no leases (yet): every lease ID is one etcd would not find.
-        raise CliError(EXIT_ERROR, "etcdserver: requested lease not found")
-    return op_put(arg_bytes(args[0]), value, values["prev-kv"], values["ignore-value"])
+    return op_put(arg_bytes(args[0]), value, values["prev-kv"], values["ignore-value"], lease,
+                  values["ignore-lease"])
 
 
 def _range(args: list[str], prefix: bool, from_key: bool) -> tuple[bytes, bytes | None]:
@@ -157,6 +155,7 @@ PUT_FLAGS = [
     Flag("prev-kv", bool, False, "return the previous key-value pair before modification"),
     Flag("ignore-value", bool, False, "updates the key using its current value"),
     Flag("lease", str, "0", "lease ID (in hexadecimal) to attach to the key"),
+    Flag("ignore-lease", bool, False, "updates the key using its current lease"),
 ]
 GET_FLAGS = [
     Flag("consistency", str, "l", "Linearizable(l) or Serializable(s): both read the one broker"),
@@ -212,7 +211,8 @@ def _cluster_id(c) -> int:
 
 
 def run_put(c, inv: Invocation, op: PutOp) -> None:
-    r = c.put(op.key, op.value, prev_kv=op.prev_kv, ignore_value=op.ignore_value)
+    r = c.put(op.key, op.value, prev_kv=op.prev_kv, ignore_value=op.ignore_value, lease=op.lease,
+              ignore_lease=op.ignore_lease)
     inv.write(json_put(r, inv.cluster_id) if inv.fmt == "json" else simple_put(r, inv.hex))
 
 
@@ -366,6 +366,17 @@ def _check_format(fmt: str, formats: tuple[str, ...]) -> None:
         raise CliError(EXIT_BAD_FEATURE, f"{fmt} not supported as output format")
 
 
+def broker_name(values: dict) -> str:
+    """The broker a command talks to: --name, else $SHMWATCH_NAME, else 'default';
+    a name no segment can carry is refused before connecting (one error line)."""
+    name = values["name"] or os.environ.get("SHMWATCH_NAME") or "default"
+    try:
+        shm_name(name, "ctl")
+    except ValueError as exc:
+        raise CliError(EXIT_ERROR, str(exc)) from None
+    return name
+
+
 def run_client_command(name: str, argv: list[str]) -> int:
     """Parse, check, connect, request, print: etcdctl's order of checks, except that a
     format a command cannot print is refused before anything is sent (etcdctl applies a
@@ -385,12 +396,7 @@ def run_client_command(name: str, argv: list[str]) -> int:
     inv = Invocation(values, args)
     request = cmd.prepare(inv)
     _check_format(inv.fmt, cmd.formats)
-    broker_name = values["name"] or os.environ.get("SHMWATCH_NAME") or "default"
-    try:
-        shm_name(broker_name, "ctl")
-    except ValueError as exc:  # before connecting: one error line, as for any bad flag
-        raise CliError(EXIT_ERROR, str(exc)) from None
-    with connect(broker_name, timeout=values["timeout"]) as c:
+    with connect(broker_name(values), timeout=values["timeout"]) as c:
         inv.cluster_id = _cluster_id(c)
         cmd.run(c, inv, request)
     return 0
@@ -546,6 +552,8 @@ def build_parser():
         if name != "compact":
             sub.add_parser(name, help=cmd.summary, add_help=False)
     sub.add_parser("status", help="a broker's status, from its published stats", add_help=False)
+    sub.add_parser("lease", help="lease grant|revoke|timetolive|list|keep-alive (etcdctl's)",
+                   add_help=False)
 
     sp = sub.add_parser("cleanup", help="remove what dead brokers left in /dev/shm")
     sp.add_argument("--name", default=None, help="only this broker's leftovers")
@@ -587,12 +595,16 @@ def main(argv: list[str] | None = None) -> int:
         from importlib import import_module
 
         return import_module(f"..{argv[0]}", __package__).main(argv[1:])
-    if argv and (argv[0] in CLIENT_COMMANDS or argv[0] == "status"):
+    if argv and (argv[0] in CLIENT_COMMANDS or argv[0] in ("status", "lease")):
         # A closed pipe ends us as it ends etcdctl (`shmwatch get ... | head`).
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
         try:
             if argv[0] == "status":
                 return cmd_status(argv[1:])
+            if argv[0] == "lease":
+                from .lease import run_lease_command
+
+                return run_lease_command(argv[1:])
             return run_client_command(argv[0], argv[1:])
         except CliError as exc:
             sys.stdout.flush()
