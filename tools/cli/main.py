@@ -17,7 +17,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from shm import layout as L
-from shm.errors import ShmError
 from shm.segment import shm_name
 from shmwatch import __version__
 from shmwatch.wire import errors
@@ -36,11 +35,9 @@ from .args import (
 )
 from .output import (
     JSON_WATCH_REFUSED,
-    humanize_bytes,
     json_bytes,
     json_del,
     json_get,
-    json_header,
     json_put,
     json_txn,
     json_watch,
@@ -49,7 +46,6 @@ from .output import (
     simple_put,
     simple_txn,
     simple_watch,
-    table_bytes,
     table_get,
 )
 from .txn import read_txn
@@ -402,92 +398,6 @@ def run_client_command(name: str, argv: list[str]) -> int:
     return 0
 
 
-# ------------------------------------------------------------------ status
-
-
-def _shm_bytes(name: str) -> int:
-    """Bytes of /dev/shm that broker `name`'s segments hold (its "db size")."""
-    prefix = f"shmwatch.{name}."
-    total = 0
-    for entry in os.listdir("/dev/shm"):
-        if entry.startswith(prefix):
-            try:
-                total += os.stat(os.path.join("/dev/shm", entry)).st_size
-            except FileNotFoundError:
-                pass
-    return total
-
-
-STATUS_HEADER = ["name", "pid", "version", "revision", "compact revision", "log fill",
-                 "clients", "watchers", "db size"]
-
-
-def broker_status(name: str) -> dict:
-    """etcdctl `endpoint status`'s Status for a broker, read from its control segment and
-    published stats: no request reaches the broker."""
-    from broker.admin import broker_info, read_stats
-
-    info = broker_info(name)
-    if info["state"] != "alive":
-        why = "is not running" if info["state"] == "absent" else f"is {info['state']}"
-        raise CliError(EXIT_ERROR, f"shmwatch: broker {name!r} {why}"
-                       + (f" ({info['error']})" if "error" in info else ""))
-    if "error" in info:
-        raise CliError(EXIT_ERROR, f"shmwatch: broker {name!r}: {info['error']}")
-    try:
-        stats = read_stats(name)
-    except (ShmError, TimeoutError) as exc:  # a broker still starting, or just gone
-        raise CliError(EXIT_ERROR, f"shmwatch: broker {name!r} has no stats to read ({exc})") from None
-    log = stats["log"]
-    return {"name": name, "pid": info["pid"], "version": __version__,
-            "cluster_id": info["cluster_id"],
-            "revision": info["revision"], "compact_revision": info["compact_revision"],
-            "log_used": log["used"], "log_capacity": log["capacity"],
-            "log_revisions": log["count"], "clients": info["clients"],
-            "watchers": stats["watchers"]["total"], "db_size": _shm_bytes(name)}
-
-
-def status_row(s: dict) -> list[str]:
-    fill = f"{humanize_bytes(s['log_used'])} / {humanize_bytes(s['log_capacity'])}"
-    return [s["name"], str(s["pid"]), s["version"], str(s["revision"]),
-            str(s["compact_revision"]), fill, str(s["clients"]), str(s["watchers"]),
-            humanize_bytes(s["db_size"])]
-
-
-def status_json(s: dict) -> list:
-    """etcdctl's `endpoint status -w json` shape: one {"Endpoint", "Status"} per broker,
-    camelCase fields, zero fields omitted."""
-    fields = {"header": json_header(s["cluster_id"], s["revision"]), "version": s["version"],
-              "dbSize": s["db_size"], "pid": s["pid"], "compactRevision": s["compact_revision"],
-              "logUsed": s["log_used"], "logCapacity": s["log_capacity"],
-              "logRevisions": s["log_revisions"], "clients": s["clients"],
-              "watchers": s["watchers"]}
-    return [{"Endpoint": s["name"],
-             "Status": {k: v for k, v in fields.items() if v not in (0, "", {})}}]
-
-
-def cmd_status(argv: list[str]) -> int:
-    flags = [GLOBAL_FLAGS[0], GLOBAL_FLAGS[1]]
-    values, args, want_help = parse_flags(flags, argv)
-    if want_help:
-        sys.stdout.write(usage("status", "status [--name NAME] [-w simple|json|table]",
-                               "Prints a broker's status (etcdctl endpoint status)", flags))
-        return 0
-    if args:
-        raise CliError(EXIT_BAD_ARGS, "status command takes no argument")
-    _check_format(values["write-out"], ("simple", "json", "table"))
-    s = broker_status(values["name"] or os.environ.get("SHMWATCH_NAME") or "default")
-    fmt = values["write-out"]
-    if fmt == "json":
-        data = json_bytes(status_json(s))
-    elif fmt == "table":
-        data = table_bytes(STATUS_HEADER, [status_row(s)])
-    else:
-        data = (", ".join(status_row(s)) + "\n").encode()
-    sys.stdout.buffer.write(data)
-    return 0
-
-
 # ------------------------------------------------------------------ broker tools
 
 
@@ -600,6 +510,8 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
         try:
             if argv[0] == "status":
+                from .status import cmd_status
+
                 return cmd_status(argv[1:])
             if argv[0] == "lease":
                 from .lease import run_lease_command
