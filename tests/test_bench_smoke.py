@@ -25,6 +25,7 @@ REQUIRED = {
     "W5": ["write_rate", "cpu_us_per_write"],
     "MEM": [],  # checked below: metric names carry the checkpoint
     "LIGHT": [],  # checked below: the idle variant has other figures
+    "LEASE": ["n", "max_ms"],  # and etcd's below, when it ran
 }
 
 
@@ -62,6 +63,8 @@ def test_bench_smoke(tmp_path):
             if name == "LIGHT":
                 key = "broker_core" if variant == "idle" else "cpu_us_per_write"
                 assert figs[key]["median"] > 0, f"LIGHT {variant}: {figs}"
+            if name == "LEASE" and "etcd" in transports:
+                assert transports["etcd"]["n"]["median"] > 0, f"LEASE {variant}: {transports}"
             if name == "MEM":
                 anon = [v["median"] for k, v in figs.items() if k.startswith("anon@")]
                 assert anon and all(x > 0 for x in anon), f"MEM {variant}: {figs}"

@@ -12,6 +12,9 @@
   MEM (shmwatch) broker RSS with 1,000 stalled watchers as N writes pile up.
   LIGHT CPU per record of every process at a paced 1,000 and 5,000 records/s to 4
       watchers, beside multiprocessing.Queue; and an idle broker's and watchers' CPU.
+  LEASE (shmwatch and etcd) L1 lease expiry lag (deadline -> DELETE at a watcher), idle
+      and under writes; L2 release lag after SIGKILL of the holder (bound lease; etcd:
+      its minimum TTL running out).
 
 Adding a workload is one Workload subclass in a module here, one entry in WORKLOADS,
 and its section in report/sections.py (a test checks that every workload has one).
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 from .base import Workload
 from .latency import Latency
+from .lease import Leases
 from .light import Light
 from .many_watchers import ManyWatchers
 from .memory import Memory
@@ -28,7 +32,7 @@ from .stall import Stall
 from .throughput import FanOut, Unicast
 
 WORKLOADS: tuple[Workload, ...] = (Unicast(), FanOut(), Latency(), Stall(), ManyWatchers(),
-                                   Memory(), Light())
+                                   Memory(), Light(), Leases())
 NAMES = tuple(w.name for w in WORKLOADS)
 
 __all__ = ["NAMES", "WORKLOADS", "Workload"]
