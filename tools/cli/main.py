@@ -1,10 +1,11 @@
 """The `shmwatch` command: etcdctl 3.4's verbs against a shmwatch broker, plus the
 broker's own tools (`serve`, `status`, `ls`, `cleanup`, `top`, `stress`, `bench`).
 
-The client commands (`put`, `get`, `del`, `txn`, `compaction`/`compact`, `watch`) take
-etcdctl's flags, print etcdctl's output byte for byte (simple, `-w json`, `--hex`), and
-exit with etcdctl's codes and `Error:` lines; tests/test_cli_etcdctl.py runs the same
-command lines through a real etcdctl and compares. Where shmwatch adds something etcdctl
+The client commands (`put`, `get`, `del`, `txn`, `compaction`/`compact`, `watch`, and
+`lease ...` in lease.py) take etcdctl's flags, print etcdctl's output byte for byte
+(simple, `-w json`, `--hex`), and exit with etcdctl's codes and `Error:` lines;
+tests/test_cli_etcdctl.py and tests/test_cli_lease.py run the same command lines through
+a real etcdctl and compare. Where shmwatch adds something etcdctl
 lacks (`get -w table`, `status`), it follows etcdctl's style.
 """
 
