@@ -69,6 +69,10 @@ def canned_run() -> Run:
             R.add("W5", f"keys {n}", "shmwatch", {
                 "write_rate": 10_000.0 if n == 1 else 9_000.0, "cpu_us_per_write": 30.0,
                 "delivered": 100, "expected": 100, "setup_s": 1.0})
+        R.add("LEASE", "L1 expiry, idle", "shmwatch", {"p50_ms": 0.5 + rep, "p99_ms": 2.0,
+                                                       "max_ms": 3.0, "n": 40})
+        R.add("LEASE", "L2 release after SIGKILL", "etcd", {"p50_ms": 1000.0, "p99_ms": 1200.0,
+                                                            "max_ms": 1250.0, "n": 12})
     R.add("MEM", "0 watchers", "shmwatch", {"anon@0": 15.0, "rss@0": 25.0,
                                             "anon@1000": 16.0, "rss@1000": 27.0,
                                             "write_rate": 50_000.0})
@@ -98,7 +102,10 @@ def test_markdown_of_a_canned_run():
     heads = [ln for ln in lines if ln.startswith("## ")]
     assert [h.split()[1] for h in heads] == [
         "Machine", "Targets", "W1", "W2", "W3", "W4", "W5", "Memory:", "LIGHT:", "CATCHUP:",
-        "Failed"]
+        "LEASE:", "Failed"]
+    assert "| L1 expiry, idle | shmwatch | 1.0 (0.5–1.5) | 2.0 (2.0–2.0) | 3.0 (3.0–3.0) | 40 |" in lines
+    assert ("| L2 release after SIGKILL | etcd 3.4 watch (JSON gateway) | 1,000 (1,000–1,000) | "
+            "1,200 (1,200–1,200) | 1,250 (1,250–1,250) | 12 |") in lines
     # W1: medians (min–max) over the 2 repetitions, rows in transport order
     assert "| transport | 1 writer | 4 writers | batched | async |" in lines
     assert ("| shmwatch | 21k (20k–22k) | 21k (20k–22k) | 315k (300k–330k) | 94k (90k–99k) |"

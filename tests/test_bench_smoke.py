@@ -26,6 +26,7 @@ REQUIRED = {
     "MEM": [],  # checked below: metric names carry the checkpoint
     "LIGHT": [],  # checked below: the idle variant has other figures
     "CATCHUP": ["watchers_us_per_event", "replayed", "exact"],  # the broker may use ~0
+    "LEASE": ["n", "max_ms"],  # and etcd's below, when it ran
 }
 
 
@@ -65,6 +66,8 @@ def test_bench_smoke(tmp_path):
                 assert figs[key]["median"] > 0, f"LIGHT {variant}: {figs}"
             if name == "CATCHUP":
                 assert figs["exact"]["min"] == 1.0, f"CATCHUP {variant}: a stream was not exact"
+            if name == "LEASE" and "etcd" in transports:
+                assert transports["etcd"]["n"]["median"] > 0, f"LEASE {variant}: {transports}"
             if name == "MEM":
                 anon = [v["median"] for k, v in figs.items() if k.startswith("anon@")]
                 assert anon and all(x > 0 for x in anon), f"MEM {variant}: {figs}"

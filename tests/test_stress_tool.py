@@ -434,3 +434,31 @@ def test_a_lock_run_with_too_few_acquisitions_fails(tmp_path):
     assert s["passed"] is False and s["seed"] == 3
     assert any("acquisitions verified (need 1000000)" in p for p in s["problems"])
     assert "FAILED" in s["stdout"] and "PASSED" not in s["stdout"]
+
+
+# =============================================================================== registry
+
+
+@pytest.mark.timeout(120)
+def test_registry_scenario_proves_killed_workers_keys_vanish(tmp_path):
+    """Workers registered with bound leases, SIGKILLed in turn: each killed one's key is
+    deleted (seen by the watch, prev_kv naming its lease) within the bound; live ones'
+    keys stay, then go when they close; and a run that killed nobody FAILS."""
+    out = tmp_path / "registry.json"
+    p = subprocess.run([sys.executable, "tools/stress", "--scenario", "registry", "--quiet",
+                        "--duration", "2.5", "--registry-workers", "4", "--json", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=100, check=False,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert p.returncode == 0, p.stdout + p.stderr
+    s = json.loads(out.read_text())
+    assert s["passed"] and s["problems"] == []
+    assert s["kills"] >= 2 and s["kills_verified"] == s["kills"]
+    assert s["registrations"] == 4 + s["kills"] == s["registrations_verified"]
+    assert s["live"] == 4 and s["live_verified"] == s["closed_verified"] == 4
+    assert 0 < s["release_lag_ms"]["max"] <= 1000
+    assert f"PASSED: {s['kills']} killed workers' keys deleted" in p.stdout
+    p = subprocess.run([sys.executable, "tools/stress", "--scenario", "registry", "--quiet",
+                        "--duration", "0.2", "--registry-workers", "1"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=100, check=False,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert p.returncode == 1 and "no worker was killed" in p.stdout and "FAILED" in p.stdout

@@ -115,11 +115,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "watchers become victims)")
     p.add_argument("--seed", type=int, default=None,
                    help="replay the random choices of a run (default: a random seed, printed)")
+    p.add_argument("--scenario", choices=("streams", "lock", "registry"), default="streams",
+                   help="streams: writers and watchers, every stream proved (the default); "
+                        "lock: lockers contending for one clientlib.concurrency.Lock, "
+                        "checked for mutual exclusion; registry: workers registered with "
+                        "bound leases, SIGKILLed, their keys proved gone (registry.py)")
+    p.add_argument("--registry-workers", type=int, default=6,
+                   help="registry: worker processes registered at a time (default 6)")
+    p.add_argument("--release-bound", type=float, default=1.0, metavar="SECONDS",
+                   help="registry: a killed worker's key must be deleted within this "
+                        "(default 1.0)")
     p.add_argument("--json", metavar="FILE", help="write the summary as JSON ('-' = stdout)")
     p.add_argument("--quiet", action="store_true", help="no live display")
-    p.add_argument("--scenario", choices=("streams", "lock"), default="streams",
-                   help="streams: writers and watchers (default); lock: lockers contending "
-                        "for one clientlib.concurrency.Lock, checked for mutual exclusion")
     p.add_argument("--lockers", type=int, default=4,
                    help="--scenario lock: locker processes (default 4)")
     p.add_argument("--min-acquisitions", type=int, default=10,
@@ -136,6 +143,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if a.min_streams < 1:
         # A verdict must rest on something: PASSED never means "nothing was verified".
         p.error("--min-streams must be at least 1")
+    if a.registry_workers < 1 or a.release_bound <= 0:
+        p.error("--registry-workers must be >= 1, --release-bound > 0")
     if a.compact_every is not None and a.compact_every < 0:
         p.error("--compact-every must be >= 0")
     return a

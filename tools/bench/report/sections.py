@@ -13,7 +13,7 @@ import functools
 from ..results import Run, ratios, summary
 from ..transports import LABELS, ORDER
 from ..transports.etcd_watch import ETCD_IDLE_S, ETCD_PACE
-from ..workloads import catchup, light, many_watchers, memory, stall, throughput
+from ..workloads import catchup, lease, light, many_watchers, memory, stall, throughput
 from ..workloads.latency import RATE as W3_RATE
 from .cells import cell, cpu_table, fmt_num, loss_lines, pct_cell, ratio_cell, ratio_table, table
 
@@ -268,5 +268,36 @@ def mass_catchup(run: Run) -> list[str]:
     return L + [""]
 
 
+def leases(run: Run) -> list[str]:
+    R, P = run.results, run.profile
+    L = ["## LEASE: how soon a lease's keys go (ms)", "",
+         f"**L1 expiry lag**: {P.lease_n} leases of TTL {lease.TTL} s (the minimum of both: "
+         "the broker with `min_lease_ttl=1`, etcd with its 100 ms election timeout) "
+         f"granted one after another over {P.lease_spread_s:g} s, each with one key; a "
+         "watch of their prefix stamps each DELETE on arrival; the lag is that arrival "
+         "minus the lease's deadline (grant request midpoint + TTL). etcd looks for "
+         "expired leases every 500 ms and revokes them through raft; the broker sleeps "
+         "no later than the next deadline. Idle, and with one process writing "
+         "synchronously to other keys as fast as it can. "
+         f"**L2 release lag after SIGKILL**: {P.lease_holders} holder processes each hold "
+         "a lease with one key and are SIGKILLed one by one; the lag is the DELETE's "
+         "arrival minus the kill. shmwatch: a lease bound to the holder's process "
+         "(`lease_grant(0, bound=True)`), released when the broker sees the process die. "
+         f"etcd has no bound lease: its holder keeps a {lease.TTL} s lease alive every "
+         "TTL/3 as clientv3 does, so the key goes when the TTL runs out after the kill "
+         "(what an etcd user gets at the shortest TTL).", "",
+         "| figure | transport | p50 | p99 | max | leases per trial |",
+         "|---|---|---|---|---|---|"]
+    for v in lease.VARIANTS:
+        for tn in R.transports("LEASE", ORDER):
+            g = functools.partial(R.get, "LEASE", v, tn)
+            if not g("n"):
+                continue
+            L.append(f"| {v} | {LABELS[tn]} | {cell(g('p50_ms'), 'us')} | "
+                     f"{cell(g('p99_ms'), 'us')} | {cell(g('max_ms'), 'us')} | "
+                     f"{summary(g('n'))['median']:.0f} |")
+    return L + [""]
+
+
 SECTIONS = {"W1": w1, "W2": w2, "W3": w3, "W4": w4, "W5": w5, "MEM": mem,
-            "LIGHT": light_load, "CATCHUP": mass_catchup}
+            "LIGHT": light_load, "CATCHUP": mass_catchup, "LEASE": leases}

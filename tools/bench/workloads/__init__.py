@@ -15,6 +15,9 @@
       watchers, beside multiprocessing.Queue; and an idle broker's and watchers' CPU.
   CATCHUP (shmwatch) 1,000 stalled watchers catch up at once, replayed by the broker
       or read from the shared log by the watchers: broker CPU per replayed event.
+  LEASE (shmwatch and etcd) L1 lease expiry lag (deadline -> DELETE at a watcher), idle
+      and under writes; L2 release lag after SIGKILL of the holder (bound lease; etcd:
+      its minimum TTL running out).
 
 Adding a workload is one Workload subclass in a module here, one entry in WORKLOADS,
 and its section in report/sections.py (a test checks that every workload has one).
@@ -25,6 +28,7 @@ from __future__ import annotations
 from .base import Workload
 from .catchup import MassCatchUp
 from .latency import Latency
+from .lease import Leases
 from .light import Light
 from .many_watchers import ManyWatchers
 from .memory import Memory
@@ -32,7 +36,7 @@ from .stall import Stall
 from .throughput import FanOut, Unicast
 
 WORKLOADS: tuple[Workload, ...] = (Unicast(), FanOut(), Latency(), Stall(), ManyWatchers(),
-                                   Memory(), Light(), MassCatchUp())
+                                   Memory(), Light(), MassCatchUp(), Leases())
 NAMES = tuple(w.name for w in WORKLOADS)
 
 __all__ = ["NAMES", "WORKLOADS", "Workload"]
