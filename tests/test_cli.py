@@ -23,7 +23,8 @@ import pytest
 import broker
 import clientlib
 from broker.admin import cleanup_stale, read_stats
-from shmwatch.tools.cli.output import humanize_bytes
+from shmwatch.tools.cli.main import _cluster_id as cluster_id
+from shmwatch.tools.cli.output import MEMBER_ID_SALT, humanize_bytes
 from tests.mp_workers import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -373,8 +374,9 @@ def test_status(broker_proc):
         shm = sum(os.stat(f"/dev/shm/{e}").st_size for e in shm_entries(name)
                   if not e.startswith("sem."))
         out = json.loads(run("status", "--name", name, "-w", "json").stdout)
+        cluster = cluster_id(c)
         assert out == [{"Endpoint": name, "Status": {
-            "header": {"cluster_id": c._words[11], "member_id": c._words[11] ^ 0x53484D57,
+            "header": {"cluster_id": cluster, "member_id": cluster ^ MEMBER_ID_SALT,
                        "revision": 4},
             "version": clientlib.__version__, "dbSize": shm, "pid": broker_proc.pid, "compactRevision": 3,
             "logUsed": stats["log"]["used"], "logCapacity": stats["log"]["capacity"],
