@@ -23,7 +23,7 @@ import pytest
 import broker
 import clientlib
 from broker.admin import cleanup_stale, read_stats
-from shmwatch.tools.cli.main import _cluster_id as cluster_id
+from shmwatch.tools.cli.common import cluster_id
 from shmwatch.tools.cli.output import MEMBER_ID_SALT, humanize_bytes
 from tests.mp_workers import wait_for
 

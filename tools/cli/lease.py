@@ -31,6 +31,7 @@ from .args import (
     parse_flags,
     usage,
 )
+from .common import GLOBAL_FLAGS, broker_name, check_format, cluster_id
 from .output import _b64, json_bytes, json_header
 from clientlib import connect
 
@@ -244,7 +245,6 @@ def lease_usage() -> str:
 def run_lease_command(argv: list[str]) -> int:
     """`shmwatch lease SUBCOMMAND ...`: parse, check, connect, request, print, in
     etcdctl's order of checks (a format a command cannot print is refused first)."""
-    from .main import GLOBAL_FLAGS, _check_format, _cluster_id, broker_name
 
     if not argv or argv[0] not in LEASE_COMMANDS:  # cobra prints the group's help, exit 0
         sys.stdout.write(lease_usage())
@@ -261,7 +261,7 @@ def run_lease_command(argv: list[str]) -> int:
         sys.stdout.write(text)
         return 0
     request = cmd.prepare(args)
-    _check_format(values["write-out"], ("simple", "json"))
+    check_format(values["write-out"], ("simple", "json"))
     with connect(broker_name(values), timeout=values["timeout"]) as c:
-        cmd.run(LeaseRun(c, values, args, _cluster_id(c)), request)
+        cmd.run(LeaseRun(c, values, args, cluster_id(c)), request)
     return 0

@@ -17,8 +17,6 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from shm import layout as L
-from shm.segment import shm_name
 from shmwatch import __version__
 from shmwatch.wire import errors
 from shmwatch.wire.ops import DeleteOp, PutOp, RangeOp, op_delete, op_put, resolve_range
@@ -49,6 +47,7 @@ from .output import (
     simple_watch,
     table_get,
 )
+from .common import GLOBAL_FLAGS, broker_name, check_format, cluster_id
 from .recipes import RECIPES
 from .txn import read_txn
 from clientlib import connect
@@ -143,12 +142,6 @@ def build_del(values: dict, args: list[str]) -> DeleteOp:
 
 # ------------------------------------------------------------------ flags
 
-GLOBAL_FLAGS = [
-    Flag("name", str, "", "broker name (default: $SHMWATCH_NAME or 'default')"),
-    Flag("write-out", str, "simple", "output format: simple, json, or table (get, status)", "w"),
-    Flag("hex", bool, False, "print keys and values as \\xHH escapes"),
-    Flag("timeout", float, 5.0, "seconds a request may take"),
-]
 PUT_FLAGS = [
     Flag("prev-kv", bool, False, "return the previous key-value pair before modification"),
     Flag("ignore-value", bool, False, "updates the key using its current value"),
@@ -203,9 +196,6 @@ class Invocation:
         self.out.write(data)
         self.out.flush()
 
-
-def _cluster_id(c) -> int:
-    return c._words[L.CTL_CLUSTER_ID] if c._words is not None else 0
 
 
 def run_put(c, inv: Invocation, op: PutOp) -> None:
@@ -351,29 +341,11 @@ CLIENT_COMMANDS: dict[str, ClientCommand] = {
 }
 CLIENT_COMMANDS["compact"] = CLIENT_COMMANDS["compaction"]
 CLIENT_COMMANDS.update({name: ClientCommand(*spec) for name, spec in RECIPES.items()})  # lock, elect
-OUTPUT_FORMATS = ("simple", "json", "table", "fields", "protobuf")  # what etcdctl's -w knows
+
 
 
 def _flags_for(name: str) -> list[Flag]:
     return GLOBAL_FLAGS + CLIENT_COMMANDS[name].flags
-
-
-def _check_format(fmt: str, formats: tuple[str, ...]) -> None:
-    if fmt not in OUTPUT_FORMATS:
-        raise CliError(EXIT_BAD_FEATURE, "unsupported output format")
-    if fmt not in formats:
-        raise CliError(EXIT_BAD_FEATURE, f"{fmt} not supported as output format")
-
-
-def broker_name(values: dict) -> str:
-    """The broker a command talks to: --name, else $SHMWATCH_NAME, else 'default';
-    a name no segment can carry is refused before connecting (one error line)."""
-    name = values["name"] or os.environ.get("SHMWATCH_NAME") or "default"
-    try:
-        shm_name(name, "ctl")
-    except ValueError as exc:
-        raise CliError(EXIT_ERROR, str(exc)) from None
-    return name
 
 
 def run_client_command(name: str, argv: list[str]) -> int:
@@ -394,9 +366,9 @@ def run_client_command(name: str, argv: list[str]) -> int:
         return 0
     inv = Invocation(values, args)
     request = cmd.prepare(inv)
-    _check_format(inv.fmt, cmd.formats)
+    check_format(inv.fmt, cmd.formats)
     with connect(broker_name(values), timeout=values["timeout"]) as c:
-        inv.cluster_id = _cluster_id(c)
+        inv.cluster_id = cluster_id(c)
         cmd.run(c, inv, request)
     return 0
 

@@ -12,6 +12,7 @@ from shm.errors import ShmError
 from shmwatch import __version__
 
 from .args import EXIT_BAD_ARGS, EXIT_ERROR, CliError, parse_flags, usage
+from .common import GLOBAL_FLAGS, check_format
 from .output import humanize_bytes, json_bytes, json_header, table_bytes
 
 
@@ -80,7 +81,6 @@ def status_json(s: dict) -> list:
 
 def cmd_status(argv: list[str]) -> int:
     """`shmwatch status [--name NAME] [-w simple|json|table]`."""
-    from .main import GLOBAL_FLAGS, _check_format
 
     flags = [GLOBAL_FLAGS[0], GLOBAL_FLAGS[1]]
     values, args, want_help = parse_flags(flags, argv)
@@ -90,7 +90,7 @@ def cmd_status(argv: list[str]) -> int:
         return 0
     if args:
         raise CliError(EXIT_BAD_ARGS, "status command takes no argument")
-    _check_format(values["write-out"], ("simple", "json", "table"))
+    check_format(values["write-out"], ("simple", "json", "table"))
     s = broker_status(values["name"] or os.environ.get("SHMWATCH_NAME") or "default")
     fmt = values["write-out"]
     if fmt == "json":
