@@ -1,4 +1,4 @@
-"""LEASE: how soon a lease's keys go, shmwatch beside etcd.
+"""LEASE: how soon a lease's keys go, and a lock to its next holder, shmwatch beside etcd.
 
   L1  expiry lag: N leases of the minimum TTL (1 s: the broker with `min_lease_ttl=1`;
       the bench's etcd, whose election timeout of 100 ms makes 1 s its minimum), granted
@@ -404,7 +404,7 @@ def handover_lags(side, n: int, rnd: random.Random) -> list[float]:
     """L3: the lags (s) of n hand-overs of one lock between two processes taking turns."""
     name = b"l3/%d" % rnd.randrange(1 << 30)
     box = Mailbox(f"LEASE L3 {side.name}")
-    done, waiting = CTX.Value("q", 0), CTX.Value("q", -1)
+    done, waiting = CTX.RawValue("q", 0), CTX.RawValue("q", -1)  # one writer at a time
     procs = [REG.spawn(box, "locker", r, _lock_turns, side.name, side.env, name, r, n + 1,
                        done, waiting) for r in (0, 1)]
     try:
