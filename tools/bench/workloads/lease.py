@@ -13,14 +13,15 @@
       bound lease: its holder keeps a lease of the minimum TTL alive as clientv3 does
       (a keep-alive every TTL/3), so the key goes once the TTL runs out after the kill.
   L3  lock hand-over: two processes take turns holding one lock. The holder waits until
-      the other has called acquire (and SETTLE_S more, so it is blocked in it), stamps
-      and calls release; the figure is the waiter's stamp right after its acquire
-      returns minus that release stamp (time.monotonic_ns: CLOCK_MONOTONIC, one clock
-      for every process), over N hand-overs. shmwatch: `clientlib.concurrency.Lock`
-      (its default bound session: a bound lease per acquisition, revoked on release);
-      etcd: its lock service through the JSON gateway (`/v3/lock/lock` with a lease of
-      each process from `/v3/lease/grant`, `/v3/lock/unlock` with the lock's key), whose
-      waiter is etcd's own Mutex watching its predecessor's key in the server.
+      the other has called acquire and its key is in the lock's queue (and SETTLE_S
+      more, so it is blocked in it, its watch made and synced), stamps and calls
+      release; the figure is the waiter's stamp right after its acquire returns minus
+      that release stamp (time.monotonic_ns: CLOCK_MONOTONIC, one clock for every
+      process), over N hand-overs. shmwatch: `clientlib.concurrency.Lock` (its default
+      bound session: a bound lease per acquisition, revoked on release); etcd: its lock
+      service through the JSON gateway (`/v3/lock/lock` with a lease of each process
+      from `/v3/lease/grant`, `/v3/lock/unlock` with the lock's key), whose waiter is
+      etcd's own Mutex watching its predecessor's key in the server.
   L3K hand-over after SIGKILL: N locks, each held by a process with a waiter process
       blocked behind it; the holders are SIGKILLed one by one; the figure is each
       waiter's acquire return minus its holder's kill. shmwatch: the default bound
@@ -59,7 +60,10 @@ KILL_GAP_S = (0.1, 0.2)  # between two SIGKILLs in L2
 WAIT_EXTRA_S = 3.0  # how long past the last deadline (or kill) a DELETE may take
 READY_S = 30.0
 POLL_S = 0.05
-SETTLE_S = 0.05  # L3: from the waiter's key in the lock's queue to the holder's release
+# L3: from the waiter's key in the lock's queue to the holder's release: long enough for
+# etcd's waiter watch (begun at an older revision: unsynced) to be synced by its 100 ms
+# resync loop; at 50 ms etcd's hand-over measured ~45 ms instead of ~5 (ETCD-NOTES §7)
+SETTLE_S = 0.2
 LOCK_LEASE_S = 60  # L3: an etcd locker's lease, longer than any trial (revoked at the end)
 L1_IDLE, L1_LOAD, L2 = "L1 expiry, idle", "L1 expiry, under writes", "L2 release after SIGKILL"
 L3, L3K = "L3 lock hand-over", "L3 hand-over after SIGKILL"
