@@ -73,6 +73,12 @@ def canned_run() -> Run:
                                                        "max_ms": 3.0, "n": 40})
         R.add("LEASE", "L2 release after SIGKILL", "etcd", {"p50_ms": 1000.0, "p99_ms": 1200.0,
                                                             "max_ms": 1250.0, "n": 12})
+        R.add("LEASE", "L3 lock hand-over", "shmwatch", {"p50_ms": 1.5, "p99_ms": 4.0,
+                                                         "max_ms": 4.5, "n": 12})
+        R.add("LEASE", "L3 lock hand-over", "etcd", {"p50_ms": 12.0, "p99_ms": 30.0,
+                                                     "max_ms": 31.0, "n": 12})
+        R.add("LEASE", "L3 hand-over after SIGKILL", "shmwatch", {"p50_ms": 60.0, "p99_ms": 90.0,
+                                                                  "max_ms": 95.0, "n": 12})
     R.add("MEM", "0 watchers", "shmwatch", {"anon@0": 15.0, "rss@0": 25.0,
                                             "anon@1000": 16.0, "rss@1000": 27.0,
                                             "write_rate": 50_000.0})
@@ -106,6 +112,16 @@ def test_markdown_of_a_canned_run():
     assert "| L1 expiry, idle | shmwatch | 1.0 (0.5–1.5) | 2.0 (2.0–2.0) | 3.0 (3.0–3.0) | 40 |" in lines
     assert ("| L2 release after SIGKILL | etcd 3.4 watch (JSON gateway) | 1,000 (1,000–1,000) | "
             "1,200 (1,200–1,200) | 1,250 (1,250–1,250) | 12 |") in lines
+    # L3 after L2, each transport's row in transport order
+    l3 = [ln for ln in lines if ln.startswith("| L3 ")]
+    assert l3 == [
+        "| L3 lock hand-over | shmwatch | 1.5 (1.5–1.5) | 4.0 (4.0–4.0) | 4.5 (4.5–4.5) | 12 |",
+        "| L3 lock hand-over | etcd 3.4 watch (JSON gateway) | 12.0 (12.0–12.0) | "
+        "30.0 (30.0–30.0) | 31.0 (31.0–31.0) | 12 |",
+        "| L3 hand-over after SIGKILL | shmwatch | 60.0 (60.0–60.0) | 90.0 (90.0–90.0) | "
+        "95.0 (95.0–95.0) | 12 |"]
+    assert lines.index(l3[0]) > lines.index(next(ln for ln in lines if ln.startswith("| L2 ")))
+    assert "**L3 lock hand-over**" in md and "`/v3/lock/lock`" in md
     # W1: medians (min–max) over the 2 repetitions, rows in transport order
     assert "| transport | 1 writer | 4 writers | batched | async |" in lines
     assert ("| shmwatch | 21k (20k–22k) | 21k (20k–22k) | 315k (300k–330k) | 94k (90k–99k) |"

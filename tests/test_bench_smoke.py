@@ -71,4 +71,8 @@ def test_bench_smoke(tmp_path):
             if name == "MEM":
                 anon = [v["median"] for k, v in figs.items() if k.startswith("anon@")]
                 assert anon and all(x > 0 for x in anon), f"MEM {variant}: {figs}"
+    for variant in ("L3 lock hand-over", "L3 hand-over after SIGKILL"):  # lock hand-over
+        for tn, figs in wl["LEASE"][variant].items():
+            for m in ("p50_ms", "p99_ms", "max_ms", "n"):
+                assert figs[m]["median"] > 0, f"LEASE {variant} {tn} {m}: {figs[m]}"
     assert not [e for e in data["errors"] if "shmwatch" in e], data["errors"]

@@ -270,7 +270,7 @@ def mass_catchup(run: Run) -> list[str]:
 
 def leases(run: Run) -> list[str]:
     R, P = run.results, run.profile
-    L = ["## LEASE: how soon a lease's keys go (ms)", "",
+    L = ["## LEASE: how soon a lease's keys go, and a lock to its next holder (ms)", "",
          f"**L1 expiry lag**: {P.lease_n} leases of TTL {lease.TTL} s (the minimum of both: "
          "the broker with `min_lease_ttl=1`, etcd with its 100 ms election timeout) "
          f"granted one after another over {P.lease_spread_s:g} s, each with one key; a "
@@ -285,8 +285,24 @@ def leases(run: Run) -> list[str]:
          "(`lease_grant(0, bound=True)`), released when the broker sees the process die. "
          f"etcd has no bound lease: its holder keeps a {lease.TTL} s lease alive every "
          "TTL/3 as clientv3 does, so the key goes when the TTL runs out after the kill "
-         "(what an etcd user gets at the shortest TTL).", "",
-         "| figure | transport | p50 | p99 | max | leases per trial |",
+         "(what an etcd user gets at the shortest TTL). "
+         "**L3 lock hand-over**: two processes take turns holding one lock, "
+         f"{P.lease_holders} hand-overs; the holder waits until the other's key is in the "
+         f"lock's queue (and {lease.SETTLE_S * 1000:.0f} ms more: the waiter is blocked in "
+         "acquire, and etcd's waiter watch, begun unsynced at an older revision, synced by "
+         "etcd's 100 ms resync loop), stamps and calls release; the figure is from that stamp to the "
+         "waiter's acquire returning (CLOCK_MONOTONIC in both processes). shmwatch: "
+         "`clientlib.concurrency.Lock` with its default bound session (a bound lease per "
+         "acquisition, revoked by release); etcd: its lock service through the JSON gateway "
+         "(`/v3/lock/lock` with each process's lease, `/v3/lock/unlock`), whose waiter is "
+         "etcd's Mutex in the server watching its predecessor's key. "
+         f"**L3 hand-over after SIGKILL**: {P.lease_holders} locks, each held by one process "
+         "with another blocked in acquire behind it; the holders are SIGKILLed one by one; "
+         "the figure is from the kill to the waiter's acquire returning. shmwatch: the bound "
+         "session goes when the broker sees the holder die; etcd: the holder's lock lease "
+         f"is a {lease.TTL} s lease kept alive every TTL/3, so the lock passes when it runs "
+         "out.", "",
+         "| figure | transport | p50 | p99 | max | leases (hand-overs) per trial |",
          "|---|---|---|---|---|---|"]
     for v in lease.VARIANTS:
         for tn in R.transports("LEASE", ORDER):
