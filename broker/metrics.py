@@ -15,7 +15,7 @@ import msgpack
 
 from shm.segment import Segment
 
-from .watch import State
+from .watch_states import State
 
 TOP_WATCHERS = 100  # per-watcher rows in the metrics: the most lagging ones
 

@@ -7,7 +7,7 @@ their deadlines, `Registry` owns the shared objects and the clients. The shell d
 request rings, calls the cores, writes the WAL, rings doorbells and reclaims dead
 clients.
 
-One loop (DESIGN.md section 3): drain every client's request ring in batches; apply each
+One loop (docs/INTERNALS.md, "The life of one put"): drain every client's request ring in batches; apply each
 request; append a write's events to the revision log, then (after the WAL write)
 notify synced watchers, then publish the replies (so a put's reply means its watchers
 can already see the events); catch up unsynced watchers; retry victims; wake the

@@ -16,6 +16,8 @@ from shmwatch.wire.errors import (
     CompactedError,
     DuplicateKeyError,
     DuplicateWatchIdError,
+    ElectionNoLeaderError,
+    ElectionNotLeaderError,
     EmptyKeyError,
     FutureRevisionError,
     InheritedWatchError,
@@ -25,11 +27,17 @@ from shmwatch.wire.errors import (
     LeaseNotFoundError,
     LeaseProvidedError,
     LeaseTTLTooLargeError,
+    LockedError,
+    LockLostError,
+    LockReleasedError,
     NoSpaceError,
     PermissionDenied,
     ProtocolError,
+    RecipeCancelled,
+    RecipeTimeout,
     RequestTooLargeError,
     ResponseTooLargeError,
+    SessionExpiredError,
     ShmwatchError,
     Timeout,
     TooManyClientsError,
@@ -72,9 +80,11 @@ from shmwatch.wire.types import (
 
 from .client import Client, Watch, connect
 from .lease import Lease
+from .pipeline import Pipeline, WriteFuture
+from .watch import wait_any
 
 __all__ = [
-    "Client", "Lease", "Watch", "connect",
+    "Client", "Lease", "Pipeline", "Watch", "WriteFuture", "connect", "wait_any",
     "BrokerUnavailable", "ClientClosed", "CompactedError", "DuplicateKeyError",
     "DuplicateWatchIdError", "EmptyKeyError", "FutureRevisionError", "InheritedWatchError",
     "InvalidRangeError", "KeyNotFoundError", "LeaseExistsError", "LeaseNotFoundError",
@@ -83,6 +93,8 @@ __all__ = [
     "Timeout", "TooManyClientsError", "TooManyLeasesError", "TooManyOpsError",
     "TooManyWatchersError",
     "ValueProvidedError", "WatchClosed",
+    "ElectionNoLeaderError", "ElectionNotLeaderError", "LockedError", "LockLostError",
+    "LockReleasedError", "RecipeCancelled", "RecipeTimeout", "SessionExpiredError",
     "Compare", "compare_create", "compare_lease", "compare_mod", "compare_value",
     "compare_version", "op_delete", "op_get", "op_put", "op_txn", "prefix_range_end",
     "DELETE", "PUT", "CompactResponse", "DeleteRangeResponse", "Event", "KeyValue",

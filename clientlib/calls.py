@@ -11,6 +11,7 @@ from shmwatch.wire import errors
 from shmwatch.wire.ops import op_delete, op_get
 from shmwatch.wire.protocol import (
     OP_LEASE_KEEPALIVE,
+    decode_put_response,
     OP_LEASE_LEASES,
     OP_LEASE_REVOKE,
     OP_LEASE_TTL,
@@ -42,9 +43,11 @@ from .flows import (
     flow_put_many,
     flow_txn,
     flow_watch,
+    put_message,
     watch_spec,
 )
 from .lease import Lease
+from .pipeline import DEFAULT_WINDOW, Pipeline, WriteFuture, submit
 from .watch import Watch
 
 
@@ -88,6 +91,24 @@ class Calls:
         matching watchers."""
         return self._run(flow_put(key, value, prev_kv, ignore_value, lease, ignore_lease),
                          timeout)
+
+    def put_async(self, key, value, prev_kv: bool = False, ignore_value: bool = False,
+                  lease: int = 0, ignore_lease: bool = False, *,
+                  timeout: float | None = None) -> WriteFuture:
+        """`put` without waiting for the reply: sent at once (in call order), it returns
+        a `concurrent.futures.Future` of the `PutResponse` (or the broker's error).
+        At most `DEFAULT_WINDOW` (1,024) async writes of this client are in flight: the
+        next one waits for the oldest reply. `timeout` bounds that wait and the send.
+        See clientlib.pipeline."""
+        return submit(self, put_message(key, value, prev_kv, ignore_value, lease, ignore_lease),
+                      decode_put_response, self._inflight, DEFAULT_WINDOW, timeout)
+
+    def pipeline(self, window: int = DEFAULT_WINDOW, *,
+                 timeout: float | None = None) -> Pipeline:
+        """Asynchronous writes with a window of their own: `with c.pipeline() as p:
+        p.put(...)`, `p.delete(...)`, `p.txn(...)` return futures; leaving the block
+        waits for every reply and raises the first failure (see clientlib.pipeline)."""
+        return Pipeline(self, window, timeout)
 
     def put_many(self, items: Iterable[tuple], prev_kv: bool = False, *,
                  timeout: float | None = None) -> list[PutResponse]:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 
 from shm import layout as L
@@ -61,6 +62,7 @@ from .attach import (
     open_control,
 )
 from .calls import Calls
+from .pipeline import AsyncWrites
 from .catchup import LogAccess
 from .watch import Watch
 
@@ -79,7 +81,7 @@ def connect(name: str, timeout: float = DEFAULT_TIMEOUT, *, label: str | None = 
     return Client(name, timeout=timeout, label=label)
 
 
-class Client(Calls):
+class Client(Calls, AsyncWrites, forks.ForkSafety):
     """A connection to one broker. Use as a context manager, or call `close()`."""
 
     def __init__(self, name: str, timeout: float = DEFAULT_TIMEOUT, *,
@@ -97,6 +99,8 @@ class Client(Calls):
         # come, or handed to a late handler (a watch created after its caller gave up).
         self._abandoned: dict[int, Callable | None] = {}
         self._to_cancel: list[int] = []  # watches created late, to cancel at next send
+        self._futures: dict = {}  # async writes in flight (clientlib.pipeline)
+        self._inflight: deque = deque()  # put_async's window
         self._orphans: set = set()  # those watches: drained until their final response
         self._req_id = 0
         self._watches: dict[int, Watch] = {}
@@ -211,6 +215,9 @@ class Client(Calls):
             self._cond.wait(0.05)
 
     def _release(self) -> None:
+        self._fail_futures(errors.ClientClosed() if self._user_closed else
+                           errors.BrokerUnavailable(f"shmwatch: broker {self.name!r} went away "
+                                                    f"before it answered"))
         for w in list(self._watches.values()):
             if w._ring is not None:
                 w._ring.release()
@@ -247,67 +254,6 @@ class Client(Calls):
             self._slot = self._gen = None
             self._ctl.close()
         self._closed = True
-
-    # ------------------------------------------------------------ fork safety
-
-    def _forked(self) -> None:
-        """In a child right after fork() (one thread): drop the child's copy of the
-        parent's slot lock, and replace every lock (another thread of the parent may
-        have held one mid-call). Touches no shared memory."""
-        if self._lock_fd >= 0:
-            try:
-                os.close(self._lock_fd)
-            except OSError:
-                pass
-            self._lock_fd = -1
-        self._cond = threading.Condition(threading.RLock())
-        self._send_lock = threading.Lock()
-        self._watch_lock = threading.Lock()
-        self._sleeper = False
-
-    def _drop_inherited(self) -> None:
-        """Forget the parent's client in this child: unmap our copies of its segments
-        and close our semaphore handles; send nothing, unlock nothing, unlink nothing."""
-        for w in self._watches.values():
-            if w._ring is not None:
-                w._ring.release()
-                w._ring = None
-        self._watches.clear()
-        self._replies.clear()
-        self._abandoned.clear()
-        self._to_cancel.clear()
-        self._orphans.clear()
-        self._free_rings.clear()
-        self._slot = None  # the slot (and its lock) is the parent's
-        self._release()
-        self._seg = self._bell = self._ctl = None
-        self._broker_bell = None
-        self._fork_gen = forks.generation
-
-    def _own(self) -> None:
-        """Make sure this client belongs to this process: in a forked child, attach as
-        a new client on first use (the parent's stays as it was)."""
-        if self._fork_gen == forks.generation:
-            return
-        with self._send_lock, self._cond:
-            if self._fork_gen == forks.generation:
-                return  # another thread of this child did it
-            user_closed = self._user_closed
-            self._drop_inherited()
-            if user_closed:
-                return  # closed in the parent: stays closed (ClientClosed)
-            self._closed = False
-            self._broken = None
-            try:
-                self._attach(time.monotonic() + self.timeout)
-            except BaseException as exc:
-                self._release()
-                self._seg = self._bell = self._ctl = None
-                self._broker_bell = None
-                if isinstance(exc, ShmError):
-                    raise from_shm(exc, self.name) from None
-                raise
-            self.generation += 1
 
     def reconnect(self, timeout: float | None = None, *, _generation: int | None = None) -> None:
         """Attach again to a broker of the same name after the old one went away.
@@ -552,6 +498,7 @@ class Client(Calls):
                 continue  # the broker could not read a request id: nobody waits for it
             if rid in self._abandoned:
                 late = self._abandoned.pop(rid)
+                self._futures.pop(rid, None)
                 if late is not None:
                     late(result)
             else:

@@ -71,11 +71,17 @@ def flow_kv(op):
     return decode_response((yield kv_request(op)))
 
 
+def put_message(key, value, prev_kv: bool, ignore_value: bool, lease=0,
+                ignore_lease: bool = False) -> list:
+    """A put's request (the put path is hot: no PutOp is built)."""
+    return put_request(to_bytes(key), to_bytes(value, "value"), bool(prev_kv),
+                       bool(ignore_value), _lease_id(lease), bool(ignore_lease))
+
+
 def flow_put(key, value, prev_kv: bool, ignore_value: bool, lease: int = 0,
              ignore_lease: bool = False):
-    return decode_put_response((yield put_request(to_bytes(key), to_bytes(value, "value"),
-                                                  bool(prev_kv), bool(ignore_value),
-                                                  _lease_id(lease), bool(ignore_lease))))
+    return decode_put_response(
+        (yield put_message(key, value, prev_kv, ignore_value, lease, ignore_lease)))
 
 
 def _lease_id(lease) -> int:
@@ -100,29 +106,30 @@ def flow_lease(op: int, lease_id, keys: bool = False):
     return decode_response((yield lease_request(op, _lease_id(lease_id), keys)))
 
 
+def raise_first_failure(what: str, out: list) -> None:
+    """Of a batch's results (responses, or errors for the writes that failed), raise
+    the first failure as its own type, with `.index` (its position) and `.results`."""
+    first = next((i for i, r in enumerate(out) if isinstance(r, errors.ShmwatchError)), None)
+    if first is None:
+        return
+    err = out[first]
+    failed = sum(isinstance(r, errors.ShmwatchError) for r in out)
+    exc = type(err)(f"{what} {first} of {len(out)} failed ({failed} failed "
+                    f"in all; the others were applied): {err.message}")
+    for name, value in err.wire_fields().items():
+        setattr(exc, name, value)
+    exc.index = first
+    exc.results = out
+    raise exc
+
+
 def flow_put_many(items: Iterable[tuple], prev_kv: bool):
     msgs = [kv_request(op_put(k, v, prev_kv)) for k, v in items]
     if not msgs:
         return []
-    out: list = []
-    first: int | None = None
-    for i, body in enumerate((yield Pipelined(msgs))):
-        if isinstance(body, errors.ShmwatchError):
-            if first is None:
-                first = i
-            out.append(body)
-        else:
-            out.append(decode_response(body))
-    if first is not None:
-        err = out[first]
-        failed = sum(isinstance(r, errors.ShmwatchError) for r in out)
-        exc = type(err)(f"put_many: item {first} of {len(out)} failed ({failed} failed "
-                        f"in all; the others were applied): {err.message}")
-        for name, value in err.wire_fields().items():
-            setattr(exc, name, value)
-        exc.index = first
-        exc.results = out
-        raise exc
+    out = [body if isinstance(body, errors.ShmwatchError) else decode_response(body)
+           for body in (yield Pipelined(msgs))]
+    raise_first_failure("put_many: item", out)
     return out
 
 

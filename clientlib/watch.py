@@ -285,3 +285,35 @@ class Watch:
                 self.cancel()
             except errors.ShmwatchError:
                 pass
+
+
+def wait_any(watches, timeout: float | None = None) -> list[Watch]:
+    """Wait until at least one of `watches` has a response to read; those watches, in
+    the order given ([] after `timeout` seconds; None waits while the broker lives).
+
+    Like `multiprocessing.connection.wait` for watches: a process with thousands of
+    watches sleeps on its client's doorbell instead of polling `get_nowait()` on each.
+    A returned watch's `get_nowait()` has a response (or raises how its stream ended:
+    an ended watch counts as ready). Every watch must belong to one client (a client's
+    watches share its doorbell): `ValueError` otherwise. Each wake-up checks every
+    watch, O(len(watches)).
+    """
+    ws = list(watches)
+    if not ws:
+        raise ValueError("wait_any needs at least one watch")
+    c = ws[0]._client
+    if any(w._client is not c for w in ws):
+        raise ValueError("wait_any: every watch must belong to the same client "
+                         "(wait on each client's watches separately)")
+    for w in ws:
+        w._mine()
+    got: list[Watch] = []
+
+    def done() -> bool:  # with the client's lock held, after its replies were read
+        got[:] = [w for w in ws if w._final or (w._ready() and w._pull())]
+        return bool(got)
+
+    deadline = None if timeout is None else time.monotonic() + timeout
+    if c._wait(done, lambda: any(w._ready() for w in ws), deadline):
+        return got
+    return []

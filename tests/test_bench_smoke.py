@@ -25,6 +25,8 @@ REQUIRED = {
     "W5": ["write_rate", "cpu_us_per_write"],
     "MEM": [],  # checked below: metric names carry the checkpoint
     "LIGHT": [],  # checked below: the idle variant has other figures
+    "CATCHUP": ["watchers_us_per_event", "replayed", "exact"],  # the broker may use ~0
+    "LEASE": ["n", "max_ms"],  # and etcd's below, when it ran
 }
 
 
@@ -62,7 +64,15 @@ def test_bench_smoke(tmp_path):
             if name == "LIGHT":
                 key = "broker_core" if variant == "idle" else "cpu_us_per_write"
                 assert figs[key]["median"] > 0, f"LIGHT {variant}: {figs}"
+            if name == "CATCHUP":
+                assert figs["exact"]["min"] == 1.0, f"CATCHUP {variant}: a stream was not exact"
+            if name == "LEASE" and "etcd" in transports:
+                assert transports["etcd"]["n"]["median"] > 0, f"LEASE {variant}: {transports}"
             if name == "MEM":
                 anon = [v["median"] for k, v in figs.items() if k.startswith("anon@")]
                 assert anon and all(x > 0 for x in anon), f"MEM {variant}: {figs}"
+    for variant in ("L3 lock hand-over", "L3 hand-over after SIGKILL"):  # lock hand-over
+        for tn, figs in wl["LEASE"][variant].items():
+            for m in ("p50_ms", "p99_ms", "max_ms", "n"):
+                assert figs[m]["median"] > 0, f"LEASE {variant} {tn} {m}: {figs[m]}"
     assert not [e for e in data["errors"] if "shmwatch" in e], data["errors"]

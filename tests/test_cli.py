@@ -23,7 +23,8 @@ import pytest
 import broker
 import clientlib
 from broker.admin import cleanup_stale, read_stats
-from shmwatch.tools.cli.output import humanize_bytes
+from shmwatch.tools.cli.common import cluster_id
+from shmwatch.tools.cli.output import MEMBER_ID_SALT, humanize_bytes
 from tests.mp_workers import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -362,27 +363,32 @@ def test_status(broker_proc):
         c.compact(3)
         w = c.watch("k", prefix=True)
         w.get(10)
+        c.lease_grant(60)
+        c.lease_grant(0, bound=True)
+        c.lease_grant(30, bound=True)
         # compact(3) leaves revisions 3 and 4 in the log
         wait_for(lambda: read_stats(name)["watchers"]["total"] == 1
-                 and read_stats(name)["log"]["count"] == 2, 20, "the stats to show the watch")
+                 and read_stats(name)["log"]["count"] == 2
+                 and read_stats(name)["leases"]["total"] == 3, 20, "the stats to show the watch")
         stats = read_stats(name)
         shm = sum(os.stat(f"/dev/shm/{e}").st_size for e in shm_entries(name)
                   if not e.startswith("sem."))
         out = json.loads(run("status", "--name", name, "-w", "json").stdout)
+        cluster = cluster_id(c)
         assert out == [{"Endpoint": name, "Status": {
-            "header": {"cluster_id": c._words[11], "member_id": c._words[11] ^ 0x53484D57,
+            "header": {"cluster_id": cluster, "member_id": cluster ^ MEMBER_ID_SALT,
                        "revision": 4},
             "version": clientlib.__version__, "dbSize": shm, "pid": broker_proc.pid, "compactRevision": 3,
             "logUsed": stats["log"]["used"], "logCapacity": stats["log"]["capacity"],
-            "logRevisions": 2, "clients": 1, "watchers": 1}}]
+            "logRevisions": 2, "clients": 1, "watchers": 1, "leases": 3, "boundLeases": 2}}]
         fill = f"{humanize_bytes(stats['log']['used'])} / {humanize_bytes(stats['log']['capacity'])}"
-        row = [name, str(broker_proc.pid), clientlib.__version__, "4", "3", fill, "1", "1",
-               humanize_bytes(shm)]
+        row = [name, str(broker_proc.pid), clientlib.__version__, "4", "3", fill, "1", "1", "3",
+               "2", humanize_bytes(shm)]
         assert run("status", "--name", name).stdout == ", ".join(row) + "\n"
         table = run("status", "--name", name, "-w", "table").stdout.splitlines()
         assert [c.strip() for c in table[1].strip("|").split("|")] == [
             "NAME", "PID", "VERSION", "REVISION", "COMPACT REVISION", "LOG FILL", "CLIENTS",
-            "WATCHERS", "DB SIZE"]
+            "WATCHERS", "LEASES", "BOUND LEASES", "DB SIZE"]
         assert [c.strip() for c in table[3].strip("|").split("|")] == row
         assert len(table) == 5 and table[0] == table[2] == table[4]
         w.cancel()

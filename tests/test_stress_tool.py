@@ -363,3 +363,102 @@ def test_a_run_that_did_not_provoke_what_it_was_set_up_for_fails(tmp_path):
         s["exercised"]["compaction"]["required"]
     assert any("compaction not exercised" in r for r in s["reasons"]), s["reasons"]
     assert "NOT EXERCISED" in s["stdout"]
+
+
+# =============================================================================== lock scenario
+
+
+def lock_events(*lives: tuple) -> list[tuple]:
+    """History events from (key, create, delete or 0) lifetimes, in revision order."""
+    evs = [("PUT", k, c, c) for k, c, _ in lives] + [("DELETE", k, 0, d) for k, _, d in lives if d]
+    return sorted(evs, key=lambda e: e[3])
+
+
+def test_the_lock_verifier_accepts_a_clean_hand_over():
+    from shmwatch.tools.stress.lockcheck import Acquisition, verify_lock
+
+    events = lock_events((b"L/a", 2, 4), (b"L/b", 3, 6))
+    acqs = [Acquisition("x", 0, b"L/a", 2, 2, rel=4), Acquisition("y", 0, b"L/b", 3, 4, rel=6)]
+    v = verify_lock(acqs, events, [], [])
+    assert v.problems == [] and v.acquisitions == 2 and v.keys_checked == 2
+
+
+@pytest.mark.parametrize("acqs, final, killed, expect", [
+    # y says it acquired while a's key (older) was still alive: not the owner, overlap
+    ([("x", b"L/a", 2, 2, 5), ("y", b"L/b", 3, 4, 6)], [], [], "the oldest key then was"),
+    # a release at a revision other than the key's delete
+    ([("x", b"L/a", 2, 2, 3)], [], [], "released at 3 but the key was deleted at 5"),
+    # a killed process's key that stayed
+    ([("x", b"L/a", 2, 2, 5)], [], [b"L/c"], "was never deleted"),
+    ([("x", b"L/a", 2, 2, 5)], [b"L/c"], [], "keys left under the lock's prefix"),
+    ([("x", b"L/z", 9, 9, 0)], [], [], "never created in the history"),
+])
+def test_the_lock_verifier_catches_each_violation(acqs, final, killed, expect):
+    from shmwatch.tools.stress.lockcheck import Acquisition, verify_lock
+
+    events = lock_events((b"L/a", 2, 5), (b"L/b", 3, 6), (b"L/c", 7, 0))
+    recs = [Acquisition(w, 0, k, c, a, rel=r) for w, k, c, a, r in acqs]
+    v = verify_lock(recs, events, final, killed)
+    assert any(expect in p for p in v.problems), v.problems
+
+
+def test_the_lock_verifier_finds_an_overlap_hidden_behind_a_short_interval():
+    from shmwatch.tools.stress.lockcheck import verify_lock
+
+    # three "holders" by their own account: a [2, 9), b [4, 5), c [6, 7); comparing
+    # neighbours only would miss c (b's interval ended before it)
+    from shmwatch.tools.stress.lockcheck import Acquisition
+
+    events = lock_events((b"L/a", 2, 9), (b"L/b", 4, 5), (b"L/c", 6, 7))
+    recs = [Acquisition("a", 0, b"L/a", 2, 2), Acquisition("b", 0, b"L/b", 4, 4),
+            Acquisition("c", 0, b"L/c", 6, 6)]
+    v = verify_lock(recs, events, [], [])
+    overlaps = [p for p in v.problems if p.startswith("overlap")]
+    assert len(overlaps) == 2, v.problems  # b and c both inside a's interval
+
+
+@pytest.mark.timeout(180)
+def test_the_lock_scenario_with_chaos_kills_holders_and_proves_exclusion(tmp_path):
+    s = stress(tmp_path, "--scenario", "lock", "--duration", "5", "--chaos", "--lockers", "4")
+    assert s["passed"] is True and s["problems"] == [], s["problems"]
+    assert s["acquisitions"] >= s["min_acquisitions"] == 10
+    assert s["kills"] >= 1 and s["killed_holding"] >= 1
+    assert s["keys_checked"] >= s["acquisitions"]
+    assert f"PASSED: {s['acquisitions']} acquisitions verified" in s["stdout"]
+
+
+@pytest.mark.timeout(120)
+def test_a_lock_run_with_too_few_acquisitions_fails(tmp_path):
+    s = stress(tmp_path, "--scenario", "lock", "--duration", "1", "--lockers", "2",
+               "--min-acquisitions", "1000000", "--seed", "3", rc=1)
+    assert s["passed"] is False and s["seed"] == 3
+    assert any("acquisitions verified (need 1000000)" in p for p in s["problems"])
+    assert "FAILED" in s["stdout"] and "PASSED" not in s["stdout"]
+
+
+# =============================================================================== registry
+
+
+@pytest.mark.timeout(120)
+def test_registry_scenario_proves_killed_workers_keys_vanish(tmp_path):
+    """Workers registered with bound leases, SIGKILLed in turn: each killed one's key is
+    deleted (seen by the watch, prev_kv naming its lease) within the bound; live ones'
+    keys stay, then go when they close; and a run that killed nobody FAILS."""
+    out = tmp_path / "registry.json"
+    p = subprocess.run([sys.executable, "tools/stress", "--scenario", "registry", "--quiet",
+                        "--duration", "2.5", "--registry-workers", "4", "--json", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=100, check=False,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert p.returncode == 0, p.stdout + p.stderr
+    s = json.loads(out.read_text())
+    assert s["passed"] and s["problems"] == []
+    assert s["kills"] >= 2 and s["kills_verified"] == s["kills"]
+    assert s["registrations"] == 4 + s["kills"] == s["registrations_verified"]
+    assert s["live"] == 4 and s["live_verified"] == s["closed_verified"] == 4
+    assert 0 < s["release_lag_ms"]["max"] <= 1000
+    assert f"PASSED: {s['kills']} killed workers' keys deleted" in p.stdout
+    p = subprocess.run([sys.executable, "tools/stress", "--scenario", "registry", "--quiet",
+                        "--duration", "0.2", "--registry-workers", "1"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=100, check=False,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert p.returncode == 1 and "no worker was killed" in p.stdout and "FAILED" in p.stdout

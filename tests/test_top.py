@@ -140,6 +140,28 @@ def test_once_json_measures_rates_over_the_interval(broker_proc, client, capsys)
 
 
 @pytest.mark.timeout(60)
+def test_leases_in_the_header_and_per_client(broker_proc, client, capsys):
+    """Leases: all, bound, expiring within 5 s in the header; per client row the bound
+    leases it holds (a lease granted without `bound` belongs to no client)."""
+    client.lease_grant(60, bound=True)
+    client.lease_grant(0, bound=True)
+    client.lease_grant(3)  # expiring soon
+    wait_stats(broker_proc.name, lambda s: s["leases"]["total"] == 3)
+    view = run_json(capsys, "--name", broker_proc.name, "--interval", "0")
+    assert view["leases"] == {"total": 3, "bound": 2, "expiring_soon": 1, "expired": 0}
+    (me,) = [r for r in view["clients"] if r["pid"] == os.getpid()]
+    assert len(me["leases"]) == 2
+    console = Console(width=160, record=True, file=io.StringIO())
+    console.print(screen.render(view, width=160))
+    text = console.export_text()
+    assert "leases   3 total · 2 bound · 1 expiring soon (<5s) · 0 expired" in text, text
+    (head,) = [ln.split() for ln in text.splitlines() if "LEASES" in ln]
+    (row,) = _rows(view)  # ... WATCH LEASES REQ/S, the fill bar and %, LAG VICT STATE
+    assert "WATCH LEASES REQ/S" in " ".join(head) and row.split()[-8:-6] == ["0", "2"], (head, row)
+    assert [c["pid"] for c in state.sort_clients(view["clients"], "leases")] == [os.getpid()]
+
+
+@pytest.mark.timeout(60)
 def test_a_client_that_died_between_refreshes(broker_proc):
     """The snapshot still lists a client whose process has gone: its row says so."""
     code = ("import sys, clientlib; c = clientlib.connect(sys.argv[1]); w = c.watch(b'x'); "

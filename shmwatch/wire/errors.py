@@ -252,6 +252,70 @@ class UpstreamUnavailable(Timeout):
     default_message = "shmwatch: etcd upstream unavailable"
 
 
+# ---------------------------------------------------------------- coordination recipes
+# (clientlib.concurrency; raised by the client itself, never sent by the broker)
+
+
+class LockedError(ShmwatchError):
+    """etcd's ErrLocked: `Lock.acquire(blocking=False)` found the lock held (TryLock)."""
+
+    code = 40
+    default_message = "mutex: Locked by another session"
+
+
+class SessionExpiredError(ShmwatchError):
+    """etcd's ErrSessionExpired: the session's lease ended (revoked, expired, or its
+    bound client went), so a lock or a campaign built on it is not held."""
+
+    code = 41
+    default_message = "mutex: session is expired"
+
+
+class LockLostError(SessionExpiredError):
+    """A held lock's key vanished before `release()` (its session's lease ended, or
+    someone deleted it): the critical section was not protected to its end."""
+
+    code = 42
+    default_message = "mutex: session is expired: the lock was lost while held"
+
+
+class LockReleasedError(ShmwatchError):
+    """etcd's ErrLockReleased: `release()` of a lock that is not held."""
+
+    code = 43
+    default_message = "mutex: lock has already been released"
+
+
+class ElectionNotLeaderError(ShmwatchError):
+    """etcd's ErrElectionNotLeader: `proclaim()` by a candidate that is not the leader."""
+
+    code = 44
+    default_message = "election: not leader"
+
+
+class ElectionNoLeaderError(ShmwatchError):
+    """etcd's ErrElectionNoLeader: `leader()` of an election nobody holds."""
+
+    code = 45
+    default_message = "election: no leader"
+
+
+class RecipeTimeout(Timeout):
+    """`Lock.acquire(timeout=...)` or `Election.campaign(timeout=...)` ran out of time;
+    the waiter's key was removed (etcd's Lock/Campaign after its context's deadline)."""
+
+    code = 46
+    default_message = "shmwatch: not acquired within the timeout"
+
+
+class RecipeCancelled(ShmwatchError):
+    """A wait of a lock, a campaign or an observer was cancelled through its `cancel`
+    event (etcd's context cancellation, with its text); a waiter's key was removed."""
+
+    code = 47
+    default_message = "context canceled"
+
+
 ERRORS_BY_CODE: dict[int, type[ShmwatchError]] = {
     cls.code: cls
     for cls in (
@@ -283,6 +347,14 @@ ERRORS_BY_CODE: dict[int, type[ShmwatchError]] = {
         LeaseTTLTooLargeError,
         TooManyLeasesError,
         UpstreamUnavailable,
+        LockedError,
+        SessionExpiredError,
+        LockLostError,
+        LockReleasedError,
+        ElectionNotLeaderError,
+        ElectionNoLeaderError,
+        RecipeTimeout,
+        RecipeCancelled,
     )
 }
 

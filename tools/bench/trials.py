@@ -1,7 +1,7 @@
 """One trial: writer and reader processes over one transport, measured end to end.
 
 Owns the Trial description, the child processes' loops (a writer sends for `duration`
-seconds, synchronously, in batches, pipelined, or paced at a rate with its intended send
+seconds, synchronously, in batches, pipelined, asynchronously, or paced at a rate with its intended send
 times; a reader receives until it has every record sent or nothing came for `idle_s`),
 their start order (readers subscribed before any writer starts), the go / resume /
 target signals between them, and the CPU accounting of a finished trial. Never decides
@@ -41,7 +41,7 @@ class Trial:
     idle_s: float  # a reader ends after this long without a record once the target is known
     writers: int = 1
     readers: int = 1
-    write: str = "sync"  # "sync" | "batched" (send_batch) | "pipelined" (send_many)
+    write: str = "sync"  # "sync" | "batched" (send_batch) | "pipelined" (send_many) | "async"
     duration: float = 1.0
     pace: float = 0.0  # records/s per writer (W3); 0 = as fast as it goes
     stalled: int = 0  # the last `stalled` readers read nothing until the writers are done
@@ -81,8 +81,8 @@ def _child(tell: Tell, tname: str, env: dict, trial: Trial, sync: Sync) -> None:
             obj.close()
 
 
-def _send_each(w, keys: list[bytes], end_at: int) -> int:
-    send, pack, pad, now, kmask = w.send, STAMP.pack, PAD, clock_ns, KEYS_PER_WRITER - 1
+def _send_each(send, keys: list[bytes], end_at: int) -> int:
+    pack, pad, now, kmask = STAMP.pack, PAD, clock_ns, KEYS_PER_WRITER - 1
     seq = 0
     while True:
         t = now()
@@ -148,7 +148,10 @@ def _write(w, trial: Trial, idx: int, sync: Sync) -> dict:
         seq, late = _send_paced(w, keys, start, end_at, trial.pace)
         extra = lateness(late)
     elif trial.write == "sync":
-        seq = _send_each(w, keys, end_at)
+        seq = _send_each(w.send, keys, end_at)
+    elif trial.write == "async":
+        seq = _send_each(w.send_async, keys, end_at)
+        extra = {"acked": w.flush()}  # the writer is done once every reply came
     else:
         seq = _send_batches(w.send_many if trial.write == "pipelined" else w.send_batch,
                             keys, end_at)

@@ -141,7 +141,12 @@ def parse_flags(flags: list[Flag], argv: list[str]) -> tuple[dict[str, FlagValue
     parses a cobra command's arguments. O(len(argv)).
 
     Raises CliError(EXIT_ERROR, pflag's message) for an unknown flag, a missing or
-    bad value."""
+    bad value.
+
+    Over 60 lines on purpose: one loop over the arguments whose branches are pflag's
+    cases in pflag's order (`--`, `--flag=v`, `--flag v`, `--bool`, `-abc` shorthands,
+    `-fv`), each with its own error text; split, the order of the cases, which is
+    pflag's behaviour, would no longer be visible in one place."""
     by_name = {f.name: f for f in flags}
     by_short = {f.short: f for f in flags if f.short}
     values: dict[str, FlagValue] = {f.name: f.default for f in flags}

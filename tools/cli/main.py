@@ -1,10 +1,11 @@
 """The `shmwatch` command: etcdctl 3.4's verbs against a shmwatch broker, plus the
 broker's own tools (`serve`, `status`, `ls`, `cleanup`, `top`, `stress`, `bench`).
 
-The client commands (`put`, `get`, `del`, `txn`, `compaction`/`compact`, `watch`) take
-etcdctl's flags, print etcdctl's output byte for byte (simple, `-w json`, `--hex`), and
-exit with etcdctl's codes and `Error:` lines; tests/test_cli_etcdctl.py runs the same
-command lines through a real etcdctl and compares. Where shmwatch adds something etcdctl
+The client commands (`put`, `get`, `del`, `txn`, `compaction`/`compact`, `watch`, and
+`lease ...` in lease.py) take etcdctl's flags, print etcdctl's output byte for byte
+(simple, `-w json`, `--hex`), and exit with etcdctl's codes and `Error:` lines;
+tests/test_cli_etcdctl.py and tests/test_cli_lease.py run the same command lines through
+a real etcdctl and compare. Where shmwatch adds something etcdctl
 lacks (`get -w table`, `status`), it follows etcdctl's style.
 """
 
@@ -16,9 +17,6 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from shm import layout as L
-from shm.errors import ShmError
-from shm.segment import shm_name
 from shmwatch import __version__
 from shmwatch.wire import errors
 from shmwatch.wire.ops import DeleteOp, PutOp, RangeOp, op_delete, op_put, resolve_range
@@ -36,11 +34,9 @@ from .args import (
 )
 from .output import (
     JSON_WATCH_REFUSED,
-    humanize_bytes,
     json_bytes,
     json_del,
     json_get,
-    json_header,
     json_put,
     json_txn,
     json_watch,
@@ -49,9 +45,10 @@ from .output import (
     simple_put,
     simple_txn,
     simple_watch,
-    table_bytes,
     table_get,
 )
+from .common import GLOBAL_FLAGS, broker_name, check_format, cluster_id
+from .recipes import RECIPES
 from .txn import read_txn
 from clientlib import connect
 
@@ -85,10 +82,8 @@ def build_put(values: dict, args: list[str], read_stdin: Callable[[], bytes]) ->
         lease = go_parse_int(values["lease"], 16)
     except ValueError as exc:
         raise CliError(EXIT_BAD_ARGS, f"bad lease ID ({exc}), expecting ID in Hex") from None
-    if lease:
-        # The broker has no leases (yet): every lease ID is one etcd would not find.
-        raise CliError(EXIT_ERROR, "etcdserver: requested lease not found")
-    return op_put(arg_bytes(args[0]), value, values["prev-kv"], values["ignore-value"])
+    return op_put(arg_bytes(args[0]), value, values["prev-kv"], values["ignore-value"], lease,
+                  values["ignore-lease"])
 
 
 def _range(args: list[str], prefix: bool, from_key: bool) -> tuple[bytes, bytes | None]:
@@ -147,16 +142,11 @@ def build_del(values: dict, args: list[str]) -> DeleteOp:
 
 # ------------------------------------------------------------------ flags
 
-GLOBAL_FLAGS = [
-    Flag("name", str, "", "broker name (default: $SHMWATCH_NAME or 'default')"),
-    Flag("write-out", str, "simple", "output format: simple, json, or table (get, status)", "w"),
-    Flag("hex", bool, False, "print keys and values as \\xHH escapes"),
-    Flag("timeout", float, 5.0, "seconds a request may take"),
-]
 PUT_FLAGS = [
     Flag("prev-kv", bool, False, "return the previous key-value pair before modification"),
     Flag("ignore-value", bool, False, "updates the key using its current value"),
     Flag("lease", str, "0", "lease ID (in hexadecimal) to attach to the key"),
+    Flag("ignore-lease", bool, False, "updates the key using its current lease"),
 ]
 GET_FLAGS = [
     Flag("consistency", str, "l", "Linearizable(l) or Serializable(s): both read the one broker"),
@@ -207,12 +197,10 @@ class Invocation:
         self.out.flush()
 
 
-def _cluster_id(c) -> int:
-    return c._words[L.CTL_CLUSTER_ID] if c._words is not None else 0
-
 
 def run_put(c, inv: Invocation, op: PutOp) -> None:
-    r = c.put(op.key, op.value, prev_kv=op.prev_kv, ignore_value=op.ignore_value)
+    r = c.put(op.key, op.value, prev_kv=op.prev_kv, ignore_value=op.ignore_value, lease=op.lease,
+              ignore_lease=op.ignore_lease)
     inv.write(json_put(r, inv.cluster_id) if inv.fmt == "json" else simple_put(r, inv.hex))
 
 
@@ -352,18 +340,12 @@ CLIENT_COMMANDS: dict[str, ClientCommand] = {
                            ("simple", "json"), _prepare_watch, run_watch),
 }
 CLIENT_COMMANDS["compact"] = CLIENT_COMMANDS["compaction"]
-OUTPUT_FORMATS = ("simple", "json", "table", "fields", "protobuf")  # what etcdctl's -w knows
+CLIENT_COMMANDS.update({name: ClientCommand(*spec) for name, spec in RECIPES.items()})  # lock, elect
+
 
 
 def _flags_for(name: str) -> list[Flag]:
     return GLOBAL_FLAGS + CLIENT_COMMANDS[name].flags
-
-
-def _check_format(fmt: str, formats: tuple[str, ...]) -> None:
-    if fmt not in OUTPUT_FORMATS:
-        raise CliError(EXIT_BAD_FEATURE, "unsupported output format")
-    if fmt not in formats:
-        raise CliError(EXIT_BAD_FEATURE, f"{fmt} not supported as output format")
 
 
 def run_client_command(name: str, argv: list[str]) -> int:
@@ -384,111 +366,10 @@ def run_client_command(name: str, argv: list[str]) -> int:
         return 0
     inv = Invocation(values, args)
     request = cmd.prepare(inv)
-    _check_format(inv.fmt, cmd.formats)
-    broker_name = values["name"] or os.environ.get("SHMWATCH_NAME") or "default"
-    try:
-        shm_name(broker_name, "ctl")
-    except ValueError as exc:  # before connecting: one error line, as for any bad flag
-        raise CliError(EXIT_ERROR, str(exc)) from None
-    with connect(broker_name, timeout=values["timeout"]) as c:
-        inv.cluster_id = _cluster_id(c)
+    check_format(inv.fmt, cmd.formats)
+    with connect(broker_name(values), timeout=values["timeout"]) as c:
+        inv.cluster_id = cluster_id(c)
         cmd.run(c, inv, request)
-    return 0
-
-
-# ------------------------------------------------------------------ status
-
-
-def _shm_bytes(name: str) -> int:
-    """Bytes of /dev/shm that broker `name`'s segments hold (its "db size")."""
-    prefix = f"shmwatch.{name}."
-    total = 0
-    for entry in os.listdir("/dev/shm"):
-        if entry.startswith(prefix):
-            try:
-                total += os.stat(os.path.join("/dev/shm", entry)).st_size
-            except FileNotFoundError:
-                pass
-    return total
-
-
-STATUS_HEADER = ["name", "pid", "version", "revision", "compact revision", "log fill",
-                 "clients", "watchers", "db size"]
-
-
-def broker_status(name: str) -> dict:
-    """etcdctl `endpoint status`'s Status for a broker, read from its control segment and
-    published stats: no request reaches the broker."""
-    from broker.admin import broker_info, read_stats
-
-    info = broker_info(name)
-    if info["state"] != "alive":
-        why = "is not running" if info["state"] == "absent" else f"is {info['state']}"
-        raise CliError(EXIT_ERROR, f"shmwatch: broker {name!r} {why}"
-                       + (f" ({info['error']})" if "error" in info else ""))
-    if "error" in info:
-        raise CliError(EXIT_ERROR, f"shmwatch: broker {name!r}: {info['error']}")
-    try:
-        stats = read_stats(name)
-    except (ShmError, TimeoutError) as exc:  # a broker still starting, or just gone
-        raise CliError(EXIT_ERROR, f"shmwatch: broker {name!r} has no stats to read ({exc})") from None
-    log = stats["log"]
-    return {"name": name, "pid": info["pid"], "version": __version__,
-            "cluster_id": info["cluster_id"],
-            "revision": info["revision"], "compact_revision": info["compact_revision"],
-            "log_used": log["used"], "log_capacity": log["capacity"],
-            "log_revisions": log["count"], "clients": info["clients"],
-            "watchers": stats["watchers"]["total"], "db_size": _shm_bytes(name),
-            "upstream": stats.get("upstream")}
-
-
-def upstream_line(up: dict) -> str:
-    """A mirroring broker's etcd, one line (status's simple and table output)."""
-    return (f"upstream: {','.join(up['endpoints'])}, connected {up['connected'] or 'to no member'}, "
-            f"mirror revision {up['mirror_revision']}, etcd revision {up['etcd_revision']}, "
-            f"lag {up['lag']}, failovers {up['failovers']}\n")
-
-
-def status_row(s: dict) -> list[str]:
-    fill = f"{humanize_bytes(s['log_used'])} / {humanize_bytes(s['log_capacity'])}"
-    return [s["name"], str(s["pid"]), s["version"], str(s["revision"]),
-            str(s["compact_revision"]), fill, str(s["clients"]), str(s["watchers"]),
-            humanize_bytes(s["db_size"])]
-
-
-def status_json(s: dict) -> list:
-    """etcdctl's `endpoint status -w json` shape: one {"Endpoint", "Status"} per broker,
-    camelCase fields, zero fields omitted."""
-    fields = {"header": json_header(s["cluster_id"], s["revision"]), "version": s["version"],
-              "dbSize": s["db_size"], "pid": s["pid"], "compactRevision": s["compact_revision"],
-              "logUsed": s["log_used"], "logCapacity": s["log_capacity"],
-              "logRevisions": s["log_revisions"], "clients": s["clients"],
-              "watchers": s["watchers"], "upstream": s.get("upstream") or {}}
-    return [{"Endpoint": s["name"],
-             "Status": {k: v for k, v in fields.items() if v not in (0, "", {})}}]
-
-
-def cmd_status(argv: list[str]) -> int:
-    flags = [GLOBAL_FLAGS[0], GLOBAL_FLAGS[1]]
-    values, args, want_help = parse_flags(flags, argv)
-    if want_help:
-        sys.stdout.write(usage("status", "status [--name NAME] [-w simple|json|table]",
-                               "Prints a broker's status (etcdctl endpoint status)", flags))
-        return 0
-    if args:
-        raise CliError(EXIT_BAD_ARGS, "status command takes no argument")
-    _check_format(values["write-out"], ("simple", "json", "table"))
-    s = broker_status(values["name"] or os.environ.get("SHMWATCH_NAME") or "default")
-    fmt = values["write-out"]
-    if fmt == "json":
-        data = json_bytes(status_json(s))
-    elif fmt == "table":
-        data = table_bytes(STATUS_HEADER, [status_row(s)])
-    else:
-        data = (", ".join(status_row(s)) + "\n").encode()
-    if s.get("upstream") and fmt != "json":
-        data += upstream_line(s["upstream"]).encode()
-    sys.stdout.buffer.write(data)
     return 0
 
 
@@ -556,6 +437,8 @@ def build_parser():
         if name != "compact":
             sub.add_parser(name, help=cmd.summary, add_help=False)
     sub.add_parser("status", help="a broker's status, from its published stats", add_help=False)
+    sub.add_parser("lease", help="lease grant|revoke|timetolive|list|keep-alive (etcdctl's)",
+                   add_help=False)
 
     sp = sub.add_parser("cleanup", help="remove what dead brokers left in /dev/shm")
     sp.add_argument("--name", default=None, help="only this broker's leftovers")
@@ -597,12 +480,18 @@ def main(argv: list[str] | None = None) -> int:
         from importlib import import_module
 
         return import_module(f"..{argv[0]}", __package__).main(argv[1:])
-    if argv and (argv[0] in CLIENT_COMMANDS or argv[0] == "status"):
+    if argv and (argv[0] in CLIENT_COMMANDS or argv[0] in ("status", "lease")):
         # A closed pipe ends us as it ends etcdctl (`shmwatch get ... | head`).
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
         try:
             if argv[0] == "status":
+                from .status import cmd_status
+
                 return cmd_status(argv[1:])
+            if argv[0] == "lease":
+                from .lease import run_lease_command
+
+                return run_lease_command(argv[1:])
             return run_client_command(argv[0], argv[1:])
         except CliError as exc:
             sys.stdout.flush()

@@ -55,6 +55,15 @@ def main(argv: list[str] | None = None) -> int:
     a = parse_args(sys.argv[1:] if argv is None else argv)
     if not sys.stderr.isatty():
         a.quiet = True
+    if a.scenario == "lock":
+        from .lock import run_lock
+        try:
+            return run_lock(a)
+        except Exception as exc:
+            print(f"stress: could not run: {exc!r}", file=sys.stderr)
+            return 2
+    if a.scenario == "registry":
+        return _run_registry(a)
     try:
         s = run(a)
     except Exception as exc:
@@ -64,4 +73,20 @@ def main(argv: list[str] | None = None) -> int:
         write_json(s, a.json)
     if a.json != "-":
         print_summary(s)
+    return 0 if s["passed"] else 1
+
+
+def _run_registry(a) -> int:
+    """`--scenario registry` (registry.py): its own run, summary and verdict."""
+    from .registry import Registry, print_registry
+
+    try:
+        s = Registry(a).run()
+    except Exception as exc:
+        print(f"stress: could not run: {exc!r}", file=sys.stderr)
+        return 2
+    if a.json:
+        write_json(s, a.json)
+    if a.json != "-":
+        print_registry(s)
     return 0 if s["passed"] else 1

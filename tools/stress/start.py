@@ -119,17 +119,36 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "watchers become victims)")
     p.add_argument("--seed", type=int, default=None,
                    help="replay the random choices of a run (default: a random seed, printed)")
+    p.add_argument("--scenario", choices=("streams", "lock", "registry"), default="streams",
+                   help="streams: writers and watchers, every stream proved (the default); "
+                        "lock: lockers contending for one clientlib.concurrency.Lock, "
+                        "checked for mutual exclusion; registry: workers registered with "
+                        "bound leases, SIGKILLed, their keys proved gone (registry.py)")
+    p.add_argument("--registry-workers", type=int, default=6,
+                   help="registry: worker processes registered at a time (default 6)")
+    p.add_argument("--release-bound", type=float, default=1.0, metavar="SECONDS",
+                   help="registry: a killed worker's key must be deleted within this "
+                        "(default 1.0)")
     p.add_argument("--json", metavar="FILE", help="write the summary as JSON ('-' = stdout)")
     p.add_argument("--quiet", action="store_true", help="no live display")
+    p.add_argument("--lockers", type=int, default=4,
+                   help="--scenario lock: locker processes (default 4)")
+    p.add_argument("--min-acquisitions", type=int, default=10,
+                   help="--scenario lock: acquisitions that must be verified to pass "
+                        "(default 10, at least 1)")
     a = p.parse_args(argv)
     if a.min_streams is None:
         a.min_streams = max(4, a.watchers)
     if a.duration <= 0 or min(a.writers, a.watchers, a.slow, a.stall, a.stall_long,
                               a.late) < 0 or a.keys < 4:
         p.error("--duration must be > 0, counts >= 0, --keys >= 4")
+    if a.lockers < 2 or a.min_acquisitions < 1:
+        p.error("--lockers must be at least 2 and --min-acquisitions at least 1")
     if a.min_streams < 1:
         # A verdict must rest on something: PASSED never means "nothing was verified".
         p.error("--min-streams must be at least 1")
+    if a.registry_workers < 1 or a.release_bound <= 0:
+        p.error("--registry-workers must be >= 1, --release-bound > 0")
     if a.compact_every is not None and a.compact_every < 0:
         p.error("--compact-every must be >= 0")
     return a

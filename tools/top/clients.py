@@ -1,5 +1,6 @@
 """The client table of tools/top's screen: one row per client (pid, label, CPU, RSS,
-watchers, requests/s, worst ring fill, lag, victims, state; victims marked `!`) under a
+watchers, bound leases held, requests/s, worst ring fill, lag, victims, state; victims
+marked `!`) under a
 title that names the sort column. Narrow terminals drop columns rather than wrap."""
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ def _table(sort: str, narrow: bool, tiny: bool) -> Table:
     if not tiny:
         col("RSS", "rss", justify="right", no_wrap=True)
     col("WATCH", "watchers", justify="right", no_wrap=True)
+    col("LEASES", "leases", justify="right", no_wrap=True)
     if not tiny:
         col("REQ/S", "req/s", justify="right", no_wrap=True)
     col("FILL" if narrow else "RING FILL", "fill", no_wrap=True, justify="right")
@@ -91,6 +93,7 @@ def _row(c: dict, narrow: bool, tiny: bool) -> list[RenderableType]:
     if not tiny:
         cells.append(fmt_bytes(c.get("rss_bytes")))
     cells.append(f"{c.get('watchers', 0):,}")
+    cells.append(Text(f"{len(c.get('leases') or ()):,}", style="" if c.get("leases") else "dim"))
     if not tiny:
         cells.append(fmt_rate(c.get("requests_per_s")))
     cells += [fillcell, Text(f"{c.get('max_lag', 0):,}",

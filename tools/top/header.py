@@ -1,6 +1,7 @@
 """The header of tools/top's screen: the broker's process, its revisions and revision log,
-the write and event rates with their history, its watchers by state and its totals, in a
-panel titled with the broker's name and the snapshot's time.
+the write and event rates with their history, its watchers by state, its leases (all,
+bound to a client process, expiring within 5 s) and its totals, in a panel titled with
+the broker's name and the snapshot's time.
 
 For a broker that has exited (`broker_state` other than "alive") every figure is a dash:
 what it last published is no longer true; its pid stays, to say which one exited."""
@@ -36,6 +37,7 @@ def header_lines(view: dict, history: tuple, inner: int) -> list[Text]:
     lines += flow(_store_items(view, gone), BIG_SEP, inner)
     lines += _rate_lines(view, gone, history, inner)
     lines += flow(_watcher_items(view, gone), SMALL_SEP, inner)
+    lines += flow(_lease_items(view, gone), SMALL_SEP, inner)
     lines += flow(_total_items(view, gone), SMALL_SEP, inner)
     if view.get("upstream"):
         lines += flow(upstream_items(view["upstream"]), SMALL_SEP, inner)
@@ -140,6 +142,18 @@ def _watcher_items(view: dict, gone: bool) -> list[Text]:
         T((_num(gone, wt.get("canceling", 0)), ""), (" canceling", "dim")),
         T(("pending events ", "dim"),
           (_num(gone, pend or 0), "bold yellow" if pend else "bold")),
+    ]
+
+
+def _lease_items(view: dict, gone: bool) -> list[Text]:
+    ls = view.get("leases", {})
+    soon = ls.get("expiring_soon", 0)
+    return [
+        T(("leases   ", "dim"), (_num(gone, ls.get("total", 0)), "bold"), (" total", "dim")),
+        T((_num(gone, ls.get("bound", 0)), ""), (" bound", "dim")),
+        T((_num(gone, soon), "bold yellow" if soon and not gone else ""),
+          (" expiring soon (<5s)", "dim")),
+        T((_num(gone, ls.get("expired", 0)), ""), (" expired", "dim")),
     ]
 
 

@@ -18,7 +18,7 @@ from .sampling import BrokerGone, Processes, StatsUnavailable, read_snapshot
 
 HISTORY = 240  # samples of rate history kept (2 minutes at the default interval)
 # the client table's sort columns, cycled by "s": largest first (pid: smallest first)
-SORTS = ("lag", "fill", "cpu", "rss", "watchers", "req/s", "pid")
+SORTS = ("lag", "fill", "cpu", "rss", "watchers", "leases", "req/s", "pid")
 # How long a one-shot read retries stats that are not readable yet, and how long past
 # --interval it waits for the broker to publish a newer snapshot (it publishes ~5 times
 # a second, so one second means it is busy).
@@ -170,6 +170,7 @@ def _sort_key(col: str):
         "cpu": lambda c: num(c.get("cpu_percent")),
         "rss": lambda c: num(c.get("rss_bytes")),
         "watchers": lambda c: c["watchers"],
+        "leases": lambda c: len(c.get("leases") or ()),  # the bound leases it holds
         "req/s": lambda c: num(c.get("requests_per_s")),
         "pid": lambda c: -c["pid"],
     }[col]

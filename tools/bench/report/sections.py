@@ -13,7 +13,7 @@ import functools
 from ..results import Run, ratios, summary
 from ..transports import LABELS, ORDER
 from ..transports.etcd_watch import ETCD_IDLE_S, ETCD_PACE
-from ..workloads import light, many_watchers, memory, stall, throughput
+from ..workloads import catchup, lease, light, many_watchers, memory, stall, throughput
 from ..workloads.latency import RATE as W3_RATE
 from .cells import cell, cpu_table, fmt_num, loss_lines, pct_cell, ratio_cell, ratio_table, table
 
@@ -43,10 +43,17 @@ def w1(run: Run) -> list[str]:
          "(shmwatch `txn` of 64 puts = one revision of 64 events; etcd `/v3/kv/txn` "
          "of 64 puts; Redis a pipeline of 64 publishes). `pipelined`: 64 separate writes "
          "sent in one go, each its own revision (shmwatch `put_many` of 64: one broker "
-         "wake-up, 64 replies; Redis the same pipeline of 64 publishes).", ""]
+         "wake-up, 64 replies; Redis the same pipeline of 64 publishes). `async`: one "
+         "write per record, not waiting for its reply (shmwatch `put_async`, at most "
+         "1,024 in flight, the writer done once every reply came; Queue `put`, which "
+         "never has a reply).", ""]
     L += table(R, "W1", vs, "rate")
     L += ratio_table(R, "W1", vs, "rate")
     L += cpu_table(R, "W1", vs, run.machine["cores"])
+    acked = R.get("W1", "async", "shmwatch", "acked")
+    if acked:
+        L += ["", f"shmwatch `put_async`: replies received for {pct_cell(acked)} of the "
+              "writes sent (every write acknowledged, none lost)."]
     return L + loss_lines(R, "W1", vs) + [""]
 
 
@@ -229,5 +236,84 @@ def light_load(run: Run) -> list[str]:
     return L + [""]
 
 
+def mass_catchup(run: Run) -> list[str]:
+    R, P = run.results, run.profile
+    L = ["## CATCHUP: mass catch-up (shmwatch)", "",
+         f"{P.cu_watchers:,} watchers on one prefix, in {P.w5_procs} processes, read "
+         f"nothing while {P.cu_events:,} events are written (txns of {catchup.BATCH}); "
+         "their 16 KiB rings fill and they become victims. Then all resume at once and "
+         "read their whole backlog (each process waits on its watches with "
+         f"`clientlib.wait_any`), while a writer paced at {catchup.PACE:,.0f}/s keeps "
+         f"writing to {catchup.FAST} fast watcher processes that read live throughout. "
+         "`--catch-up broker`: the broker replays every victim's backlog; `--catch-up "
+         "client` (the default): each watcher reads its backlog from the shared "
+         "revision log itself. Broker CPU from the resume until every watcher is past "
+         "the stalled writes, per replayed event (watchers x events); `fast kept`: the "
+         "share of the paced records the fast watchers received during the catch-up; "
+         "`exact`: every stream (stalled and fast) held every event once, in order.",
+         "", "| catch-up by | broker CPU us per replayed event | watchers' CPU us per "
+         "event | catch-up (s) | fast kept | exact |", "|---|---|---|---|---|---|"]
+    for v in R.variants("CATCHUP"):
+        g = functools.partial(R.get, "CATCHUP", v, "shmwatch")
+        ex = g("exact")
+        L.append(f"| {v} | {cell(g('broker_us_per_event'), 'us')} | "
+                 f"{cell(g('watchers_us_per_event'), 'us')} | {cell(g('catchup_s'))} | "
+                 f"{pct_cell(g('fast_kept'))} | "
+                 f"{'yes' if ex and all(x == 1.0 for x in ex) else 'NO'} |")
+    r = ratios(R.get("CATCHUP", "catch-up client", "shmwatch", "broker_us_per_event"),
+               R.get("CATCHUP", "catch-up broker", "shmwatch", "broker_us_per_event"))
+    if r:
+        L += ["", f"Broker CPU per replayed event, watchers' own catch-up / the broker's: "
+              f"{ratio_cell(r)}."]
+    return L + [""]
+
+
+def leases(run: Run) -> list[str]:
+    R, P = run.results, run.profile
+    L = ["## LEASE: how soon a lease's keys go, and a lock to its next holder (ms)", "",
+         f"**L1 expiry lag**: {P.lease_n} leases of TTL {lease.TTL} s (the minimum of both: "
+         "the broker with `min_lease_ttl=1`, etcd with its 100 ms election timeout) "
+         f"granted one after another over {P.lease_spread_s:g} s, each with one key; a "
+         "watch of their prefix stamps each DELETE on arrival; the lag is that arrival "
+         "minus the lease's deadline (grant request midpoint + TTL). etcd looks for "
+         "expired leases every 500 ms and revokes them through raft; the broker sleeps "
+         "no later than the next deadline. Idle, and with one process writing "
+         "synchronously to other keys as fast as it can. "
+         f"**L2 release lag after SIGKILL**: {P.lease_holders} holder processes each hold "
+         "a lease with one key and are SIGKILLed one by one; the lag is the DELETE's "
+         "arrival minus the kill. shmwatch: a lease bound to the holder's process "
+         "(`lease_grant(0, bound=True)`), released when the broker sees the process die. "
+         f"etcd has no bound lease: its holder keeps a {lease.TTL} s lease alive every "
+         "TTL/3 as clientv3 does, so the key goes when the TTL runs out after the kill "
+         "(what an etcd user gets at the shortest TTL). "
+         "**L3 lock hand-over**: two processes take turns holding one lock, "
+         f"{P.lease_holders} hand-overs; the holder waits until the other's key is in the "
+         f"lock's queue (and {lease.SETTLE_S * 1000:.0f} ms more: the waiter is blocked in "
+         "acquire, and etcd's waiter watch, begun unsynced at an older revision, synced by "
+         "etcd's 100 ms resync loop), stamps and calls release; the figure is from that stamp to the "
+         "waiter's acquire returning (CLOCK_MONOTONIC in both processes). shmwatch: "
+         "`clientlib.concurrency.Lock` with its default bound session (a bound lease per "
+         "acquisition, revoked by release); etcd: its lock service through the JSON gateway "
+         "(`/v3/lock/lock` with each process's lease, `/v3/lock/unlock`), whose waiter is "
+         "etcd's Mutex in the server watching its predecessor's key. "
+         f"**L3 hand-over after SIGKILL**: {P.lease_holders} locks, each held by one process "
+         "with another blocked in acquire behind it; the holders are SIGKILLed one by one; "
+         "the figure is from the kill to the waiter's acquire returning. shmwatch: the bound "
+         "session goes when the broker sees the holder die; etcd: the holder's lock lease "
+         f"is a {lease.TTL} s lease kept alive every TTL/3, so the lock passes when it runs "
+         "out.", "",
+         "| figure | transport | p50 | p99 | max | leases (hand-overs) per trial |",
+         "|---|---|---|---|---|---|"]
+    for v in lease.VARIANTS:
+        for tn in R.transports("LEASE", ORDER):
+            g = functools.partial(R.get, "LEASE", v, tn)
+            if not g("n"):
+                continue
+            L.append(f"| {v} | {LABELS[tn]} | {cell(g('p50_ms'), 'us')} | "
+                     f"{cell(g('p99_ms'), 'us')} | {cell(g('max_ms'), 'us')} | "
+                     f"{summary(g('n'))['median']:.0f} |")
+    return L + [""]
+
+
 SECTIONS = {"W1": w1, "W2": w2, "W3": w3, "W4": w4, "W5": w5, "MEM": mem,
-            "LIGHT": light_load}
+            "LIGHT": light_load, "CATCHUP": mass_catchup, "LEASE": leases}

@@ -9,6 +9,10 @@ inside a writer or reader process, objects with
                                         (only if "batched" is in `write_paths`)
             send_many([(key, value, seq)...])   separate writes sent in one go:
                                         pipelined (only if "pipelined" is in `write_paths`)
+            send_async(key, value, seq)  one write not waiting for its reply, and
+            flush() -> int | None       wait for every reply: how many were
+                                        acknowledged (None: the peer has no replies)
+                                        (only if "async" is in `write_paths`)
             close()
     reader: recv(timeout) -> [value, ...]   the values of the records that arrived,
                                         each decoded as a real consumer would; [] if none
@@ -35,7 +39,7 @@ class Transport:
 
     name = "?"
     label = "?"  # how BENCHMARKS.md names it
-    write_paths: tuple[str, ...] = ("sync",)  # and "batched", "pipelined" if it has them
+    write_paths: tuple[str, ...] = ("sync",)  # and "batched", "pipelined", "async"
     max_pace: float | None = None  # records/s a paced writer is held to (W3)
     min_idle_s = 0.0  # a reader waits at least this long for a record that may be lost
 

@@ -1,4 +1,4 @@
-"""shmwatch as a transport: clientlib `put` (or a 64-put `txn`, or `put_many`) -> a fresh
+"""shmwatch as a transport: clientlib `put` (or a 64-put `txn`, `put_many`, `put_async`) -> a fresh
 broker per trial -> a watcher's ring -> `Watch.get()` decoding every event.
 
 Owns spawning and stopping each trial's broker (registered in `procs.REG`) and reading
@@ -27,6 +27,8 @@ STATS_KEYS = ("writes", "events_delivered", "victims_entered", "catchups", "comp
 class ShmWriter:
     def __init__(self, env, trial, idx):
         self.c = clientlib.connect(env["name"], timeout=CONNECT_S)
+        self.last = None  # the async path's latest write, and its replies counted
+        self.acks = 0
 
     def send(self, key, value, seq):
         self.c.put(key, value)
@@ -37,6 +39,19 @@ class ShmWriter:
 
     def send_many(self, items):
         self.c.put_many([(k, v) for k, v, _ in items])
+
+    def send_async(self, key, value, seq):
+        self.last = self.c.put_async(key, value)
+        self.last.add_done_callback(self._acked)
+
+    def _acked(self, fut):
+        if fut.exception(0) is None:
+            self.acks += 1
+
+    def flush(self):
+        if self.last is not None:
+            self.last.result(CONNECT_S)  # replies come in order: the last one is last
+        return self.acks
 
     def close(self):
         self.c.close()
@@ -73,7 +88,7 @@ class ShmReader:
 class ShmwatchT(Transport):
     name = "shmwatch"
     label = "shmwatch"
-    write_paths = ("sync", "batched", "pipelined")
+    write_paths = ("sync", "batched", "pipelined", "async")
     writer = ShmWriter
     reader = ShmReader
 

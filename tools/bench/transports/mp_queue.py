@@ -25,6 +25,11 @@ class QueueWriter:
         for q in self.qs:
             q.put(data)
 
+    send_async = send  # Queue.put never waits for anyone: its only path
+
+    def flush(self):
+        return None  # a Queue has no replies to count
+
     def close(self):
         for q in self.qs:
             q.close()
@@ -58,6 +63,7 @@ class QueueReader:
 class QueueT(Transport):
     name = "queue"
     label = "multiprocessing.Queue"
+    write_paths = ("sync", "async")
     writer = QueueWriter
     reader = QueueReader
 

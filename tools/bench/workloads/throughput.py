@@ -20,7 +20,8 @@ class Unicast(Workload):
     name = "W1"
     # variant -> (writers, write path)
     VARIANTS = {"1 writer": (1, "sync"), "4 writers": (4, "sync"),
-                "batched": (1, "batched"), "pipelined": (1, "pipelined")}
+                "batched": (1, "batched"), "pipelined": (1, "pipelined"),
+                "async": (1, "async")}
 
     def run(self, s: Session) -> None:
         for variant, (writers, write) in self.VARIANTS.items():
@@ -31,16 +32,20 @@ class Unicast(Workload):
                     continue
                 r = res["readers"][0]
                 got = rate(r["count"], res["start"], r["last"])
-                s.add(self.name, variant, tn, {
-                    "rate": got, "delivered": r["count"] / max(res["sent"], 1),
-                    "write_rate": res["sent"] / res["write_s"], **cpu_figures(res)})
+                fig = {"rate": got, "delivered": r["count"] / max(res["sent"], 1),
+                       "write_rate": res["sent"] / res["write_s"], **cpu_figures(res)}
+                acked = res["writers"][0].get("acked")
+                if acked is not None:  # async writes: every reply must have come
+                    fig["acked"] = acked / max(res["sent"], 1)
+                s.add(self.name, variant, tn, fig)
                 log(f"  W1 {variant:9} {tn:9} {got:12,.0f} /s  "
                     f"(delivered {r['count']}/{res['sent']})")
 
 
 class FanOut(Workload):
     name = "W2"
-    VARIANTS = {"sync writes": "sync", "batched": "batched", "pipelined": "pipelined"}
+    VARIANTS = {"sync writes": "sync", "batched": "batched", "pipelined": "pipelined",
+                "async": "async"}
 
     def run(self, s: Session) -> None:
         n = s.prof.fanout
