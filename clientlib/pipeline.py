@@ -58,13 +58,18 @@ class WriteFuture(concurrent.futures.Future):
         self._client = client
 
     def done(self) -> bool:
+        """True once the reply came (or the write failed); reads no replies itself."""
         return self._state in _DONE
 
     def result(self, timeout: float | None = None):
+        """The write's response, reading the client's replies until it comes; raises
+        the broker's typed error, or `Timeout` after `timeout` seconds."""
         self._client._await_done(self, timeout)
         return super().result(0)
 
     def exception(self, timeout: float | None = None):
+        """The write's error (None if it succeeded), reading replies until it is known;
+        `Timeout` after `timeout` seconds."""
         self._client._await_done(self, timeout)
         return super().exception(0)
 

@@ -486,8 +486,12 @@ request_like = st.one_of(
 # broker applies, so the store really changes under the garbage.
 valid_id = st.integers(2**50, 2**60)
 valid_op = st.one_of(
-    st.builds(PutOp, st.binary(min_size=1, max_size=3), st.binary(max_size=8)),
-    st.builds(DeleteOp, st.binary(min_size=1, max_size=2), st.none() | st.binary(max_size=2)),
+    # every field given: st.builds would otherwise draw the defaulted ones too (a lease id
+    # past int64 cannot even be encoded, and a lease id nobody granted is a refusal)
+    st.builds(PutOp, st.binary(min_size=1, max_size=3), st.binary(max_size=8), st.booleans(),
+              st.just(False), st.just(0), st.just(False)),
+    st.builds(DeleteOp, st.binary(min_size=1, max_size=2), st.none() | st.binary(max_size=2),
+              st.booleans()),
 ).map(encode_op)
 writes_like = st.one_of(
     st.tuples(st.just(OP_KV), valid_id, valid_op | op_like).map(list),
