@@ -7,6 +7,8 @@ issue's measurements: +503 MB, +808 MB, +61 MB)."""
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 
 import psutil
@@ -219,11 +221,17 @@ def test_damaged_response_ring_is_a_typed_error_and_reconnect_recovers(broker_pr
 
     with clientlib.connect(broker_proc.name, timeout=10) as c:
         c.put("k", "1")
-        c._resp._hq[0] = c._resp._hq[0] + 12  # a misaligned head, as garbage would be
-        for _ in range(2):
-            with pytest.raises(clientlib.ProtocolError, match="reconnect") as exc:
-                c.put("k", "2")
-            assert not isinstance(exc.value, ShmError)
+        # The broker is stopped so that its next reply cannot publish a good head over
+        # the damage before the client reads it (it did, now and then).
+        os.kill(broker_proc.pid, signal.SIGSTOP)
+        try:
+            c._resp._hq[0] = c._resp._hq[0] + 12  # a misaligned head, as garbage would be
+            for _ in range(2):
+                with pytest.raises(clientlib.ProtocolError, match="reconnect") as exc:
+                    c.put("k", "2")
+                assert not isinstance(exc.value, ShmError)
+        finally:
+            os.kill(broker_proc.pid, signal.SIGCONT)
         c.reconnect()
         assert c.get("k").kvs[0].value in (b"1", b"2")
 

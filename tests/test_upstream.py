@@ -232,3 +232,63 @@ def test_upstream_without_the_extra_is_a_clear_start_error(monkeypatch):
     with pytest.raises(BrokerStartError, match=r"shmwatch\[etcd\]"):
         Broker(BrokerConfig(name=name, upstream="http://127.0.0.1:1", log_bytes=1 << 20))
     assert not [e for e in os.listdir("/dev/shm") if f".{name}." in e]
+
+
+def test_lock_and_election_work_across_hosts_and_with_etcdctl(etcd_cluster):
+    """The recipes through mirroring brokers are etcd's own (issue: "the lock and election
+    recipes therefore work across hosts"): a Lock held through broker A excludes a Lock
+    through broker B (another "host") and `etcdctl lock` on etcd directly, which gets
+    the lock once A releases; an Election won through A is the leader that B and
+    `etcdctl elect -l` see. The session is a bound lease, kept alive upstream."""
+    import os
+    import subprocess
+
+    from clientlib.concurrency import Election, Lock
+    from tests.upstream_support import ETCDCTL
+
+    if ETCDCTL is None:
+        pytest.skip("etcd-client not installed (apt-get install etcd-client)")
+    eps = etcd_cluster.endpoints
+    env = dict(os.environ, ETCDCTL_API="3")
+    with broker.spawn(upstream=eps) as a, broker.spawn(upstream=eps) as b, \
+            clientlib.connect(a.name, timeout=10) as ca, clientlib.connect(b.name, timeout=10) as cb:
+        la = Lock(ca, "/locks/job")
+        la.acquire(timeout=15)
+        assert la.key.startswith(b"/locks/job/")
+        assert etcdctl(eps[2], "get", la.key.decode(), "--print-value-only") == "\n"  # etcd has it
+        with pytest.raises(clientlib.LockedError):
+            Lock(cb, "/locks/job").acquire(blocking=False)  # the other host sees it held
+        waiter = subprocess.Popen([ETCDCTL, "--endpoints", eps[1], "lock", "/locks/job", "echo",
+                                   "etcdctl-holds-it"], env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+        try:
+            time.sleep(1.5)
+            assert waiter.poll() is None, "etcdctl got the lock while broker A's client held it"
+            la.release()
+            out, err = waiter.communicate(timeout=20)
+        finally:
+            if waiter.poll() is None:
+                waiter.kill()
+        assert waiter.returncode == 0 and "etcdctl-holds-it" in out, err
+        lb = Lock(cb, "/locks/job")
+        lb.acquire(timeout=15)  # etcdctl's key is gone: host B gets it
+        lb.release()
+
+        e = Election(ca, "/elect/x")
+        e.campaign("host-a", timeout=15)
+        assert Election(cb, "/elect/x").leader(timeout=10).kvs[0].value == b"host-a"
+        observer = subprocess.Popen([ETCDCTL, "--endpoints", eps[0], "elect", "-l", "/elect/x"],
+                                    env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True)
+        import threading
+
+        guard = threading.Timer(20, observer.kill)  # a read that never comes cannot hang
+        guard.start()
+        try:
+            lines = [observer.stdout.readline().rstrip("\n") for _ in range(2)]
+        finally:
+            guard.cancel()
+            observer.kill()
+            observer.communicate(timeout=10)
+        assert lines == [e.key.decode(), "host-a"]
+        e.resign()
