@@ -28,7 +28,7 @@ class Profile:
     stall_log_bytes: int = 256 << 20  # W4's revision log: the stalled watcher's whole backlog
     light_dur: float = 4.0  # seconds of paced writing per LIGHT trial
     cu_watchers: int = 1000  # CATCHUP: stalled watchers, then all catching up at once
-    cu_events: int = 20_000  # CATCHUP: events written while they are stalled
+    cu_events: int = 10_000  # CATCHUP: events written while they are stalled
     lease_n: int = 40  # LEASE L1: leases granted per trial
     lease_spread_s: float = 1.5  # LEASE L1: over this long (etcd's 500 ms check at every phase)
     lease_holders: int = 12  # LEASE L2: holder processes SIGKILLed per trial
