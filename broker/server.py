@@ -98,7 +98,8 @@ REQUESTS_PER_CLIENT_PASS = 256  # fairness: at most this many requests per clien
 IDLE_SLEEP_MAX_S = 0.1
 # Checks of every request ring before sleeping on the doorbell (~0.5 us each with a few
 # clients): a request arriving within ~50 us is served without a semaphore wake-up
-# (~30 us each way, PERF-ANCHORS.md), which is what keeps a synchronous put fast.
+# (~30 us each way, measured on the 2-core reference machine), which is what keeps a
+# synchronous put fast.
 BROKER_SPIN = 100
 
 
