@@ -33,9 +33,6 @@ from shm.segment import SHM_DIR, new_boot_id
 from shmwatch.wire import errors
 from shmwatch.wire.events import log_record
 from shmwatch.wire.protocol import (
-    OP_LEASE_KEEPALIVE,
-    OP_LEASE_REVOKE,
-    OP_LEASE_TTL,
     ArenaRequest,
     ByeRequest,
     CompactRequest,
@@ -55,17 +52,13 @@ from shmwatch.wire.protocol import (
 )
 from shmwatch.wire.types import (
     Event,
-    LeaseGrantResponse,
-    LeaseKeepAliveResponse,
-    LeaseLeasesResponse,
-    LeaseRevokeResponse,
-    LeaseTimeToLiveResponse,
 )
 
 from .config import BrokerConfig, start_bytes
 from .errors import BrokerStartError
 from .history import History, HistoryDamaged
 from .lease import Lessor
+from .lease_requests import LeaseRequests
 from .metrics import StatsWriter, snapshot
 from .mvcc import MVCCStore
 from .outbox import RingWriter
@@ -75,8 +68,6 @@ from .sizing import check_start, no_space_message, shm_free
 from .wal import (
     KIND_COMPACT,
     KIND_KV,
-    KIND_LEASE_GRANT,
-    KIND_LEASE_REVOKE,
     DataDir,
 )
 from .watch import WatchCore
@@ -98,11 +89,12 @@ REQUESTS_PER_CLIENT_PASS = 256  # fairness: at most this many requests per clien
 IDLE_SLEEP_MAX_S = 0.1
 # Checks of every request ring before sleeping on the doorbell (~0.5 us each with a few
 # clients): a request arriving within ~50 us is served without a semaphore wake-up
-# (~30 us each way, PERF-ANCHORS.md), which is what keeps a synchronous put fast.
+# (~30 us each way, measured on the 2-core reference machine), which is what keeps a
+# synchronous put fast.
 BROKER_SPIN = 100
 
 
-class Broker:
+class Broker(LeaseRequests):
     """One broker instance. `serve_forever()` runs until `stop()` or a signal."""
 
     def __init__(self, cfg: BrokerConfig):
@@ -462,53 +454,6 @@ class Broker:
         if kind is LeaseRequest or kind is LeaseGrantRequest:
             return encode_response(self._lease(c, req))
         raise errors.ProtocolError(f"shmwatch: unexpected request {kind.__name__}")
-
-    # ------------------------------------------------------------ leases
-
-    def _lease(self, c: ClientConn, req):
-        """A lease request's response. Deadlines that passed are settled first, so no
-        one is told of a lease that is already due to go (etcd's keep-alive of an
-        expired lease waits for its revoke, then answers TTL 0)."""
-        now = time.monotonic()
-        self._expire(now)
-        lessor = self.lessor
-        rev = self.mvcc.rev
-        if type(req) is LeaseGrantRequest:
-            lease_id = req.lease_id or lessor.new_id(time.time_ns() // 1_000_000)
-            lease = lessor.grant(lease_id, req.ttl, now, c if req.bound else None)
-            if self.wal is not None:
-                self.wal.append(KIND_LEASE_GRANT, [lease.id, lease.ttl, req.bound])
-            return LeaseGrantResponse(rev, lease.id, lease.ttl)
-        lease_id = req.lease_id
-        if req.op == OP_LEASE_REVOKE:
-            self._revoke(lease_id)
-            return LeaseRevokeResponse(self.mvcc.rev)
-        if req.op == OP_LEASE_KEEPALIVE:
-            return LeaseKeepAliveResponse(rev, lease_id, lessor.renew(lease_id, now))
-        if req.op == OP_LEASE_TTL:
-            ttl, granted = lessor.time_to_live(lease_id, now)
-            keys = self.mvcc.keys_of_lease(lease_id) if req.keys and ttl >= 0 else []
-            return LeaseTimeToLiveResponse(rev, lease_id, ttl, granted, keys)
-        return LeaseLeasesResponse(rev, lessor.by_expiry())
-
-    def _revoke(self, lease_id: int, durable: bool = True) -> None:
-        """End a lease: forget it, and delete its keys in key order at one revision
-        (etcd's lessor revokes in one txn; no keys, no new revision)."""
-        self.lessor.revoke(lease_id)  # LeaseNotFoundError if there is none
-        _, events = self.mvcc.delete_keys(self.mvcc.keys_of_lease(lease_id))
-        if durable and self.wal is not None:
-            self.wal.append(KIND_LEASE_REVOKE, lease_id)
-        if events:
-            self._commit(self.mvcc.rev, events)
-
-    def _expire(self, now: float) -> int:
-        """Revoke every lease whose deadline passed; how many."""
-        due = self.lessor.expired(now)
-        for lease_id in due:
-            log.info("lease %x expired: revoking it", lease_id)
-            self._revoke(lease_id)
-        self.lessor.expired_total += len(due)
-        return len(due)
 
     # ------------------------------------------------------------ writes and history
 

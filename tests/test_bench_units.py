@@ -216,3 +216,22 @@ def test_upstream_section_is_written_and_kept(tmp_path):
     assert text.startswith("# shmwatch benchmarks\n\n## W1 x\n\nbody\n")
     assert section_of(text) == f"{SECTION}\n\nsecond | figures\n"
     assert section_of("# no section\n") == ""
+
+
+def test_a_trial_whose_set_up_fails_is_a_failed_trial_not_the_end_of_the_run():
+    """A transport whose prepare() raises (a broker that would not start, a peer that
+    refuses) gives a TrialError, which the session records as a failed trial and goes on."""
+    from shmwatch.tools.bench.procs import TrialError
+    from shmwatch.tools.bench.trials import Runner, Trial
+    from shmwatch.tools.bench.transports.base import Transport
+
+    class Broken(Transport):
+        name = "broken"
+
+        def prepare(self, trial):
+            raise OSError("no space left on device")
+
+    runner = Runner({"broken": Broken()})
+    trial = Trial(workload="W1", variant="1 writer", transport="broken", prefix=b"x/", idle_s=1.0)
+    with pytest.raises(TrialError, match="could not set up the trial: OSError"):
+        runner.run(trial)

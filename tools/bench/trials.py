@@ -16,7 +16,7 @@ from array import array
 from dataclasses import dataclass, field
 
 from .machine import cpu_seconds
-from .procs import CTX, REG, Mailbox, Tell
+from .procs import CTX, REG, Mailbox, Tell, TrialError
 from .pyspy import Spies
 from .record import BATCH, KEYS_PER_WRITER, PAD, SENT_AT, STAMP, STAMP_AT, clock_ns, make_keys
 from .results import pctl
@@ -234,7 +234,10 @@ class Runner:
         """The trial's figures: what each writer and reader reported, the send span and
         the server's CPU. Raises TrialError; stops every child it started either way."""
         t = self.transports[trial.transport]
-        env = t.prepare(trial)
+        try:
+            env = t.prepare(trial)
+        except Exception as exc:  # a broker that would not start, a peer refusing: this
+            raise TrialError(f"{trial.transport}: could not set up the trial: {exc!r}") from exc
         sync = Sync()
         box = Mailbox(trial.transport)
         t0 = time.monotonic()
