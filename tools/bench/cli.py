@@ -59,6 +59,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="markdown report (default BENCHMARKS.md, "
                    "not written by --smoke unless given)")
     p.add_argument("--json", default=None, help="also write every figure as JSON here")
+    p.add_argument("--from-json", default=None, metavar="FILE",
+                   help="measure nothing: rewrite the report (--out, default BENCHMARKS.md) "
+                        "from a run's --json document, with this version's report code")
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="py-spy the broker, writer 0 and reader 0 of every shmwatch trial "
                         "(raw collapsed stacks + DIR/summary.md); perturbs the figures")
@@ -90,6 +93,11 @@ def main(argv: list[str] | None = None) -> int:
 
         return upstream(argv[1:])
     a = parse_args(argv)
+    if a.from_json:
+        with open(a.from_json) as f:
+            run = report.run_from_json(json.load(f))
+        _write(a, run, None)
+        return 0
     chosen = _choices(a)
     if isinstance(chosen, str):
         log(chosen)
@@ -141,7 +149,7 @@ def _run(a: argparse.Namespace, argv: list[str], prof: Profile, workloads: list,
     return 1 if shm_failed else 0
 
 
-def _write(a: argparse.Namespace, run, session: Session) -> None:
+def _write(a: argparse.Namespace, run, session: Session | None) -> None:
     """BENCHMARKS.md (not by --smoke unless --out), the py-spy summary, --json, and the
     targets on stderr."""
     targets = report.compute_targets(run)
@@ -157,7 +165,7 @@ def _write(a: argparse.Namespace, run, session: Session) -> None:
         with open(out, "w") as f:
             f.write(report.markdown(run, targets) + ("\n" + kept if kept else ""))
         log(f"wrote {out}")
-    if session.spies and session.spies.profiles:
+    if session is not None and session.spies and session.spies.profiles:
         log(f"wrote {session.spies.write_summary(run.machine['command'])}")
     if a.json:
         with open(a.json, "w") as f:

@@ -2,12 +2,14 @@
 
 The markdown is: the machine and run, how to read the figures, the targets, one
 section per workload that has figures (sections.SECTIONS, in workload order), the
+analysis of the targets not met (analysis.md, written by people from profiles), the
 failed trials. Pure: a Run in, text or a dict out; nothing here measures or writes files.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict
+from pathlib import Path
 
 from .. import profiles
 from ..results import Results, Run, summary
@@ -16,6 +18,9 @@ from . import targets as _targets
 from .sections import SECTIONS
 
 MET = {True: "**met**", False: "**not met**", None: "not measured"}
+# Where the time goes for the targets not met: written by people from profiles (it is
+# analysis, not a measurement), kept beside this generator and reproduced in every report.
+ANALYSIS = Path(__file__).with_name("analysis.md")
 OTHERS_PCT = 10  # other users' share of the machine above which the report warns
 
 
@@ -83,6 +88,8 @@ def markdown(run: Run, targets: list[dict] | None = None) -> str:
     for wl, section in SECTIONS.items():
         if wl in run.results:
             L += section(run)
+    if ANALYSIS.exists():
+        L += ANALYSIS.read_text().rstrip("\n").splitlines() + [""]
     if run.errors:
         L += ["## Failed trials", ""] + [f"- {e.splitlines()[0]}" for e in run.errors] + [""]
     return "\n".join(L) + "\n"
