@@ -63,30 +63,21 @@ def main(argv: list[str] | None = None) -> int:
             print(f"stress: could not run: {exc!r}", file=sys.stderr)
             return 2
     if a.scenario == "registry":
-        return _run_registry(a)
+        from .registry import Registry, print_registry
+
+        return _verdict(a, lambda: Registry(a).run(), print_registry)
+    return _verdict(a, lambda: run(a), print_summary)
+
+
+def _verdict(a, run_it, print_it) -> int:
+    """Run a scenario; its JSON (--json) and summary; 0 passed, 1 failed, 2 could not run."""
     try:
-        s = run(a)
+        s = run_it()
     except Exception as exc:
         print(f"stress: could not run: {exc!r}", file=sys.stderr)
         return 2
     if a.json:
         write_json(s, a.json)
     if a.json != "-":
-        print_summary(s)
-    return 0 if s["passed"] else 1
-
-
-def _run_registry(a) -> int:
-    """`--scenario registry` (registry.py): its own run, summary and verdict."""
-    from .registry import Registry, print_registry
-
-    try:
-        s = Registry(a).run()
-    except Exception as exc:
-        print(f"stress: could not run: {exc!r}", file=sys.stderr)
-        return 2
-    if a.json:
-        write_json(s, a.json)
-    if a.json != "-":
-        print_registry(s)
+        print_it(s)
     return 0 if s["passed"] else 1
