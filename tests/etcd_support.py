@@ -626,3 +626,21 @@ class EtcdClient:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class EtcdTranscripts:
+    """Each scenario's transcript on a real etcd, taken once (on the server the pytest
+    fixture `fixture` starts) and reused by the expectation and differential tests."""
+
+    def __init__(self, scenarios: dict, fixture: str):
+        self.scenarios, self.fixture, self._taken = scenarios, fixture, {}
+
+    def taken(self, name: str) -> bool:
+        return name in self._taken
+
+    def get(self, name: str, request) -> list:
+        if name not in self._taken:
+            server = request.getfixturevalue(self.fixture)
+            with server.client() as c:
+                self._taken[name] = self.scenarios[name](c)
+        return self._taken[name]

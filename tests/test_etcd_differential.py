@@ -44,6 +44,7 @@ from shmwatch.wire.ops import (
 from shmwatch.wire.types import Event, KeyValue
 from tests.etcd_support import (
     SKIP_REASON,
+    EtcdTranscripts,
     etcd_binary,
     etcd_server,  # noqa: F401  (fixture)
 )
@@ -1333,16 +1334,7 @@ def assert_same_transcript(etcd, shm) -> None:
 
 # --------------------------------------------------------------------------- fixtures
 
-_ETCD_TRANSCRIPTS: dict[str, list] = {}
-
-
-def run_on_etcd(name: str, request) -> list:
-    """The etcd transcript of a scenario, taken once on a fresh etcd and then reused."""
-    if name not in _ETCD_TRANSCRIPTS:
-        server = request.getfixturevalue("etcd_server")
-        with server.client() as c:
-            _ETCD_TRANSCRIPTS[name] = SCENARIOS[name](c)
-    return _ETCD_TRANSCRIPTS[name]
+ETCD = EtcdTranscripts(SCENARIOS, "etcd_server")
 
 
 NAMES = list(SCENARIOS)
@@ -1350,19 +1342,19 @@ NAMES = list(SCENARIOS)
 
 @pytest.mark.parametrize("name", NAMES)
 def test_etcd_expectations(name, request):
-    transcript = run_on_etcd(name, request)
+    transcript = ETCD.get(name, request)
     problems = check_expectations(transcript, EXPECT[name])
     assert not problems, "etcd did not behave as the notes say:\n" + "\n".join(problems)
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_differential(name, request):
-    if name not in _ETCD_TRANSCRIPTS and etcd_binary() is None:
+    if not ETCD.taken(name) and etcd_binary() is None:
         pytest.skip(SKIP_REASON)
     # conftest's fresh broker and client; an import error in them fails, never skips
     client = request.getfixturevalue("shmwatch_client")
     shm = SCENARIOS[name](client)
-    etcd = run_on_etcd(name, request)
+    etcd = ETCD.get(name, request)
     assert_same_transcript(etcd, shm)
 
 

@@ -36,6 +36,7 @@ from shmwatch.wire.ops import compare_lease, op_get, op_put, op_txn
 from shmwatch.wire.types import KeyValue
 from tests.etcd_support import (
     SKIP_REASON,
+    EtcdTranscripts,
     etcd_binary,
     etcd_lease_server,  # noqa: F401  (fixture)
 )
@@ -626,16 +627,7 @@ def scenario_expiry_and_keep_alive(c):
 
 # --------------------------------------------------------------------------- tests
 
-_ETCD_TRANSCRIPTS: dict[str, list] = {}
-
-
-def run_on_etcd(name: str, request) -> list:
-    """The etcd transcript of a scenario, taken once on a fresh etcd and then reused."""
-    if name not in _ETCD_TRANSCRIPTS:
-        server = request.getfixturevalue("etcd_lease_server")
-        with server.client() as c:
-            _ETCD_TRANSCRIPTS[name] = SCENARIOS[name](c)
-    return _ETCD_TRANSCRIPTS[name]
+ETCD = EtcdTranscripts(SCENARIOS, "etcd_lease_server")
 
 
 NAMES = list(SCENARIOS)
@@ -643,19 +635,19 @@ NAMES = list(SCENARIOS)
 
 @pytest.mark.parametrize("name", NAMES)
 def test_etcd_expectations(name, request):
-    transcript = run_on_etcd(name, request)
+    transcript = ETCD.get(name, request)
     problems = check_expectations(transcript, EXPECT[name])
     assert not problems, "etcd did not behave as the notes say:\n" + "\n".join(problems)
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_differential(name, request):
-    if name not in _ETCD_TRANSCRIPTS and etcd_binary() is None:
+    if not ETCD.taken(name) and etcd_binary() is None:
         pytest.skip(SKIP_REASON)
     # conftest's fresh broker (default min_lease_ttl 2) and client; an import error fails
     client = request.getfixturevalue("shmwatch_client")
     shm = SCENARIOS[name](client)
-    etcd = run_on_etcd(name, request)
+    etcd = ETCD.get(name, request)
     assert_same_transcript(etcd, shm)
 
 
